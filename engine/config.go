@@ -1,0 +1,79 @@
+package engine
+
+import (
+	"log/slog"
+	"time"
+)
+
+// Config holds the engine's limits and intervals. Zero fields take the defaults.
+type Config struct {
+	// DefaultTimeout is a waiter's timeout when the caller gives none.
+	DefaultTimeout time.Duration
+	// MaxTimeout is the largest timeout a caller may ask for.
+	MaxTimeout time.Duration
+	// LookbackRetention is how long a stored lookback event can be consumed.
+	LookbackRetention time.Duration
+	// MaxPayloadBytes caps eventData, body and result (compact JSON bytes).
+	MaxPayloadBytes int
+	// MaxIDBytes caps event ids, caller-chosen run ids, step names and labels.
+	MaxIDBytes int
+
+	// SweepInterval is how often waiters past their deadline are ended
+	// TIMED_OUT and expired lookback events purged.
+	SweepInterval time.Duration
+	// CatchUpInterval is how often live subscriptions are checked against
+	// the database, for wake-ups lost between replicas.
+	CatchUpInterval time.Duration
+
+	// Now is the clock; tests may replace it.
+	Now    func() time.Time
+	Logger *slog.Logger
+}
+
+// Defaults.
+const (
+	DefaultTimeout           = 7 * 24 * time.Hour
+	DefaultMaxTimeout        = 365 * 24 * time.Hour
+	DefaultLookbackRetention = 7 * 24 * time.Hour
+	DefaultMaxPayloadBytes   = 1 << 20
+	DefaultMaxIDBytes        = 256
+	DefaultSweepInterval     = time.Second
+	DefaultCatchUpInterval   = 2 * time.Second
+)
+
+func (c Config) withDefaults() Config {
+	if c.DefaultTimeout <= 0 {
+		c.DefaultTimeout = DefaultTimeout
+	}
+	if c.MaxTimeout <= 0 {
+		c.MaxTimeout = DefaultMaxTimeout
+	}
+	if c.DefaultTimeout > c.MaxTimeout {
+		c.DefaultTimeout = c.MaxTimeout
+	}
+	if c.LookbackRetention <= 0 {
+		c.LookbackRetention = DefaultLookbackRetention
+	}
+	if c.MaxPayloadBytes <= 0 {
+		c.MaxPayloadBytes = DefaultMaxPayloadBytes
+	}
+	if c.MaxIDBytes <= 0 {
+		c.MaxIDBytes = DefaultMaxIDBytes
+	}
+	if c.MaxIDBytes > 256 {
+		c.MaxIDBytes = 256 // the columns hold 256 characters
+	}
+	if c.SweepInterval <= 0 {
+		c.SweepInterval = DefaultSweepInterval
+	}
+	if c.CatchUpInterval <= 0 {
+		c.CatchUpInterval = DefaultCatchUpInterval
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return c
+}

@@ -1,0 +1,175 @@
+// Package engine owns Rendezvous' rules: trigger, notify (broadcast,
+// targeted with lookback, as a durable step), waitForEvent, cancel, finishRun
+// and timeouts. It draws every transaction boundary, decides every state
+// change, and wakes live subscribers only after the change has committed.
+//
+// It must never hold a transaction open while talking to a client, never
+// speak GraphQL, and never write SQL: storage does that.
+package engine
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"rendezvous/hub"
+	"rendezvous/models"
+	"rendezvous/storage"
+)
+
+// Bus carries "these waiters ended" to the other replicas, whose hubs then
+// wake their own listeners. Optional: without one, other replicas learn of
+// ends from their catch-up poll.
+type Bus interface {
+	Publish(ctx context.Context, waiterIDs []string) error
+}
+
+// Engine applies the rules. Create it with New, then Start its background
+// loops; Stop ends them.
+type Engine struct {
+	cfg   Config
+	store storage.Store
+	hub   *hub.Hub
+	bus   Bus
+	log   *slog.Logger
+
+	// waits counts subscriptions between registration and cleanup, so that
+	// shutdown can let them remove their ephemeral waiters before the
+	// database closes.
+	waits sync.WaitGroup
+
+	mu      sync.Mutex
+	cancel  context.CancelFunc
+	stopped chan struct{}
+}
+
+// New returns an engine over the store. bus may be nil.
+func New(store storage.Store, h *hub.Hub, bus Bus, cfg Config) *Engine {
+	cfg = cfg.withDefaults()
+	return &Engine{cfg: cfg, store: store, hub: h, bus: bus, log: cfg.Logger}
+}
+
+// Config returns the engine's effective configuration.
+func (e *Engine) Config() Config { return e.cfg }
+
+// Start runs the timeout sweeper, the lookback purge and the catch-up poll
+// until Stop. Starting a started engine does nothing.
+func (e *Engine) Start(ctx context.Context) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.cancel != nil {
+		return
+	}
+	ctx, e.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	e.stopped = make(chan struct{})
+	go func() {
+		defer close(e.stopped)
+		e.runLoops(ctx)
+	}()
+}
+
+// Stop ends the background loops and waits for them. A second Stop is harmless.
+func (e *Engine) Stop() {
+	e.mu.Lock()
+	cancel, stopped := e.cancel, e.stopped
+	e.mu.Unlock()
+	if cancel == nil {
+		return
+	}
+	cancel()
+	<-stopped
+}
+
+// DrainWaits waits until every subscription has cleaned up after its context
+// ended, or until ctx ends.
+func (e *Engine) DrainWaits(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { e.waits.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Ready reports whether the database answers.
+func (e *Engine) Ready(ctx context.Context) error {
+	return storageErr("ping database", e.store.Ping(ctx))
+}
+
+func (e *Engine) now() time.Time { return e.cfg.Now().UTC().Truncate(time.Microsecond) }
+
+var idEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
+
+// newID returns prefix + 26 random base32 characters (128 bits).
+func newID(prefix string) string {
+	var b [16]byte
+	rand.Read(b[:])
+	return prefix + strings.ToLower(idEncoding.EncodeToString(b[:]))
+}
+
+// wake tells local listeners (with the result in hand) and other replicas
+// (by id) that waiters ended. It runs after commit; a failure here costs
+// latency only.
+func (e *Engine) wake(ctx context.Context, wakes map[string]hub.Wake) {
+	if len(wakes) == 0 {
+		return
+	}
+	ids := make([]string, 0, len(wakes))
+	for id, w := range wakes {
+		e.hub.Publish(id, w)
+		ids = append(ids, id)
+	}
+	if e.bus != nil {
+		if err := e.bus.Publish(context.WithoutCancel(ctx), ids); err != nil {
+			e.log.WarnContext(ctx, "publish waiter ends to other replicas", "waiters", len(ids), "err", err)
+		}
+	}
+}
+
+// effective applies the deadline: a waiter still WAITING at or past its
+// deadline has timed out, whether or not the sweeper has written it yet.
+// Every notify path refuses such a waiter, so this view never disagrees
+// with what the database will say.
+func effective(w *models.Waiter, now time.Time) *models.Waiter {
+	if w.State == models.WaiterWaiting && !w.Deadline.After(now) {
+		c := *w
+		c.State = models.WaiterTimedOut
+		d := w.Deadline
+		c.EndedAt = &d
+		return &c
+	}
+	return w
+}
+
+// resultOf is what a subscriber of an ended waiter receives.
+func resultOf(w *models.Waiter) (*models.WaitResult, error) {
+	res := &models.WaitResult{
+		EventID:       w.EventID,
+		WaiterID:      w.ID,
+		WorkflowRunID: w.WorkflowRunID,
+		StepName:      w.StepName,
+	}
+	switch w.State {
+	case models.WaiterNotified:
+		res.EventData = w.EventData
+		res.MessageID = w.MessageID
+		res.NotifiedAt = w.EndedAt
+		return res, nil
+	case models.WaiterTimedOut:
+		res.Timeout = true
+		return res, nil
+	case models.WaiterCanceled:
+		run := ""
+		if w.WorkflowRunID != nil {
+			run = *w.WorkflowRunID
+		}
+		return nil, errorf(CodeRunNotActive, "workflow run %s ended before event %q arrived", run, w.EventID)
+	}
+	return nil, nil
+}

@@ -1,0 +1,124 @@
+package engine
+
+import (
+	"context"
+	"time"
+
+	"rendezvous/hub"
+	"rendezvous/models"
+	"rendezvous/storage"
+)
+
+const (
+	sweepBatch   = 500
+	purgeBatch   = 1000
+	maxBatchRuns = 20 // per tick, so one tick cannot run for ever
+)
+
+func (e *Engine) runLoops(ctx context.Context) {
+	sweep := time.NewTicker(e.cfg.SweepInterval)
+	defer sweep.Stop()
+	catchUp := time.NewTicker(e.cfg.CatchUpInterval)
+	defer catchUp.Stop()
+	e.sweep(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sweep.C:
+			e.sweep(ctx)
+		case <-catchUp.C:
+			e.catchUp(ctx)
+		}
+	}
+}
+
+// sweep ends TIMED_OUT the waiters whose deadline passed (subscribers have
+// their own timers; this covers durable waiters nobody watches and waiters
+// of subscribers on a replica that died) and purges expired lookback events.
+func (e *Engine) sweep(ctx context.Context) {
+	for range maxBatchRuns {
+		n, err := e.expireDue(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				e.log.Warn("time out expired waiters", "err", err)
+			}
+			break
+		}
+		if n < sweepBatch {
+			break
+		}
+	}
+	for range maxBatchRuns {
+		n, err := e.store.LookbackEventPurge(ctx, e.now(), purgeBatch)
+		if err != nil {
+			if ctx.Err() == nil {
+				e.log.Warn("purge expired lookback events", "err", err)
+			}
+			break
+		}
+		if n < purgeBatch {
+			break
+		}
+	}
+}
+
+func (e *Engine) expireDue(ctx context.Context) (int, error) {
+	var (
+		found int
+		wakes map[string]hub.Wake
+	)
+	err := e.store.InTx(ctx, func(tx storage.Executor) error {
+		wakes = map[string]hub.Wake{}
+		now := e.now()
+		due, err := tx.WaiterListExpired(ctx, now, sweepBatch)
+		if err != nil {
+			return err
+		}
+		found = len(due)
+		if found == 0 {
+			return nil
+		}
+		ids := make([]string, len(due))
+		byID := make(map[string]*models.Waiter, len(due))
+		for i, w := range due {
+			ids[i] = w.ID
+			byID[w.ID] = w
+		}
+		ended, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: ids, State: models.WaiterTimedOut, EndedAt: now})
+		if err != nil {
+			return err
+		}
+		for _, id := range ended {
+			c := *byID[id]
+			c.State = models.WaiterTimedOut
+			res, _ := resultOf(&c)
+			wakes[id] = hub.Wake{Result: res}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	e.wake(ctx, wakes)
+	return found, nil
+}
+
+// catchUp asks the database which waiters with live subscriptions here have
+// ended, and wakes those subscriptions: the safety net under lost wake-ups.
+func (e *Engine) catchUp(ctx context.Context) {
+	ids := e.hub.WaiterIDs()
+	if len(ids) == 0 {
+		return
+	}
+	ended, err := e.store.WaiterListEnded(ctx, ids)
+	if err != nil {
+		if ctx.Err() == nil {
+			e.log.Warn("catch up on waiter ends", "err", err)
+		}
+		return
+	}
+	for _, id := range ended {
+		e.hub.Publish(id, hub.Wake{})
+	}
+}

@@ -1,0 +1,212 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"rendezvous/hub"
+	"rendezvous/models"
+	"rendezvous/storage"
+)
+
+// NotifyParams are the inputs of Notify.
+type NotifyParams struct {
+	EventID   string
+	EventData json.RawMessage
+	// RunID targets one run (lookback if it has no waiter); nil broadcasts.
+	RunID *string
+	// Step makes the notify a durable step of the notifying run.
+	Step *models.StepRef
+}
+
+// Notify delivers an event.
+//
+// Broadcast (no RunID): every waiter WAITING on the event id when the
+// transaction commits is resolved; with none, nothing is stored.
+// Targeted: the run's waiting waiters on the event id are resolved; with
+// none, one lookback event is stored. The run's row lock serialises this
+// with waitForEvent registering on the same run, so the event is delivered
+// exactly once whichever comes first.
+// With Step: the first call does the above and records its result; a repeat
+// returns that result, marked deduplicated, and notifies nobody.
+func (e *Engine) Notify(ctx context.Context, p NotifyParams) (*models.NotifyResult, error) {
+	if err := e.checkEventID(p.EventID); err != nil {
+		return nil, err
+	}
+	if err := e.checkPayload("eventData", p.EventData); err != nil {
+		return nil, err
+	}
+	data := nullJSON(p.EventData)
+	var target string
+	if p.RunID != nil {
+		var err error
+		if target, err = e.normalizeRunID(*p.RunID); err != nil {
+			return nil, err
+		}
+	}
+	var step *models.StepRef
+	if p.Step != nil {
+		stepRun, err := e.normalizeRunID(p.Step.WorkflowRunID)
+		if err != nil {
+			return nil, fmt.Errorf("step: %w", err)
+		}
+		if err := e.checkText("step.stepName", p.Step.StepName, true); err != nil {
+			return nil, err
+		}
+		step = &models.StepRef{WorkflowRunID: stepRun, StepName: p.Step.StepName}
+	}
+
+	messageID := newID("msg_")
+	var (
+		result *models.NotifyResult
+		wakes  map[string]hub.Wake
+	)
+	err := e.store.InTx(ctx, func(tx storage.Executor) error {
+		result, wakes = nil, map[string]hub.Wake{}
+		now := e.now()
+
+		// Lock every run involved in one order (by id), so two runs
+		// notifying each other cannot deadlock.
+		runs := map[string]*models.WorkflowRun{}
+		var lockIDs []string
+		if step != nil {
+			lockIDs = append(lockIDs, step.WorkflowRunID)
+		}
+		if target != "" && (step == nil || target != step.WorkflowRunID) {
+			lockIDs = append(lockIDs, target)
+		}
+		slices.Sort(lockIDs)
+		for _, id := range lockIDs {
+			run, err := e.lockRun(ctx, tx, id)
+			if err != nil {
+				return err
+			}
+			runs[id] = run
+		}
+
+		if step != nil {
+			rec, err := tx.StepGet(ctx, step.WorkflowRunID, step.StepName)
+			switch {
+			case err == nil:
+				result, err = e.repeatNotifyStep(rec, p.EventID)
+				return err
+			case !errors.Is(err, storage.ErrNotFound):
+				return err
+			}
+			if s := runs[step.WorkflowRunID].State; s != models.RunStarted {
+				return errorf(CodeRunNotActive, "workflow run %s is %s", step.WorkflowRunID, s)
+			}
+		}
+		if target != "" {
+			if s := runs[target].State; s != models.RunStarted {
+				return errorf(CodeRunNotActive, "workflow run %s is %s", target, s)
+			}
+		}
+
+		var err error
+		if result, err = e.resolve(ctx, tx, p.EventID, data, target, messageID, now, wakes); err != nil {
+			return err
+		}
+		if step != nil {
+			encoded, err := json.Marshal(result)
+			if err != nil {
+				return fmt.Errorf("encode step result: %w", err)
+			}
+			err = tx.StepInsert(ctx, &storage.StepRecord{
+				RunID: step.WorkflowRunID, StepName: step.StepName, Type: models.StepNotify,
+				EventID: p.EventID, Result: encoded, CreatedAt: now, CompletedAt: &now,
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, storageErr("notify "+p.EventID, err)
+	}
+	e.wake(ctx, wakes)
+	return result, nil
+}
+
+// resolve ends the waiting waiters of the event id (of one run when target is
+// set) NOTIFIED and, for a targeted notify that found none, stores a
+// lookback event. Waiters past their deadline are not resolved: they have
+// timed out.
+func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID string, data json.RawMessage,
+	target, messageID string, now time.Time, wakes map[string]hub.Wake) (*models.NotifyResult, error) {
+	lp := &storage.WaiterListWaitingParams{EventID: eventID, Now: now}
+	if target != "" {
+		lp.RunID = &target
+	}
+	waiting, err := tx.WaiterListWaiting(ctx, lp)
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]string, len(waiting))
+	for i, w := range waiting {
+		ids[i] = w.ID
+	}
+	ended, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{
+		WaiterIDs: ids, State: models.WaiterNotified, EndedAt: now, DeadlineAfter: &now,
+		MessageID: &messageID, EventData: data,
+	})
+	if err != nil {
+		return nil, err
+	}
+	won := make(map[string]bool, len(ended))
+	for _, id := range ended {
+		won[id] = true
+	}
+	result := &models.NotifyResult{EventID: eventID, EventData: data, NotifyResponse: make([]*models.NotifyResponse, 0, len(ended))}
+	for _, w := range waiting {
+		if !won[w.ID] {
+			continue // it ended another way between our read and our write
+		}
+		w.State, w.EndedAt, w.MessageID, w.EventData = models.WaiterNotified, &now, &messageID, data
+		result.NotifyResponse = append(result.NotifyResponse, &models.NotifyResponse{
+			Waiter: w, MessageID: messageID, WorkflowRunID: w.WorkflowRunID,
+		})
+		res, _ := resultOf(w)
+		wakes[w.ID] = hub.Wake{Result: res}
+	}
+	if target != "" && len(result.NotifyResponse) == 0 {
+		ev := &models.LookbackEvent{
+			WorkflowRunID: target, EventID: eventID, EventData: data, MessageID: messageID,
+			CreatedAt: now, ExpiresAt: now.Add(e.cfg.LookbackRetention),
+		}
+		if err := tx.LookbackEventInsert(ctx, ev); err != nil {
+			return nil, err
+		}
+		result.Lookback = ev
+	}
+	return result, nil
+}
+
+// repeatNotifyStep answers a notify step that already ran with its first
+// result, every response marked deduplicated.
+func (e *Engine) repeatNotifyStep(rec *storage.StepRecord, eventID string) (*models.NotifyResult, error) {
+	if rec.Type != models.StepNotify {
+		return nil, errorf(CodeBadUserInput, "step %q of run %s is a %s step, not a notify step", rec.StepName, rec.RunID, rec.Type)
+	}
+	if rec.EventID != eventID {
+		return nil, errorf(CodeBadUserInput, "step %q of run %s already notified event %q, not %q", rec.StepName, rec.RunID, rec.EventID, eventID)
+	}
+	var first models.NotifyResult
+	if err := json.Unmarshal(rec.Result, &first); err != nil {
+		return nil, fmt.Errorf("decode result of step %s/%s: %w", rec.RunID, rec.StepName, err)
+	}
+	first.EventData = nullJSON(first.EventData)
+	first.Deduplicated = true
+	for _, r := range first.NotifyResponse {
+		r.Deduplicated = true
+	}
+	if first.NotifyResponse == nil {
+		first.NotifyResponse = []*models.NotifyResponse{}
+	}
+	return &first, nil
+}

@@ -1,0 +1,285 @@
+package engine
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"rendezvous/hub"
+	"rendezvous/models"
+	"rendezvous/storage"
+)
+
+// TriggerParams are the inputs of Trigger.
+type TriggerParams struct {
+	RunID *string // nil: generate one
+	Body  json.RawMessage
+	Label *string
+}
+
+// Trigger creates a run in RUN_STARTED. With an id that exists it returns the
+// existing run, unchanged, with Created false.
+func (e *Engine) Trigger(ctx context.Context, p TriggerParams) (*models.TriggerResult, error) {
+	id := newID(RunIDPrefix)
+	if p.RunID != nil {
+		var err error
+		if id, err = e.normalizeRunID(*p.RunID); err != nil {
+			return nil, err
+		}
+	}
+	if err := e.checkPayload("body", p.Body); err != nil {
+		return nil, err
+	}
+	if p.Label != nil {
+		if err := e.checkText("label", *p.Label, false); err != nil {
+			return nil, err
+		}
+	}
+	now := e.now()
+	run := &models.WorkflowRun{
+		WorkflowRunID: id,
+		State:         models.RunStarted,
+		Body:          nullJSON(p.Body),
+		Label:         p.Label,
+		CreatedAt:     now,
+		UpdatedAt:     now,
+	}
+	err := e.store.RunInsert(ctx, run)
+	if errors.Is(err, storage.ErrDuplicate) {
+		existing, err := e.store.RunGet(ctx, id, false)
+		if err != nil {
+			return nil, storageErr("trigger "+id, err)
+		}
+		return &models.TriggerResult{WorkflowRunID: id, Created: false, Run: existing}, nil
+	}
+	if err != nil {
+		return nil, storageErr("trigger "+id, err)
+	}
+	return &models.TriggerResult{WorkflowRunID: id, Created: true, Run: run}, nil
+}
+
+// Cancel moves a started run to RUN_CANCELED, ends its waiters CANCELED and
+// drops its pending lookback events.
+func (e *Engine) Cancel(ctx context.Context, runID string) (*models.WorkflowRun, error) {
+	return e.endRun(ctx, runID, models.RunCanceled, nil)
+}
+
+// FinishRun ends a started run with RUN_SUCCESS or RUN_FAILED and keeps
+// result; its waiters end CANCELED and its lookback events are dropped.
+func (e *Engine) FinishRun(ctx context.Context, runID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error) {
+	if state != models.RunSuccess && state != models.RunFailed {
+		return nil, errorf(CodeBadUserInput, "finishRun state must be RUN_SUCCESS or RUN_FAILED, got %s", state)
+	}
+	if err := e.checkPayload("result", result); err != nil {
+		return nil, err
+	}
+	return e.endRun(ctx, runID, state, nullJSON(result))
+}
+
+func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error) {
+	id, err := e.normalizeRunID(rawID)
+	if err != nil {
+		return nil, err
+	}
+	var (
+		run   *models.WorkflowRun
+		wakes map[string]hub.Wake
+	)
+	err = e.store.InTx(ctx, func(tx storage.Executor) error {
+		wakes = map[string]hub.Wake{}
+		now := e.now()
+		var err error
+		if run, err = e.lockActiveRun(ctx, tx, id); err != nil {
+			return err
+		}
+		if err := tx.RunEnd(ctx, &storage.RunEndParams{RunID: id, State: state, Result: result, UpdatedAt: now}); err != nil {
+			return err
+		}
+		run.State, run.Result, run.UpdatedAt = state, result, now
+
+		waiters, err := tx.WaiterListByRun(ctx, id)
+		if err != nil {
+			return err
+		}
+		var live, expired []string
+		byID := map[string]*models.Waiter{}
+		for _, w := range waiters {
+			if w.State != models.WaiterWaiting {
+				continue
+			}
+			byID[w.ID] = w
+			if w.Deadline.After(now) {
+				live = append(live, w.ID)
+			} else {
+				expired = append(expired, w.ID)
+			}
+		}
+		canceled, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: live, State: models.WaiterCanceled, EndedAt: now, DeadlineAfter: &now})
+		if err != nil {
+			return err
+		}
+		timedOut, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: expired, State: models.WaiterTimedOut, EndedAt: now})
+		if err != nil {
+			return err
+		}
+		for _, wid := range canceled {
+			c := *byID[wid]
+			c.State = models.WaiterCanceled
+			_, werr := resultOf(&c)
+			wakes[wid] = hub.Wake{Err: werr}
+		}
+		for _, wid := range timedOut {
+			c := *byID[wid]
+			c.State = models.WaiterTimedOut
+			res, _ := resultOf(&c)
+			wakes[wid] = hub.Wake{Result: res}
+		}
+		_, err = tx.LookbackEventDeleteByRun(ctx, id)
+		return err
+	})
+	if err != nil {
+		return nil, storageErr(fmt.Sprintf("end run %s as %s", id, state), err)
+	}
+	e.wake(ctx, wakes)
+	return run, nil
+}
+
+// lockActiveRun takes the run's row lock and checks that it is started.
+func (e *Engine) lockActiveRun(ctx context.Context, tx storage.Executor, id string) (*models.WorkflowRun, error) {
+	run, err := e.lockRun(ctx, tx, id)
+	if err != nil {
+		return nil, err
+	}
+	if run.State != models.RunStarted {
+		return nil, errorf(CodeRunNotActive, "workflow run %s is %s", id, run.State)
+	}
+	return run, nil
+}
+
+func (e *Engine) lockRun(ctx context.Context, tx storage.Executor, id string) (*models.WorkflowRun, error) {
+	run, err := tx.RunGet(ctx, id, true)
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, errorf(CodeNotFound, "workflow run %s not found", id)
+	}
+	return run, err
+}
+
+// Run returns the run, or nil if there is none.
+func (e *Engine) Run(ctx context.Context, rawID string) (*models.WorkflowRun, error) {
+	id, err := e.normalizeRunID(rawID)
+	if err != nil {
+		return nil, err
+	}
+	run, err := e.store.RunGet(ctx, id, false)
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, nil
+	}
+	return run, storageErr("get run "+id, err)
+}
+
+// RunsParams filter and page Runs.
+type RunsParams struct {
+	State *models.RunState
+	Label *string
+	First int
+	After *string // cursor from PageInfo.EndCursor
+}
+
+// MaxPageSize bounds Runs' First.
+const MaxPageSize = 100
+
+// Runs lists runs newest first.
+func (e *Engine) Runs(ctx context.Context, p RunsParams) (*models.WorkflowRunConnection, error) {
+	if p.First < 1 || p.First > MaxPageSize {
+		return nil, errorf(CodeBadUserInput, "first must be between 1 and %d", MaxPageSize)
+	}
+	lp := &storage.RunListParams{State: p.State, Label: p.Label, Limit: p.First + 1}
+	if p.After != nil && *p.After != "" {
+		raw, err := base64.RawURLEncoding.DecodeString(*p.After)
+		if err != nil || len(raw) == 0 {
+			return nil, errorf(CodeBadUserInput, "after is not a cursor this service made")
+		}
+		lp.AfterRunID = string(raw)
+	}
+	runs, err := e.store.RunList(ctx, lp)
+	if errors.Is(err, storage.ErrNotFound) {
+		return nil, errorf(CodeBadUserInput, "after is not a cursor this service made")
+	}
+	if err != nil {
+		return nil, storageErr("list runs", err)
+	}
+	conn := &models.WorkflowRunConnection{PageInfo: &models.PageInfo{}}
+	if len(runs) > p.First {
+		runs = runs[:p.First]
+		conn.PageInfo.HasNextPage = true
+	}
+	conn.Nodes = runs
+	if len(runs) > 0 {
+		c := base64.RawURLEncoding.EncodeToString([]byte(runs[len(runs)-1].WorkflowRunID))
+		conn.PageInfo.EndCursor = &c
+	}
+	return conn, nil
+}
+
+// RunWaiters lists every waiter the run has had, oldest first, with
+// deadlines applied.
+func (e *Engine) RunWaiters(ctx context.Context, runID string) ([]*models.Waiter, error) {
+	ws, err := e.store.WaiterListByRun(ctx, runID)
+	if err != nil {
+		return nil, storageErr("list waiters of "+runID, err)
+	}
+	now := e.now()
+	for i, w := range ws {
+		ws[i] = effective(w, now)
+	}
+	return ws, nil
+}
+
+// RunLookbackEvents lists the run's lookback events not yet consumed or expired.
+func (e *Engine) RunLookbackEvents(ctx context.Context, runID string) ([]*models.LookbackEvent, error) {
+	evs, err := e.store.LookbackEventListByRun(ctx, runID, e.now())
+	return evs, storageErr("list lookback events of "+runID, err)
+}
+
+// RunSteps lists the run's durable steps in the order they were first run. A
+// waitForEvent step completes when its waiter ends.
+func (e *Engine) RunSteps(ctx context.Context, runID string) ([]*models.Step, error) {
+	recs, err := e.store.StepListByRun(ctx, runID)
+	if err != nil {
+		return nil, storageErr("list steps of "+runID, err)
+	}
+	var waiters map[string]*models.Waiter
+	out := make([]*models.Step, len(recs))
+	now := e.now()
+	for i, r := range recs {
+		s := &models.Step{StepName: r.StepName, Type: r.Type, EventID: r.EventID, CreatedAt: r.CreatedAt, CompletedAt: r.CompletedAt}
+		if r.Type == models.StepWaitForEvent {
+			if waiters == nil {
+				ws, err := e.store.WaiterListByRun(ctx, runID)
+				if err != nil {
+					return nil, storageErr("list waiters of "+runID, err)
+				}
+				waiters = make(map[string]*models.Waiter, len(ws))
+				for _, w := range ws {
+					waiters[w.ID] = w
+				}
+			}
+			if w := waiters[r.WaiterID]; w != nil {
+				s.CompletedAt = effective(w, now).EndedAt
+			}
+		}
+		out[i] = s
+	}
+	return out, nil
+}
+
+// ActiveWaiters lists the waiters WAITING on the event id, oldest first.
+func (e *Engine) ActiveWaiters(ctx context.Context, eventID string) ([]*models.Waiter, error) {
+	if err := e.checkEventID(eventID); err != nil {
+		return nil, err
+	}
+	ws, err := e.store.WaiterListWaiting(ctx, &storage.WaiterListWaitingParams{EventID: eventID, Now: e.now()})
+	return ws, storageErr("list waiters on "+eventID, err)
+}

@@ -1,0 +1,227 @@
+// Package scalar implements the custom GraphQL scalars JSON, Time and
+// Duration. It converts between wire values and plain Go types
+// (json.RawMessage, time.Time, time.Duration) so that nothing below the
+// GraphQL layer depends on gqlgen.
+package scalar
+
+import (
+	"bytes"
+	"encoding/json"
+
+	"fmt"
+	"io"
+	"math"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/99designs/gqlgen/graphql"
+	"github.com/vektah/gqlparser/v2/gqlerror"
+)
+
+// CodeBadUserInput is the extensions.code of every scalar parse error.
+const CodeBadUserInput = "BAD_USER_INPUT"
+
+func badInput(format string, args ...any) error {
+	return &gqlerror.Error{
+		Message:    fmt.Sprintf(format, args...),
+		Extensions: map[string]any{"code": CodeBadUserInput},
+	}
+}
+
+// MarshalJSON writes raw JSON as it is; nil is null.
+func MarshalJSON(v json.RawMessage) graphql.Marshaler {
+	return graphql.WriterFunc(func(w io.Writer) {
+		if len(v) == 0 {
+			io.WriteString(w, "null")
+			return
+		}
+		w.Write(v)
+	})
+}
+
+// UnmarshalJSON accepts a JSON value. A json.RawMessage (what our POST
+// transport passes for JSON-typed variables) is kept byte for byte, after
+// compaction; anything else (inline literals, other transports) is encoded
+// with the HTML escaping turned off, so strings and numbers survive exactly.
+func UnmarshalJSON(v any) (json.RawMessage, error) {
+	switch raw := v.(type) {
+	case json.RawMessage:
+		if !json.Valid(raw) {
+			return nil, badInput("JSON: invalid JSON value")
+		}
+		var buf bytes.Buffer
+		if err := json.Compact(&buf, raw); err != nil {
+			return nil, badInput("JSON: invalid JSON value")
+		}
+		return buf.Bytes(), nil
+	case nil:
+		return json.RawMessage("null"), nil
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, badInput("JSON: value cannot be encoded as JSON")
+	}
+	return bytes.TrimRight(buf.Bytes(), "\n"), nil
+}
+
+// TimeLayout is RFC 3339 with a fixed six-digit fraction: the database keeps
+// microseconds, so the wire shows exactly what is stored.
+const TimeLayout = "2006-01-02T15:04:05.000000Z07:00"
+
+// MarshalTime writes t in UTC with microseconds.
+func MarshalTime(t time.Time) graphql.Marshaler {
+	return graphql.WriterFunc(func(w io.Writer) {
+		io.WriteString(w, strconv.Quote(t.UTC().Format(TimeLayout)))
+	})
+}
+
+// UnmarshalTime accepts any RFC 3339 timestamp.
+func UnmarshalTime(v any) (time.Time, error) {
+	s, ok := v.(string)
+	if !ok {
+		return time.Time{}, badInput("Time must be an RFC 3339 string")
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, badInput("Time must be an RFC 3339 string")
+	}
+	return t.UTC(), nil
+}
+
+// MarshalDuration writes d in Go's notation ("1h30m0s"), which UnmarshalDuration reads back.
+func MarshalDuration(d time.Duration) graphql.Marshaler {
+	return graphql.WriterFunc(func(w io.Writer) {
+		io.WriteString(w, strconv.Quote(d.String()))
+	})
+}
+
+// UnmarshalDuration accepts "30s", "5m", "2h", "1d", "1h30m", "250ms" (any
+// sequence of whole numbers with units d, h, m, s, ms) or an integer number of
+// seconds, as a GraphQL Int or a string of digits. Whether the duration is in
+// range is the engine's business; here it only has to be well formed.
+func UnmarshalDuration(v any) (time.Duration, error) {
+	switch n := v.(type) {
+	case int:
+		return secondsDuration(int64(n))
+	case int32:
+		return secondsDuration(int64(n))
+	case int64:
+		return secondsDuration(n)
+	case json.Number:
+		i, err := n.Int64()
+		if err != nil {
+			return 0, badInput("Duration: %q is not a whole number of seconds", n.String())
+		}
+		return secondsDuration(i)
+	case float64:
+		if n != math.Trunc(n) || math.Abs(n) > math.MaxInt64/float64(time.Second) {
+			return 0, badInput("Duration: %v is not a whole number of seconds", n)
+		}
+		return secondsDuration(int64(n))
+	case string:
+		return ParseDuration(n)
+	}
+	return 0, badInput("Duration must be a string such as \"30s\" or an Int of seconds")
+}
+
+func secondsDuration(s int64) (time.Duration, error) {
+	if s > math.MaxInt64/int64(time.Second) || s < math.MinInt64/int64(time.Second) {
+		return 0, badInput("Duration: %d seconds is out of range", s)
+	}
+	return time.Duration(s) * time.Second, nil
+}
+
+var durationUnits = []struct {
+	name string
+	size time.Duration
+}{
+	// "ms" before "m", so "5ms" is not read as five minutes and an "s".
+	{"ms", time.Millisecond},
+	{"d", 24 * time.Hour},
+	{"h", time.Hour},
+	{"m", time.Minute},
+	{"s", time.Second},
+}
+
+// ParseDuration parses the string forms of the Duration scalar. A leading
+// minus sign is accepted so that the engine, not the parser, reports a
+// negative duration as out of range.
+func ParseDuration(s string) (time.Duration, error) {
+	orig := s
+	if !utf8.ValidString(s) || len(s) > 64 {
+		return 0, badInput("Duration: malformed value")
+	}
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, badInput("Duration: empty value")
+	}
+	neg := false
+	if s[0] == '-' || s[0] == '+' {
+		neg = s[0] == '-'
+		s = s[1:]
+	}
+	if allDigits(s) { // a bare number is seconds
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, badInput("Duration: %q is out of range", orig)
+		}
+		if neg {
+			n = -n
+		}
+		return secondsDuration(n)
+	}
+	var total time.Duration
+	for s != "" {
+		i := 0
+		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
+			i++
+		}
+		if i == 0 {
+			return 0, badInput("Duration: %q is malformed; use e.g. \"30s\", \"5m\", \"2h\", \"1d\" or \"1h30m\"", orig)
+		}
+		n, err := strconv.ParseInt(s[:i], 10, 64)
+		if err != nil {
+			return 0, badInput("Duration: %q is out of range", orig)
+		}
+		s = s[i:]
+		matched := false
+		for _, u := range durationUnits {
+			if strings.HasPrefix(s, u.name) {
+				if n > int64(math.MaxInt64/u.size) {
+					return 0, badInput("Duration: %q is out of range", orig)
+				}
+				part := time.Duration(n) * u.size
+				if total > math.MaxInt64-part {
+					return 0, badInput("Duration: %q is out of range", orig)
+				}
+				total += part
+				s = s[len(u.name):]
+				matched = true
+				break
+			}
+		}
+		if !matched {
+			return 0, badInput("Duration: %q is malformed; use e.g. \"30s\", \"5m\", \"2h\", \"1d\" or \"1h30m\"", orig)
+		}
+	}
+	if neg {
+		total = -total
+	}
+	return total, nil
+}
+
+func allDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,115 @@
+// Package models holds the data shapes Rendezvous talks about: runs, waiters,
+// lookback events, steps and the results of its operations. The GraphQL layer
+// binds to these types and the engine returns them; they carry no behaviour
+// beyond naming their enum values, and nothing here touches a database.
+package models
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// WorkflowRun is one execution of a workflow, created by trigger.
+type WorkflowRun struct {
+	WorkflowRunID string
+	State         RunState
+	Body          json.RawMessage // nil: no body
+	Label         *string
+	Result        json.RawMessage // nil: no result
+	CreatedAt     time.Time
+	UpdatedAt     time.Time
+}
+
+// Waiter is one pending or ended waitForEvent.
+type Waiter struct {
+	ID            string
+	EventID       string
+	WorkflowRunID *string
+	StepName      *string
+	State         WaiterState
+	Deadline      time.Time
+	CreatedAt     time.Time
+
+	// How it ended; zero while WAITING.
+	EndedAt   *time.Time
+	MessageID *string         // the notification that resolved it (NOTIFIED only)
+	EventData json.RawMessage // the data it was resolved with (NOTIFIED only)
+}
+
+// LookbackEvent is a targeted notification stored because its run had no
+// waiter on the event id; the run's next waitForEvent on it consumes it.
+type LookbackEvent struct {
+	ID            string
+	WorkflowRunID string
+	EventID       string
+	EventData     json.RawMessage
+	MessageID     string
+	CreatedAt     time.Time
+	ExpiresAt     time.Time
+}
+
+// Step is a named, durable action of a run.
+type Step struct {
+	StepName    string
+	Type        StepType
+	EventID     string
+	CreatedAt   time.Time
+	CompletedAt *time.Time
+}
+
+// TriggerResult is what trigger returns.
+type TriggerResult struct {
+	WorkflowRunID string
+	Created       bool
+	Run           *WorkflowRun
+}
+
+// NotifyResult is what notify returns.
+type NotifyResult struct {
+	EventID        string
+	EventData      json.RawMessage
+	NotifyResponse []*NotifyResponse
+	Lookback       *LookbackEvent
+	// Deduplicated: this call repeated a notify step and notified nobody;
+	// the result is the first call's.
+	Deduplicated bool
+}
+
+// NotifyResponse describes one waiter resolved by a notify.
+type NotifyResponse struct {
+	Waiter        *Waiter
+	MessageID     string
+	WorkflowRunID *string
+	Deduplicated  bool
+	Error         *string
+}
+
+// WaitResult is the single message a waitForEvent subscriber receives.
+type WaitResult struct {
+	EventID       string
+	EventData     json.RawMessage
+	Timeout       bool
+	WaiterID      string
+	WorkflowRunID *string
+	StepName      *string
+	MessageID     *string
+	NotifiedAt    *time.Time
+}
+
+// WorkflowRunConnection is one page of runs.
+type WorkflowRunConnection struct {
+	Nodes    []*WorkflowRun
+	PageInfo *PageInfo
+}
+
+// PageInfo tells whether more pages follow and where the next one starts.
+type PageInfo struct {
+	HasNextPage bool
+	EndCursor   *string
+}
+
+// StepRef names a step of the notifying run.
+type StepRef struct {
+	WorkflowRunID string
+	StepName      string
+}

@@ -1,0 +1,79 @@
+package storage
+
+import (
+	"context"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"strings"
+	"time"
+
+	mysqldriver "github.com/go-sql-driver/mysql"
+)
+
+// MySQL error numbers we act on.
+const (
+	mysqlDuplicateEntry  = 1062
+	mysqlLockWaitTimeout = 1205 // only the statement was rolled back
+	mysqlDeadlock        = 1213 // the whole transaction was rolled back
+)
+
+// errRetryable marks an error after which the whole transaction may run again.
+var errRetryable = errors.New("retryable conflict")
+
+// classify translates driver errors into this package's sentinels at the
+// edge, so callers compare with errors.Is and never see driver types.
+func classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	var me *mysqldriver.MySQLError
+	if errors.As(err, &me) {
+		switch me.Number {
+		case mysqlDuplicateEntry:
+			return fmt.Errorf("%w: %v", ErrDuplicate, err)
+		case mysqlDeadlock, mysqlLockWaitTimeout:
+			return fmt.Errorf("%w: %v", errRetryable, err)
+		}
+		return err
+	}
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "UNIQUE constraint failed"):
+		return fmt.Errorf("%w: %v", ErrDuplicate, err)
+	case strings.Contains(msg, "database is locked"), strings.Contains(msg, "SQLITE_BUSY"):
+		return fmt.Errorf("%w: %v", errRetryable, err)
+	}
+	var netErr net.Error
+	if errors.Is(err, driver.ErrBadConn) || errors.Is(err, mysqldriver.ErrInvalidConn) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &netErr) ||
+		strings.Contains(msg, "connection refused") || strings.Contains(msg, "broken pipe") ||
+		strings.Contains(msg, "sql: database is closed") {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return err
+}
+
+// backoff waits before attempt n+1 (n from 1): exponential from 5ms, capped
+// at 250ms, with full jitter so that two transactions that deadlocked each
+// other do not collide again in lock step.
+func backoff(ctx context.Context, n int) error {
+	ceiling := 5 * time.Millisecond << min(n, 6)
+	if ceiling > 250*time.Millisecond {
+		ceiling = 250 * time.Millisecond
+	}
+	t := time.NewTimer(time.Duration(rand.Int64N(int64(ceiling)) + int64(time.Millisecond)))
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}

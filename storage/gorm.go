@@ -1,0 +1,431 @@
+package storage
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
+
+	"rendezvous/models"
+)
+
+// chunkSize bounds the ids in one IN (…) list.
+const chunkSize = 1000
+
+type gormStore struct {
+	gormExecutor
+	sqlDB       *sql.DB
+	maxAttempts int
+	log         *slog.Logger
+}
+
+var _ Store = (*gormStore)(nil)
+
+// gormExecutor runs the queries on a pool or inside a transaction; the same
+// code serves both.
+type gormExecutor struct {
+	db      *gorm.DB
+	dialect string
+}
+
+func (s *gormStore) Dialect() string { return s.dialect }
+
+func (s *gormStore) Ping(ctx context.Context) error { return classify(s.sqlDB.PingContext(ctx)) }
+
+func (s *gormStore) Close() error { return s.sqlDB.Close() }
+
+func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error {
+	for attempt := 1; ; attempt++ {
+		err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
+			return fn(&gormExecutor{db: tx, dialect: s.dialect})
+		})
+		if err == nil {
+			return nil
+		}
+		err = classify(err)
+		if !errors.Is(err, errRetryable) {
+			return err
+		}
+		if attempt >= s.maxAttempts {
+			return fmt.Errorf("%w: transaction gave up after %d attempts: %v", ErrUnavailable, attempt, err)
+		}
+		s.log.DebugContext(ctx, "transaction conflict, retrying", "attempt", attempt, "err", err)
+		if err := backoff(ctx, attempt); err != nil {
+			return err
+		}
+	}
+}
+
+func (e *gormExecutor) q(ctx context.Context) *gorm.DB { return e.db.WithContext(ctx) }
+
+// lock adds FOR UPDATE on MySQL. SQLite has no row locks: its single
+// connection already makes transactions serial.
+func (e *gormExecutor) lock(q *gorm.DB, forUpdate bool) *gorm.DB {
+	if forUpdate && e.dialect == DialectMySQL {
+		return q.Clauses(clause.Locking{Strength: "UPDATE"})
+	}
+	return q
+}
+
+func notFound(err error) error {
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return ErrNotFound
+	}
+	return classify(err)
+}
+
+// ---- runs
+
+func (e *gormExecutor) RunGet(ctx context.Context, runID string, forUpdate bool) (*models.WorkflowRun, error) {
+	var row runRow
+	if err := e.lock(e.q(ctx).Where("id = ?", runID), forUpdate).Take(&row).Error; err != nil {
+		return nil, notFound(err)
+	}
+	return row.model(), nil
+}
+
+func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) error {
+	row := runRow{
+		ID:        run.WorkflowRunID,
+		State:     string(run.State),
+		Body:      run.Body,
+		Label:     run.Label,
+		Result:    run.Result,
+		CreatedAt: newDBTime(run.CreatedAt),
+		UpdatedAt: newDBTime(run.UpdatedAt),
+	}
+	return classify(e.q(ctx).Create(&row).Error)
+}
+
+func (e *gormExecutor) RunEnd(ctx context.Context, p *RunEndParams) error {
+	return classify(e.q(ctx).Model(&runRow{}).Where("id = ?", p.RunID).Updates(map[string]any{
+		"state":      string(p.State),
+		"result":     p.Result,
+		"updated_at": newDBTime(p.UpdatedAt),
+	}).Error)
+}
+
+func (e *gormExecutor) RunList(ctx context.Context, p *RunListParams) ([]*models.WorkflowRun, error) {
+	q := e.q(ctx).Model(&runRow{})
+	if p.State != nil {
+		q = q.Where("state = ?", string(*p.State))
+	}
+	if p.Label != nil {
+		q = q.Where("label = ?", *p.Label)
+	}
+	if p.AfterRunID != "" {
+		var after runRow
+		if err := e.q(ctx).Select("seq").Where("id = ?", p.AfterRunID).Take(&after).Error; err != nil {
+			return nil, notFound(err)
+		}
+		q = q.Where("seq < ?", after.Seq)
+	}
+	var rows []runRow
+	if err := q.Order("seq DESC").Limit(p.Limit).Find(&rows).Error; err != nil {
+		return nil, classify(err)
+	}
+	out := make([]*models.WorkflowRun, len(rows))
+	for i := range rows {
+		out[i] = rows[i].model()
+	}
+	return out, nil
+}
+
+// ---- waiters
+
+func (e *gormExecutor) WaiterInsert(ctx context.Context, w *models.Waiter) error {
+	row := waiterRow{
+		EventID:   w.EventID,
+		RunID:     w.WorkflowRunID,
+		StepName:  w.StepName,
+		State:     string(w.State),
+		Deadline:  newDBTime(w.Deadline),
+		CreatedAt: newDBTime(w.CreatedAt),
+		MessageID: w.MessageID,
+		EventData: w.EventData,
+	}
+	if w.EndedAt != nil {
+		row.EndedAt = newDBTime(*w.EndedAt)
+	}
+	if err := e.q(ctx).Create(&row).Error; err != nil {
+		return classify(err)
+	}
+	w.ID = waiterID(row.Seq)
+	return nil
+}
+
+func (e *gormExecutor) WaiterGet(ctx context.Context, id string) (*models.Waiter, error) {
+	seq, ok := parseSeq(id, waiterIDPrefix)
+	if !ok {
+		return nil, ErrNotFound
+	}
+	var row waiterRow
+	if err := e.q(ctx).Where("seq = ?", seq).Take(&row).Error; err != nil {
+		return nil, notFound(err)
+	}
+	return row.model(), nil
+}
+
+func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaitingParams) ([]*models.Waiter, error) {
+	q := e.q(ctx)
+	if p.RunID != nil {
+		q = q.Where("run_id = ? AND event_id = ?", *p.RunID, p.EventID)
+	} else {
+		q = q.Where("event_id = ?", p.EventID)
+	}
+	q = q.Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(p.Now))
+	var rows []waiterRow
+	if err := e.lock(q.Order("seq"), p.ForUpdate).Find(&rows).Error; err != nil {
+		return nil, classify(err)
+	}
+	return waiterModels(rows), nil
+}
+
+func (e *gormExecutor) WaiterListByRun(ctx context.Context, runID string) ([]*models.Waiter, error) {
+	var rows []waiterRow
+	if err := e.q(ctx).Where("run_id = ?", runID).Order("seq").Find(&rows).Error; err != nil {
+		return nil, classify(err)
+	}
+	return waiterModels(rows), nil
+}
+
+func waiterModels(rows []waiterRow) []*models.Waiter {
+	out := make([]*models.Waiter, len(rows))
+	for i := range rows {
+		out[i] = rows[i].model()
+	}
+	return out
+}
+
+func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error) {
+	seqs := make([]int64, 0, len(p.WaiterIDs))
+	for _, id := range p.WaiterIDs {
+		if seq, ok := parseSeq(id, waiterIDPrefix); ok {
+			seqs = append(seqs, seq)
+		}
+	}
+	set := map[string]any{"state": string(p.State), "ended_at": newDBTime(p.EndedAt)}
+	if p.MessageID != nil {
+		set["message_id"] = *p.MessageID
+		set["event_data"] = p.EventData
+	}
+	waiting := func(q *gorm.DB) *gorm.DB {
+		q = q.Where("state = ?", string(models.WaiterWaiting))
+		if p.DeadlineAfter != nil {
+			q = q.Where("deadline > ?", newDBTime(*p.DeadlineAfter))
+		}
+		return q
+	}
+	var ended []string
+	for chunk := range chunks(seqs) {
+		if len(chunk) == 1 {
+			// One waiter: the compare-and-set's row count says who won.
+			res := waiting(e.q(ctx).Model(&waiterRow{}).Where("seq = ?", chunk[0])).Updates(set)
+			if res.Error != nil {
+				return nil, classify(res.Error)
+			}
+			if res.RowsAffected == 1 {
+				ended = append(ended, waiterID(chunk[0]))
+			}
+			continue
+		}
+		// Several: lock the ones still waiting, then move exactly those, so
+		// the ids returned are the ones this call ended.
+		var still []int64
+		if err := e.lock(waiting(e.q(ctx).Model(&waiterRow{}).Where("seq IN ?", chunk)), true).
+			Order("seq").Pluck("seq", &still).Error; err != nil {
+			return nil, classify(err)
+		}
+		if len(still) == 0 {
+			continue
+		}
+		res := waiting(e.q(ctx).Model(&waiterRow{}).Where("seq IN ?", still)).Updates(set)
+		if res.Error != nil {
+			return nil, classify(res.Error)
+		}
+		if res.RowsAffected != int64(len(still)) {
+			// The rows were locked above, so this only happens outside a
+			// transaction, where the lock did not last.
+			return nil, fmt.Errorf("end waiters: %d of %d changed under us; WaiterEnd with several ids must run in a transaction", res.RowsAffected, len(still))
+		}
+		for _, seq := range still {
+			ended = append(ended, waiterID(seq))
+		}
+	}
+	return ended, nil
+}
+
+func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, id string) (bool, error) {
+	seq, ok := parseSeq(id, waiterIDPrefix)
+	if !ok {
+		return false, nil
+	}
+	res := e.q(ctx).Where("seq = ? AND state = ?", seq, string(models.WaiterWaiting)).Delete(&waiterRow{})
+	if res.Error != nil {
+		return false, classify(res.Error)
+	}
+	return res.RowsAffected == 1, nil
+}
+
+func (e *gormExecutor) WaiterListEnded(ctx context.Context, ids []string) ([]string, error) {
+	seqs := make([]int64, 0, len(ids))
+	for _, id := range ids {
+		if seq, ok := parseSeq(id, waiterIDPrefix); ok {
+			seqs = append(seqs, seq)
+		}
+	}
+	var ended []string
+	for chunk := range chunks(seqs) {
+		var got []int64
+		if err := e.q(ctx).Model(&waiterRow{}).Where("seq IN ? AND state <> ?", chunk, string(models.WaiterWaiting)).
+			Pluck("seq", &got).Error; err != nil {
+			return nil, classify(err)
+		}
+		for _, seq := range got {
+			ended = append(ended, waiterID(seq))
+		}
+	}
+	return ended, nil
+}
+
+func (e *gormExecutor) WaiterListExpired(ctx context.Context, now time.Time, limit int) ([]*models.Waiter, error) {
+	var rows []waiterRow
+	if err := e.q(ctx).Where("state = ? AND deadline <= ?", string(models.WaiterWaiting), newDBTime(now)).
+		Order("deadline").Limit(limit).Find(&rows).Error; err != nil {
+		return nil, classify(err)
+	}
+	return waiterModels(rows), nil
+}
+
+// ---- lookback events
+
+func (e *gormExecutor) LookbackEventInsert(ctx context.Context, ev *models.LookbackEvent) error {
+	row := lookbackRow{
+		RunID:     ev.WorkflowRunID,
+		EventID:   ev.EventID,
+		EventData: ev.EventData,
+		MessageID: ev.MessageID,
+		CreatedAt: newDBTime(ev.CreatedAt),
+		ExpiresAt: newDBTime(ev.ExpiresAt),
+	}
+	if err := e.q(ctx).Create(&row).Error; err != nil {
+		return classify(err)
+	}
+	ev.ID = lookbackID(row.Seq)
+	return nil
+}
+
+func (e *gormExecutor) LookbackEventConsume(ctx context.Context, runID, eventID string, now time.Time) (*models.LookbackEvent, error) {
+	var row lookbackRow
+	q := e.q(ctx).Where("run_id = ? AND event_id = ? AND consumed = ? AND expires_at > ?", runID, eventID, false, newDBTime(now))
+	err := e.lock(q.Order("seq"), true).Take(&row).Error
+	if errors.Is(err, gorm.ErrRecordNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, classify(err)
+	}
+	res := e.q(ctx).Model(&lookbackRow{}).Where("seq = ? AND consumed = ?", row.Seq, false).
+		Updates(map[string]any{"consumed": true, "consumed_at": newDBTime(now)})
+	if res.Error != nil {
+		return nil, classify(res.Error)
+	}
+	if res.RowsAffected != 1 {
+		// Only possible without the run lock the contract asks for.
+		return nil, fmt.Errorf("consume lookback event %s: already consumed", lookbackID(row.Seq))
+	}
+	return row.model(), nil
+}
+
+func (e *gormExecutor) LookbackEventListByRun(ctx context.Context, runID string, now time.Time) ([]*models.LookbackEvent, error) {
+	var rows []lookbackRow
+	if err := e.q(ctx).Where("run_id = ? AND consumed = ? AND expires_at > ?", runID, false, newDBTime(now)).
+		Order("seq").Find(&rows).Error; err != nil {
+		return nil, classify(err)
+	}
+	out := make([]*models.LookbackEvent, len(rows))
+	for i := range rows {
+		out[i] = rows[i].model()
+	}
+	return out, nil
+}
+
+func (e *gormExecutor) LookbackEventDeleteByRun(ctx context.Context, runID string) (int64, error) {
+	res := e.q(ctx).Where("run_id = ? AND consumed = ?", runID, false).Delete(&lookbackRow{})
+	return res.RowsAffected, classify(res.Error)
+}
+
+func (e *gormExecutor) LookbackEventPurge(ctx context.Context, now time.Time, limit int) (int64, error) {
+	var seqs []int64
+	if err := e.q(ctx).Model(&lookbackRow{}).Where("expires_at <= ?", newDBTime(now)).
+		Order("expires_at").Limit(limit).Pluck("seq", &seqs).Error; err != nil {
+		return 0, classify(err)
+	}
+	if len(seqs) == 0 {
+		return 0, nil
+	}
+	res := e.q(ctx).Where("seq IN ?", seqs).Delete(&lookbackRow{})
+	return res.RowsAffected, classify(res.Error)
+}
+
+// ---- steps
+
+func (e *gormExecutor) StepGet(ctx context.Context, runID, stepName string) (*StepRecord, error) {
+	var row stepRow
+	if err := e.q(ctx).Where("run_id = ? AND step_name = ?", runID, stepName).Take(&row).Error; err != nil {
+		return nil, notFound(err)
+	}
+	return row.record(), nil
+}
+
+func (e *gormExecutor) StepInsert(ctx context.Context, s *StepRecord) error {
+	row := stepRow{
+		RunID:     s.RunID,
+		StepName:  s.StepName,
+		Type:      string(s.Type),
+		EventID:   s.EventID,
+		Result:    s.Result,
+		CreatedAt: newDBTime(s.CreatedAt),
+	}
+	if s.WaiterID != "" {
+		seq, ok := parseSeq(s.WaiterID, waiterIDPrefix)
+		if !ok {
+			return fmt.Errorf("insert step %s: bad waiter id %q", s.StepName, s.WaiterID)
+		}
+		row.WaiterSeq = &seq
+	}
+	if s.CompletedAt != nil {
+		row.CompletedAt = newDBTime(*s.CompletedAt)
+	}
+	return classify(e.q(ctx).Create(&row).Error)
+}
+
+func (e *gormExecutor) StepListByRun(ctx context.Context, runID string) ([]*StepRecord, error) {
+	var rows []stepRow
+	if err := e.q(ctx).Where("run_id = ?", runID).Order("seq").Find(&rows).Error; err != nil {
+		return nil, classify(err)
+	}
+	out := make([]*StepRecord, len(rows))
+	for i := range rows {
+		out[i] = rows[i].record()
+	}
+	return out, nil
+}
+
+// chunks yields s in pieces of at most chunkSize.
+func chunks(s []int64) func(yield func([]int64) bool) {
+	return func(yield func([]int64) bool) {
+		for len(s) > 0 {
+			n := min(len(s), chunkSize)
+			if !yield(s[:n]) {
+				return
+			}
+			s = s[n:]
+		}
+	}
+}

@@ -1,0 +1,225 @@
+package storage
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+)
+
+// migration is one versioned schema change, written out for each dialect.
+// Migrations are append-only: never edit one that has shipped, add the next.
+type migration struct {
+	version int
+	name    string
+	mysql   []string
+	sqlite  []string
+}
+
+// Indexes and the queries they serve (every hot path has one):
+//
+//	runs            UNIQUE(id)                         trigger, run lock (SELECT … FOR UPDATE), workflowRun
+//	runs            (state, seq), (label, seq)         workflowRuns filtered by state / label, newest first
+//	waiters         (event_id, state, deadline)        broadcast notify, waiters(eventId)
+//	waiters         (run_id, event_id, state)          targeted notify; its prefix (run_id) serves run.waiters and cancel
+//	waiters         (state, deadline)                  the timeout sweeper and the oldest waiting deadline
+//	lookback_events (run_id, event_id, consumed, seq)  waitForEvent consuming the oldest lookback event; run.lookbackEvents
+//	lookback_events (expires_at)                       the retention purge
+//	steps           UNIQUE(run_id, step_name)          durable steps: re-attach (run, step) and notify dedup; run.steps
+var migrations = []migration{
+	{
+		version: 1,
+		name:    "runs, waiters, lookback events, steps",
+		mysql: []string{
+			`CREATE TABLE IF NOT EXISTS runs (
+				seq BIGINT NOT NULL AUTO_INCREMENT,
+				id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				state VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				body LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				label VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				result LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				created_at DATETIME(6) NOT NULL,
+				updated_at DATETIME(6) NOT NULL,
+				PRIMARY KEY (seq),
+				UNIQUE KEY runs_id (id),
+				KEY runs_state_seq (state, seq),
+				KEY runs_label_seq (label, seq)
+			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
+			`CREATE TABLE IF NOT EXISTS waiters (
+				seq BIGINT NOT NULL AUTO_INCREMENT,
+				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				run_id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				step_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				state VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				deadline DATETIME(6) NOT NULL,
+				created_at DATETIME(6) NOT NULL,
+				ended_at DATETIME(6) NULL,
+				message_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NULL,
+				event_data LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				PRIMARY KEY (seq),
+				KEY waiters_event_state (event_id, state, deadline),
+				KEY waiters_run_event_state (run_id, event_id, state),
+				KEY waiters_state_deadline (state, deadline)
+			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
+			`CREATE TABLE IF NOT EXISTS lookback_events (
+				seq BIGINT NOT NULL AUTO_INCREMENT,
+				run_id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				event_data LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				message_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				consumed BOOLEAN NOT NULL DEFAULT FALSE,
+				created_at DATETIME(6) NOT NULL,
+				expires_at DATETIME(6) NOT NULL,
+				consumed_at DATETIME(6) NULL,
+				PRIMARY KEY (seq),
+				KEY lookback_run_event_consumed (run_id, event_id, consumed, seq),
+				KEY lookback_expires (expires_at)
+			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
+			`CREATE TABLE IF NOT EXISTS steps (
+				seq BIGINT NOT NULL AUTO_INCREMENT,
+				run_id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				step_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				type VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				waiter_seq BIGINT NULL,
+				result LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				created_at DATETIME(6) NOT NULL,
+				completed_at DATETIME(6) NULL,
+				PRIMARY KEY (seq),
+				UNIQUE KEY steps_run_step (run_id, step_name)
+			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
+		},
+		sqlite: []string{
+			`CREATE TABLE IF NOT EXISTS runs (
+				seq INTEGER PRIMARY KEY AUTOINCREMENT,
+				id TEXT NOT NULL,
+				state TEXT NOT NULL,
+				body BLOB NULL,
+				label TEXT NULL,
+				result BLOB NULL,
+				created_at TEXT NOT NULL,
+				updated_at TEXT NOT NULL
+			)`,
+			`CREATE UNIQUE INDEX runs_id ON runs (id)`,
+			`CREATE INDEX runs_state_seq ON runs (state, seq)`,
+			`CREATE INDEX runs_label_seq ON runs (label, seq)`,
+			`CREATE TABLE IF NOT EXISTS waiters (
+				seq INTEGER PRIMARY KEY AUTOINCREMENT,
+				event_id TEXT NOT NULL,
+				run_id TEXT NULL,
+				step_name TEXT NULL,
+				state TEXT NOT NULL,
+				deadline TEXT NOT NULL,
+				created_at TEXT NOT NULL,
+				ended_at TEXT NULL,
+				message_id TEXT NULL,
+				event_data BLOB NULL
+			)`,
+			`CREATE INDEX waiters_event_state ON waiters (event_id, state, deadline)`,
+			`CREATE INDEX waiters_run_event_state ON waiters (run_id, event_id, state)`,
+			`CREATE INDEX waiters_state_deadline ON waiters (state, deadline)`,
+			`CREATE TABLE IF NOT EXISTS lookback_events (
+				seq INTEGER PRIMARY KEY AUTOINCREMENT,
+				run_id TEXT NOT NULL,
+				event_id TEXT NOT NULL,
+				event_data BLOB NULL,
+				message_id TEXT NOT NULL,
+				consumed INTEGER NOT NULL DEFAULT 0,
+				created_at TEXT NOT NULL,
+				expires_at TEXT NOT NULL,
+				consumed_at TEXT NULL
+			)`,
+			`CREATE INDEX lookback_run_event_consumed ON lookback_events (run_id, event_id, consumed, seq)`,
+			`CREATE INDEX lookback_expires ON lookback_events (expires_at)`,
+			`CREATE TABLE IF NOT EXISTS steps (
+				seq INTEGER PRIMARY KEY AUTOINCREMENT,
+				run_id TEXT NOT NULL,
+				step_name TEXT NOT NULL,
+				type TEXT NOT NULL,
+				event_id TEXT NOT NULL,
+				waiter_seq INTEGER NULL,
+				result BLOB NULL,
+				created_at TEXT NOT NULL,
+				completed_at TEXT NULL
+			)`,
+			`CREATE UNIQUE INDEX steps_run_step ON steps (run_id, step_name)`,
+		},
+	},
+}
+
+// SchemaVersion is the newest migration this binary knows.
+func SchemaVersion() int { return migrations[len(migrations)-1].version }
+
+const migrationsTable = `schema_migrations`
+
+// migrate applies the missing migrations. On MySQL it holds a named lock
+// (GET_LOCK) on one connection for the whole run, so replicas starting
+// together apply each migration once; SQLite has a single writer anyway.
+// A database newer than this binary is refused rather than silently used.
+func migrate(ctx context.Context, db *sql.DB, dialect string) error {
+	conn, err := db.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	defer conn.Close()
+
+	if dialect == DialectMySQL {
+		var got sql.NullInt64
+		if err := conn.QueryRowContext(ctx, `SELECT GET_LOCK('rendezvous_migrations', 120)`).Scan(&got); err != nil {
+			return fmt.Errorf("migrate: take lock: %w", err)
+		}
+		if !got.Valid || got.Int64 != 1 {
+			return fmt.Errorf("migrate: another process held the migration lock for 120s")
+		}
+		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT RELEASE_LOCK('rendezvous_migrations')`)
+	}
+
+	create := `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL PRIMARY KEY, name VARCHAR(200) NOT NULL, applied_at VARCHAR(40) NOT NULL)`
+	if _, err := conn.ExecContext(ctx, create); err != nil {
+		return fmt.Errorf("migrate: create %s: %w", migrationsTable, err)
+	}
+	var current int
+	if err := conn.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&current); err != nil {
+		return fmt.Errorf("migrate: read version: %w", err)
+	}
+	if current > SchemaVersion() {
+		return fmt.Errorf("migrate: database schema is at version %d, newer than this binary's %d; upgrade the binary", current, SchemaVersion())
+	}
+	for _, m := range migrations {
+		if m.version <= current {
+			continue
+		}
+		stmts := m.mysql
+		if dialect == DialectSQLite {
+			stmts = m.sqlite
+		}
+		// MySQL commits each DDL statement on its own; SQLite can wrap the
+		// whole migration in one transaction.
+		if dialect == DialectSQLite {
+			if _, err := conn.ExecContext(ctx, `BEGIN IMMEDIATE`); err != nil {
+				return fmt.Errorf("migrate %d: begin: %w", m.version, err)
+			}
+		}
+		for _, stmt := range stmts {
+			if _, err := conn.ExecContext(ctx, stmt); err != nil {
+				if dialect == DialectSQLite {
+					conn.ExecContext(ctx, `ROLLBACK`)
+				}
+				return fmt.Errorf("migrate %d (%s): %w", m.version, m.name, err)
+			}
+		}
+		if _, err := conn.ExecContext(ctx, `INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)`,
+			m.version, m.name, time.Now().UTC().Format(time.RFC3339Nano)); err != nil {
+			if dialect == DialectSQLite {
+				conn.ExecContext(ctx, `ROLLBACK`)
+			}
+			return fmt.Errorf("migrate %d: record: %w", m.version, err)
+		}
+		if dialect == DialectSQLite {
+			if _, err := conn.ExecContext(ctx, `COMMIT`); err != nil {
+				return fmt.Errorf("migrate %d: commit: %w", m.version, err)
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,133 @@
+// Package storage is the only place that knows how Rendezvous keeps its
+// state: the tables, their indexes, the SQL dialects (MySQL/MariaDB and the
+// embedded SQLite), row locking, and how driver errors are classified and
+// retried. The engine calls the Executor methods inside a transaction opened
+// with Store.InTx; it never sees SQL.
+//
+// This package must never decide a business rule (who may be notified, when a
+// waiter ends): it stores and compare-and-sets what the engine tells it.
+package storage
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"rendezvous/models"
+)
+
+// ErrNotFound is returned when a row looked up by its key does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrDuplicate is returned when an insert hits a unique key.
+var ErrDuplicate = errors.New("duplicate key")
+
+// ErrUnavailable wraps errors that mean the database could not be reached or
+// gave up under contention; the caller may try again later.
+var ErrUnavailable = errors.New("database unavailable")
+
+// Store is a database holding Rendezvous' tables.
+type Store interface {
+	Executor
+	// InTx runs fn in one transaction and commits if fn returns nil. A
+	// deadlock or lock-wait timeout restarts the whole transaction (fn runs
+	// again, so it must not keep state across attempts) a bounded number of
+	// times with jittered backoff.
+	InTx(ctx context.Context, fn func(tx Executor) error) error
+	Ping(ctx context.Context) error
+	Dialect() string
+	Close() error
+}
+
+// Executor is every query, run either on the pool or inside a transaction.
+// Methods are named noun-then-verb and take their inputs as parameters or a
+// Params struct.
+type Executor interface {
+	// RunGet returns the run; forUpdate takes its row lock (the per-run
+	// serialisation point of targeted notify, wait registration, cancel).
+	RunGet(ctx context.Context, runID string, forUpdate bool) (*models.WorkflowRun, error)
+	// RunInsert inserts a run; ErrDuplicate if the id exists.
+	RunInsert(ctx context.Context, run *models.WorkflowRun) error
+	RunEnd(ctx context.Context, p *RunEndParams) error
+	RunList(ctx context.Context, p *RunListParams) ([]*models.WorkflowRun, error)
+
+	// WaiterInsert inserts the waiter and sets its ID.
+	WaiterInsert(ctx context.Context, w *models.Waiter) error
+	WaiterGet(ctx context.Context, waiterID string) (*models.Waiter, error)
+	// WaiterListWaiting lists waiters in state WAITING whose deadline is
+	// after Now, oldest first; forUpdate locks them.
+	WaiterListWaiting(ctx context.Context, p *WaiterListWaitingParams) ([]*models.Waiter, error)
+	WaiterListByRun(ctx context.Context, runID string) ([]*models.Waiter, error)
+	// WaiterEnd moves the given waiters from WAITING to p.State (compare and
+	// set) and returns the IDs it moved; the others had already ended.
+	// With more than one id it must run inside InTx.
+	WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error)
+	// WaiterDeleteWaiting deletes a waiter if it is still WAITING; false if
+	// it had already ended.
+	WaiterDeleteWaiting(ctx context.Context, waiterID string) (bool, error)
+	// WaiterListEnded returns which of the given waiters are no longer WAITING.
+	WaiterListEnded(ctx context.Context, waiterIDs []string) ([]string, error)
+	// WaiterListExpired lists WAITING waiters whose deadline is at or before now.
+	WaiterListExpired(ctx context.Context, now time.Time, limit int) ([]*models.Waiter, error)
+
+	LookbackEventInsert(ctx context.Context, e *models.LookbackEvent) error
+	// LookbackEventConsume marks the oldest unconsumed, unexpired lookback
+	// event of (run, event id) consumed by the waiter and returns it, or
+	// returns nil if there is none. Call it holding the run's lock.
+	LookbackEventConsume(ctx context.Context, runID, eventID string, now time.Time) (*models.LookbackEvent, error)
+	LookbackEventListByRun(ctx context.Context, runID string, now time.Time) ([]*models.LookbackEvent, error)
+	LookbackEventDeleteByRun(ctx context.Context, runID string) (int64, error)
+	// LookbackEventPurge deletes up to limit expired lookback events.
+	LookbackEventPurge(ctx context.Context, now time.Time, limit int) (int64, error)
+
+	StepGet(ctx context.Context, runID, stepName string) (*StepRecord, error)
+	// StepInsert inserts a step; ErrDuplicate if (run, step name) exists.
+	StepInsert(ctx context.Context, s *StepRecord) error
+	StepListByRun(ctx context.Context, runID string) ([]*StepRecord, error)
+}
+
+// StepRecord is a step as stored: a waitForEvent step points at its waiter, a
+// notify step keeps the result its first call returned.
+type StepRecord struct {
+	RunID       string
+	StepName    string
+	Type        models.StepType
+	EventID     string
+	WaiterID    string // WAIT_FOR_EVENT steps
+	Result      []byte // NOTIFY steps: the first call's result, encoded by the engine
+	CreatedAt   time.Time
+	CompletedAt *time.Time // NOTIFY steps; a wait step completes when its waiter ends
+}
+
+type RunEndParams struct {
+	RunID     string
+	State     models.RunState
+	Result    []byte
+	UpdatedAt time.Time
+}
+
+type RunListParams struct {
+	State *models.RunState
+	Label *string
+	// AfterRunID continues a newest-first listing after this run.
+	AfterRunID string
+	Limit      int
+}
+
+type WaiterListWaitingParams struct {
+	EventID   string
+	RunID     *string // nil: any run (broadcast) or no run
+	Now       time.Time
+	ForUpdate bool
+}
+
+type WaiterEndParams struct {
+	WaiterIDs []string
+	State     models.WaiterState
+	EndedAt   time.Time
+	// DeadlineAfter, when set, only ends waiters whose deadline is after it:
+	// a waiter past its deadline has timed out and must not be notified.
+	DeadlineAfter *time.Time
+	MessageID     *string
+	EventData     []byte
+}
