@@ -46,6 +46,7 @@ type ComplexityRoot struct {
 		EventID       func(childComplexity int) int
 		ExpiresAt     func(childComplexity int) int
 		ID            func(childComplexity int) int
+		MessageID     func(childComplexity int) int
 		WorkflowRunID func(childComplexity int) int
 	}
 
@@ -213,6 +214,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.LookbackEvent.ID(childComplexity), true
+	case "LookbackEvent.messageId":
+		if e.ComplexityRoot.LookbackEvent.MessageID == nil {
+			break
+		}
+
+		return e.ComplexityRoot.LookbackEvent.MessageID(childComplexity), true
 	case "LookbackEvent.workflowRunId":
 		if e.ComplexityRoot.LookbackEvent.WorkflowRunID == nil {
 			break
@@ -810,6 +817,8 @@ type LookbackEvent {
   workflowRunId: ID!
   eventId: String!
   eventData: JSON
+  "The notification stored; the WaitResult that consumes it carries the same messageId."
+  messageId: ID!
   createdAt: Time!
   expiresAt: Time!
 }
@@ -874,6 +883,8 @@ func (ec *executionContext) childFields_LookbackEvent(ctx context.Context, field
 		return ec.fieldContext_LookbackEvent_eventId(ctx, field)
 	case "eventData":
 		return ec.fieldContext_LookbackEvent_eventData(ctx, field)
+	case "messageId":
+		return ec.fieldContext_LookbackEvent_messageId(ctx, field)
 	case "createdAt":
 		return ec.fieldContext_LookbackEvent_createdAt(ctx, field)
 	case "expiresAt":
@@ -1540,6 +1551,29 @@ func (ec *executionContext) _LookbackEvent_eventData(ctx context.Context, field 
 }
 func (ec *executionContext) fieldContext_LookbackEvent_eventData(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
 	return graphql.NewScalarFieldContext("LookbackEvent", field, false, false, "JSON")
+}
+
+func (ec *executionContext) _LookbackEvent_messageId(ctx context.Context, field graphql.CollectedField, obj *models.LookbackEvent) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_LookbackEvent_messageId(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.MessageID, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v string) graphql.Marshaler {
+			return ec.marshalNID2string(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_LookbackEvent_messageId(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("LookbackEvent", field, false, false, "ID")
 }
 
 func (ec *executionContext) _LookbackEvent_createdAt(ctx context.Context, field graphql.CollectedField, obj *models.LookbackEvent) (ret graphql.Marshaler) {
@@ -4337,6 +4371,11 @@ func (ec *executionContext) _LookbackEvent(ctx context.Context, sel ast.Selectio
 		case "eventData":
 			out.Values[i] = ec._LookbackEvent_eventData(ctx, field, obj)
 			if out.Values[i] == graphql.RequiredNull {
+				out.Invalids++
+			}
+		case "messageId":
+			out.Values[i] = ec._LookbackEvent_messageId(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
 				out.Invalids++
 			}
 		case "createdAt":
