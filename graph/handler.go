@@ -31,7 +31,7 @@ type HandlerConfig struct {
 	// Streams, when done, ends every websocket and SSE request (graceful
 	// shutdown) while plain requests run to completion.
 	Streams context.Context
-	Logger     *slog.Logger
+	Logger  *slog.Logger
 }
 
 // NewHandler serves the GraphQL API at /query (POST, GET, websocket with
