@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"rendezvous/bus"
 	"rendezvous/engine"
 	"rendezvous/graph"
 	"rendezvous/graph/scalar"
@@ -25,9 +26,11 @@ import (
 // Config is everything an operator can set.
 type Config struct {
 	DatabaseURL string
-	Addr        string
-	Engine      engine.Config
-	Playground  bool
+	// RedisURL, when set, connects the replicas' hubs through Redis pub/sub.
+	RedisURL   string
+	Addr       string
+	Engine     engine.Config
+	Playground bool
 	// ShutdownGrace bounds how long a graceful stop waits for requests.
 	ShutdownGrace time.Duration
 	Logger        *slog.Logger
@@ -44,6 +47,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	if v := getenv("DATABASE_URL"); v != "" {
 		cfg.DatabaseURL = v
 	}
+	cfg.RedisURL = getenv("REDIS_URL")
 	if v := getenv("PORT"); v != "" {
 		if _, err := strconv.ParseUint(v, 10, 16); err != nil {
 			return cfg, fmt.Errorf("PORT %q: not a port number", v)
@@ -97,6 +101,7 @@ type Service struct {
 	Store      storage.Store
 	Engine     *engine.Engine
 	Handler    http.Handler
+	bus        *bus.Redis
 	endStreams context.CancelFunc
 	log        *slog.Logger
 }
@@ -114,10 +119,28 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		return nil, err
 	}
 	h := hub.New()
-	eng := engine.New(store, h, nil, cfg.Engine)
+	var (
+		rb     *bus.Redis
+		engBus engine.Bus
+	)
+	if cfg.RedisURL != "" {
+		host, _ := os.Hostname()
+		origin := fmt.Sprintf("%s-%d-%d", host, os.Getpid(), time.Now().UnixNano())
+		if rb, err = bus.NewRedis(ctx, cfg.RedisURL, origin, h, log); err != nil {
+			store.Close()
+			return nil, err
+		}
+		if err := rb.Start(ctx); err != nil {
+			rb.Stop()
+			store.Close()
+			return nil, err
+		}
+		engBus = rb
+	}
+	eng := engine.New(store, h, engBus, cfg.Engine)
 	streams, endStreams := context.WithCancel(context.Background())
 	handler := graph.NewHandler(eng, graph.HandlerConfig{Playground: cfg.Playground, Streams: streams, Logger: log})
-	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, endStreams: endStreams, log: log}, nil
+	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, bus: rb, endStreams: endStreams, log: log}, nil
 }
 
 // Start runs the engine's background loops.
@@ -133,6 +156,9 @@ func (s *Service) Close() error {
 		s.log.Warn("subscriptions did not all clean up in time", "err", err)
 	}
 	s.Engine.Stop()
+	if s.bus != nil {
+		s.bus.Stop()
+	}
 	return s.Store.Close()
 }
 

@@ -1,0 +1,143 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"rendezvous/internal/gqlclient"
+	"rendezvous/internal/testdb"
+	"rendezvous/service"
+)
+
+// redisURL returns the Redis the replica tests use, or skips (fails under
+// RENDEZVOUS_REQUIRE_MYSQL=1, i.e. in CI, where .ci/run starts Redis).
+func redisURL(t *testing.T) string {
+	u := os.Getenv("RENDEZVOUS_TEST_REDIS")
+	if u == "" {
+		u = "redis://127.0.0.1:6379/0"
+	}
+	opts, err := redis.ParseURL(u)
+	require.NoError(t, err)
+	c := redis.NewClient(opts)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := c.Ping(ctx).Err(); err != nil {
+		if os.Getenv(testdb.EnvRequireMySQL) == "1" {
+			t.Fatalf("Redis not reachable at %s: %v", u, err)
+		}
+		t.Skipf("Redis not reachable at %s (%v): skipped", u, err)
+	}
+	return u
+}
+
+// Two replicas on one MySQL database: a subscriber on one receives a notify
+// sent to the other, through Redis in milliseconds, and without Redis
+// through the catch-up poll.
+func TestReplicasDeliverAcross(t *testing.T) {
+	for _, withRedis := range []bool{true, false} {
+		t.Run(fmt.Sprintf("redis=%v", withRedis), func(t *testing.T) {
+			t.Parallel()
+			db := testdb.MySQL(t)
+			mod := func(c *service.Config) {}
+			if withRedis {
+				u := redisURL(t)
+				mod = func(c *service.Config) {
+					c.RedisURL = u
+					c.Engine.CatchUpInterval = time.Hour // prove Redis did it
+				}
+			}
+			a, b := newEnv(t, db, mod), newEnv(t, db, mod)
+			ev := uid("ev")
+			run := a.trigger()
+			c := a.dial(gqlclient.TransportWS)
+			broadcast := a.subscribe(c, ev, waitOpts{})
+			targeted := a.subscribe(c, ev, waitOpts{run: run, step: "s"})
+			b.awaitWaiting(ev, 2)
+
+			n := b.notify(ev, "from b", "")
+			require.Len(t, n.NotifyResponse, 2)
+			for _, s := range []*gqlclient.Sub{broadcast, targeted} {
+				r := mustResult(t, s)
+				require.Equal(t, `"from b"`, string(r.EventData))
+				require.Equal(t, n.NotifyResponse[0].MessageID, *r.MessageID)
+			}
+		})
+	}
+}
+
+// Rule 5 across replicas: the wait registers on one replica while the
+// targeted notify commits on the other.
+func TestReplicasTargetedRace(t *testing.T) {
+	t.Parallel()
+	db := testdb.MySQL(t)
+	u := redisURL(t)
+	mod := func(c *service.Config) { c.RedisURL = u }
+	a, b := newEnv(t, db, mod), newEnv(t, db, mod)
+	conns := []*gqlclient.Conn{a.dial(gqlclient.TransportWS), a.dial(gqlclient.LegacyWS)}
+
+	const races = 100
+	var (
+		wg                 sync.WaitGroup
+		mu                 sync.Mutex
+		resolved, lookback int
+	)
+	sem := make(chan struct{}, 16)
+	for i := range races {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			ev := uid("race")
+			run := a.trigger()
+			data := fmt.Sprintf("race-%d", i)
+			start := make(chan struct{})
+			var sub *gqlclient.Sub
+			var subErr error
+			var n notifyView
+			var inner sync.WaitGroup
+			inner.Add(2)
+			go func() {
+				defer inner.Done()
+				<-start
+				sub, subErr = conns[i%2].Subscribe(context.Background(), waitSubscription, waitVars(ev, waitOpts{run: run}))
+			}()
+			go func() {
+				defer inner.Done()
+				<-start
+				n = b.notify(ev, data, run)
+			}()
+			close(start)
+			inner.Wait()
+			require.NoError(t, subErr)
+			r := mustResult(t, sub)
+			require.Equal(t, fmt.Sprintf("%q", data), string(r.EventData))
+			switch {
+			case len(n.NotifyResponse) == 1 && n.Lookback == nil:
+				require.Equal(t, n.NotifyResponse[0].MessageID, *r.MessageID)
+				mu.Lock()
+				resolved++
+				mu.Unlock()
+			case len(n.NotifyResponse) == 0 && n.Lookback != nil:
+				require.Equal(t, n.Lookback.MessageID, *r.MessageID)
+				mu.Lock()
+				lookback++
+				mu.Unlock()
+			default:
+				t.Errorf("race %d: notify resolved %d waiters and stored lookback %v", i, len(n.NotifyResponse), n.Lookback != nil)
+			}
+			require.Empty(t, b.run(run).LookbackEvents)
+		}()
+	}
+	wg.Wait()
+	t.Logf("%d races across replicas: %d resolved a waiter, %d went through lookback", races, resolved, lookback)
+	require.Equal(t, races, resolved+lookback)
+}
