@@ -168,7 +168,18 @@ func (e *gormExecutor) WaiterGet(ctx context.Context, id string) (*models.Waiter
 	if err := e.q(ctx).Where("seq = ?", seq).Take(&row).Error; err != nil {
 		return nil, notFound(err)
 	}
-	return row.model(), nil
+	w := row.model()
+	if w.EventData == nil && w.MessageID != nil {
+		// Resolved by a notify: its data is kept once, in notifications. (A
+		// waiter born from a lookback event carries its own copy.)
+		var n notificationRow
+		err := e.q(ctx).Select("event_data").Where("message_id = ?", *w.MessageID).Take(&n).Error
+		if err != nil && !errors.Is(err, gorm.ErrRecordNotFound) {
+			return nil, classify(err)
+		}
+		w.EventData = n.EventData
+	}
+	return w, nil
 }
 
 func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaitingParams) ([]*models.Waiter, error) {
@@ -212,7 +223,6 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 	set := map[string]any{"state": string(p.State), "ended_at": newDBTime(p.EndedAt)}
 	if p.MessageID != nil {
 		set["message_id"] = *p.MessageID
-		set["event_data"] = p.EventData
 	}
 	waiting := func(q *gorm.DB) *gorm.DB {
 		q = q.Where("state = ?", string(models.WaiterWaiting))
@@ -257,7 +267,25 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 			ended = append(ended, waiterID(seq))
 		}
 	}
+	if p.MessageID != nil && len(ended) > 0 {
+		row := notificationRow{MessageID: *p.MessageID, EventID: p.EventID, EventData: p.EventData, CreatedAt: newDBTime(p.EndedAt)}
+		if row.EventID == "" {
+			if err := e.q(ctx).Model(&waiterRow{}).Select("event_id").Where("seq = ?", mustSeq(ended[0])).Take(&row).Error; err != nil {
+				return nil, classify(err)
+			}
+		}
+		// A second call for the same message (more waiters of the same
+		// notify) finds the row there already.
+		if err := e.q(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&row).Error; err != nil {
+			return nil, classify(err)
+		}
+	}
 	return ended, nil
+}
+
+func mustSeq(id string) int64 {
+	seq, _ := parseSeq(id, waiterIDPrefix)
+	return seq
 }
 
 func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, id string) (bool, error) {

@@ -26,10 +26,11 @@ type migration struct {
 //	lookback_events (run_id, event_id, consumed, seq)  waitForEvent consuming the oldest lookback event; run.lookbackEvents
 //	lookback_events (expires_at)                       the retention purge
 //	steps           UNIQUE(run_id, step_name)          durable steps: re-attach (run, step) and notify dedup; run.steps
+//	notifications   UNIQUE(message_id)                 a notified waiter's event data (one row per notify, not per waiter)
 var migrations = []migration{
 	{
 		version: 1,
-		name:    "runs, waiters, lookback events, steps",
+		name:    "runs, waiters, lookback events, steps, notifications",
 		mysql: []string{
 			`CREATE TABLE IF NOT EXISTS runs (
 				seq BIGINT NOT NULL AUTO_INCREMENT,
@@ -88,6 +89,15 @@ var migrations = []migration{
 				PRIMARY KEY (seq),
 				UNIQUE KEY steps_run_step (run_id, step_name)
 			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
+			`CREATE TABLE IF NOT EXISTS notifications (
+				seq BIGINT NOT NULL AUTO_INCREMENT,
+				message_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				event_data LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				created_at DATETIME(6) NOT NULL,
+				PRIMARY KEY (seq),
+				UNIQUE KEY notifications_message (message_id)
+			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
 		},
 		sqlite: []string{
 			`CREATE TABLE IF NOT EXISTS runs (
@@ -143,6 +153,14 @@ var migrations = []migration{
 				completed_at TEXT NULL
 			)`,
 			`CREATE UNIQUE INDEX steps_run_step ON steps (run_id, step_name)`,
+			`CREATE TABLE IF NOT EXISTS notifications (
+				seq INTEGER PRIMARY KEY AUTOINCREMENT,
+				message_id TEXT NOT NULL,
+				event_id TEXT NOT NULL,
+				event_data BLOB NULL,
+				created_at TEXT NOT NULL
+			)`,
+			`CREATE UNIQUE INDEX notifications_message ON notifications (message_id)`,
 		},
 	},
 }

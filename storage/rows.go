@@ -69,6 +69,18 @@ type stepRow struct {
 
 func (stepRow) TableName() string { return "steps" }
 
+// notificationRow keeps the data of a notify that resolved waiters, once,
+// however many waiters it resolved; the waiters point at it by message_id.
+type notificationRow struct {
+	Seq       int64  `gorm:"column:seq;primaryKey;autoIncrement"`
+	MessageID string `gorm:"column:message_id"`
+	EventID   string `gorm:"column:event_id"`
+	EventData []byte `gorm:"column:event_data"`
+	CreatedAt dbTime `gorm:"column:created_at"`
+}
+
+func (notificationRow) TableName() string { return "notifications" }
+
 const (
 	waiterIDPrefix   = "wtr_"
 	lookbackIDPrefix = "lbe_"

@@ -53,6 +53,7 @@ type Executor interface {
 
 	// WaiterInsert inserts the waiter and sets its ID.
 	WaiterInsert(ctx context.Context, w *models.Waiter) error
+	// WaiterGet returns the waiter with the event data it ended with.
 	WaiterGet(ctx context.Context, waiterID string) (*models.Waiter, error)
 	// WaiterListWaiting lists waiters in state WAITING whose deadline is
 	// after Now, oldest first; forUpdate locks them.
@@ -128,6 +129,10 @@ type WaiterEndParams struct {
 	// DeadlineAfter, when set, only ends waiters whose deadline is after it:
 	// a waiter past its deadline has timed out and must not be notified.
 	DeadlineAfter *time.Time
-	MessageID     *string
-	EventData     []byte
+	// MessageID and EventData (NOTIFIED only) name the notification. Its
+	// data is stored once per message, not once per waiter, so a broadcast
+	// to many waiters writes a large payload one time.
+	MessageID *string
+	EventID   string
+	EventData []byte
 }
