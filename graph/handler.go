@@ -28,6 +28,11 @@ type HandlerConfig struct {
 	KeepAlive time.Duration
 	// Playground serves GraphQL Playground at /.
 	Playground bool
+	// PlaygroundAssets, when set, is a base URL serving the npm packages
+	// graphiql@4.1.2, react@18.2.0 and react-dom@18.2.0 (as <base>/graphiql/…,
+	// <base>/react/…, <base>/react-dom/…), for networks that cannot reach
+	// the public CDN Playground loads them from by default.
+	PlaygroundAssets string
 	// Streams, when done, ends every websocket and SSE request (graceful
 	// shutdown) while plain requests run to completion.
 	Streams context.Context
@@ -76,7 +81,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/query", endStreamsWith(cfg.Streams, srv))
 	if cfg.Playground {
-		mux.Handle("GET /{$}", playground.Handler("Rendezvous", "/query"))
+		mux.Handle("GET /{$}", playground.Handler("Rendezvous", "/query", playgroundAssets(cfg.PlaygroundAssets)...))
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeStatus(w, http.StatusOK, map[string]any{"status": "ok"})
@@ -118,4 +123,22 @@ func endStreamsWith(streams context.Context, next http.Handler) http.Handler {
 		defer stop()
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
+}
+
+// playgroundAssets points Playground at self-hosted copies of its scripts.
+// The integrity hashes are those of the published npm files, the same that
+// gqlgen pins for the CDN.
+func playgroundAssets(base string) []playground.GraphiqlConfigOption {
+	if base == "" {
+		return nil
+	}
+	base = strings.TrimRight(base, "/")
+	return []playground.GraphiqlConfigOption{
+		playground.WithGraphiqlVersion(
+			base+"/graphiql/graphiql.min.js", base+"/graphiql/graphiql.min.css",
+			"sha256-hnImuor1znlJkD/FOTL3jayfS/xsyNoP04abi8bFJWs=", "sha256-MEh+B2NdMSpj9kexQNN3QKc8UzMrCXW/Sx/phcpuyIU="),
+		playground.WithGraphiqlReactVersion(
+			base+"/react/umd/react.production.min.js", base+"/react-dom/umd/react-dom.production.min.js",
+			"sha256-S0lp+k7zWUMk2ixteM6HZvu8L9Eh//OVrt+ZfbCpmgY=", "sha256-IXWO0ITNDjfnNXIu5POVfqlgYoop36bDzhodR6LW5Pc="),
+	}
 }

@@ -31,6 +31,8 @@ type Config struct {
 	Addr       string
 	Engine     engine.Config
 	Playground bool
+	// PlaygroundAssets: see graph.HandlerConfig.
+	PlaygroundAssets string
 	// ShutdownGrace bounds how long a graceful stop waits for requests.
 	ShutdownGrace time.Duration
 	Logger        *slog.Logger
@@ -82,6 +84,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	dur("RENDEZVOUS_CATCHUP_INTERVAL", &cfg.Engine.CatchUpInterval)
 	num("RENDEZVOUS_MAX_PAYLOAD_BYTES", &cfg.Engine.MaxPayloadBytes)
 	num("RENDEZVOUS_MAX_EVENT_ID_BYTES", &cfg.Engine.MaxIDBytes)
+	cfg.PlaygroundAssets = getenv("RENDEZVOUS_PLAYGROUND_ASSETS")
 	if v := getenv("RENDEZVOUS_PLAYGROUND"); v != "" {
 		b, err := strconv.ParseBool(v)
 		if err != nil {
@@ -139,7 +142,7 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	eng := engine.New(store, h, engBus, cfg.Engine)
 	streams, endStreams := context.WithCancel(context.Background())
-	handler := graph.NewHandler(eng, graph.HandlerConfig{Playground: cfg.Playground, Streams: streams, Logger: log})
+	handler := graph.NewHandler(eng, graph.HandlerConfig{Playground: cfg.Playground, PlaygroundAssets: cfg.PlaygroundAssets, Streams: streams, Logger: log})
 	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, bus: rb, endStreams: endStreams, log: log}, nil
 }
 
