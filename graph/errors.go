@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/99designs/gqlgen/graphql"
+	"github.com/vektah/gqlparser/v2/ast"
 	"github.com/vektah/gqlparser/v2/gqlerror"
 
 	"rendezvous/engine"
@@ -23,6 +24,9 @@ func sprintf(format string, args ...any) string { return fmt.Sprintf(format, arg
 const (
 	codeInternal     = "INTERNAL_SERVER_ERROR"
 	codeBadUserInput = "BAD_USER_INPUT"
+	// codeBadRequest: the HTTP request itself is unusable (not JSON, wrong
+	// method or content type, a subscription over plain HTTP).
+	codeBadRequest = "BAD_REQUEST"
 )
 
 // errorPresenter lets through the errors the service made on purpose (engine
@@ -42,7 +46,7 @@ func errorPresenter(log *slog.Logger) graphql.ErrorPresenterFunc {
 			return gqlErr
 		}
 		if code, ok := gqlErr.Extensions["code"].(string); ok {
-			if code == "GRAPHQL_VALIDATION_FAILED" && strings.HasPrefix(gqlErr.Message, "input: variable.") {
+			if code == "GRAPHQL_VALIDATION_FAILED" && len(gqlErr.Path) > 0 && gqlErr.Path[0] == ast.PathName("variable") {
 				setCode(gqlErr, codeBadUserInput) // a variable's value, not the document, is wrong
 			}
 			return gqlErr

@@ -69,8 +69,8 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	// SSE before POST: both take application/json POSTs; SSE only those
 	// that accept text/event-stream.
 	srv.AddTransport(transport.SSE{KeepAlivePingInterval: cfg.KeepAlive})
-	srv.AddTransport(newJSONPost(cfg.MaxBodyBytes))
-	srv.AddTransport(transport.GET{})
+	srv.AddTransport(newHTTPTransport(cfg.MaxBodyBytes))
+	srv.AddTransport(unsupported{}) // last: takes whatever the others did not
 	srv.SetQueryCache(lru.New[*ast.QueryDocument](1000))
 	srv.Use(extension.Introspection{})
 	srv.SetErrorPresenter(present)

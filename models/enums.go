@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+
+	"github.com/vektah/gqlparser/v2/gqlerror"
 )
 
 // RunState is the lifecycle state of a run. Only RUN_STARTED is active.
@@ -71,14 +73,18 @@ func (s *StepType) UnmarshalGQL(v any) error {
 }
 func (s StepType) MarshalGQL(w io.Writer) { io.WriteString(w, strconv.Quote(string(s))) }
 
+// unmarshalEnum rejects values that are not exactly one of the enum's names
+// (gqlparser lets variables through case-insensitively) as bad user input.
 func unmarshalEnum(v any, name string, dst *string, valid func() bool) error {
 	str, ok := v.(string)
-	if !ok {
-		return fmt.Errorf("%s must be a string", name)
+	if ok {
+		*dst = str
 	}
-	*dst = str
-	if !valid() {
-		return fmt.Errorf("%s is not a valid %s", str, name)
+	if !ok || !valid() {
+		return &gqlerror.Error{
+			Message:    fmt.Sprintf("%v is not a valid %s", v, name),
+			Extensions: map[string]any{"code": "BAD_USER_INPUT"},
+		}
 	}
 	return nil
 }

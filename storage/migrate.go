@@ -27,6 +27,11 @@ type migration struct {
 //	lookback_events (expires_at)                       the retention purge
 //	steps           UNIQUE(run_id, step_name)          durable steps: re-attach (run, step) and notify dedup; run.steps
 //	notifications   UNIQUE(message_id)                 a notified waiter's event data (one row per notify, not per waiter)
+//
+// Ids, event ids, step names and labels are VARBINARY on MySQL: compared byte
+// for byte, trailing spaces included (utf8mb4_bin pads spaces, so "a" and
+// "a " would be the same id there). They hold at most 256 bytes of caller
+// text (run ids 4 more, for the wfr_ prefix).
 var migrations = []migration{
 	{
 		version: 1,
@@ -34,10 +39,10 @@ var migrations = []migration{
 		mysql: []string{
 			`CREATE TABLE IF NOT EXISTS runs (
 				seq BIGINT NOT NULL AUTO_INCREMENT,
-				id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				id VARBINARY(300) NOT NULL,
 				state VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
 				body LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
-				label VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				label VARBINARY(256) NULL,
 				result LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
 				created_at DATETIME(6) NOT NULL,
 				updated_at DATETIME(6) NOT NULL,
@@ -48,9 +53,9 @@ var migrations = []migration{
 			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
 			`CREATE TABLE IF NOT EXISTS waiters (
 				seq BIGINT NOT NULL AUTO_INCREMENT,
-				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-				run_id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
-				step_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				event_id VARBINARY(256) NOT NULL,
+				run_id VARBINARY(300) NULL,
+				step_name VARBINARY(256) NULL,
 				state VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
 				deadline DATETIME(6) NOT NULL,
 				created_at DATETIME(6) NOT NULL,
@@ -64,8 +69,8 @@ var migrations = []migration{
 			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
 			`CREATE TABLE IF NOT EXISTS lookback_events (
 				seq BIGINT NOT NULL AUTO_INCREMENT,
-				run_id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				run_id VARBINARY(300) NOT NULL,
+				event_id VARBINARY(256) NOT NULL,
 				event_data LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
 				message_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
 				consumed BOOLEAN NOT NULL DEFAULT FALSE,
@@ -78,10 +83,10 @@ var migrations = []migration{
 			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
 			`CREATE TABLE IF NOT EXISTS steps (
 				seq BIGINT NOT NULL AUTO_INCREMENT,
-				run_id VARCHAR(300) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-				step_name VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				run_id VARBINARY(300) NOT NULL,
+				step_name VARBINARY(256) NOT NULL,
 				type VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				event_id VARBINARY(256) NOT NULL,
 				waiter_seq BIGINT NULL,
 				result LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
 				created_at DATETIME(6) NOT NULL,
@@ -92,7 +97,7 @@ var migrations = []migration{
 			`CREATE TABLE IF NOT EXISTS notifications (
 				seq BIGINT NOT NULL AUTO_INCREMENT,
 				message_id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
-				event_id VARCHAR(256) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				event_id VARBINARY(256) NOT NULL,
 				event_data LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
 				created_at DATETIME(6) NOT NULL,
 				PRIMARY KEY (seq),
@@ -183,13 +188,13 @@ func migrate(ctx context.Context, db *sql.DB, dialect string) error {
 
 	if dialect == DialectMySQL {
 		var got sql.NullInt64
-		if err := conn.QueryRowContext(ctx, `SELECT GET_LOCK('rendezvous_migrations', 120)`).Scan(&got); err != nil {
+		if err := conn.QueryRowContext(ctx, `SELECT GET_LOCK(CONCAT('rendezvous_migrations:', DATABASE()), 120)`).Scan(&got); err != nil {
 			return fmt.Errorf("migrate: take lock: %w", err)
 		}
 		if !got.Valid || got.Int64 != 1 {
 			return fmt.Errorf("migrate: another process held the migration lock for 120s")
 		}
-		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT RELEASE_LOCK('rendezvous_migrations')`)
+		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT RELEASE_LOCK(CONCAT('rendezvous_migrations:', DATABASE()))`)
 	}
 
 	create := `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL PRIMARY KEY, name VARCHAR(200) NOT NULL, applied_at VARCHAR(40) NOT NULL)`

@@ -92,11 +92,40 @@ func UnmarshalTime(v any) (time.Time, error) {
 	return t.UTC(), nil
 }
 
-// MarshalDuration writes d in Go's notation ("1h30m0s"), which UnmarshalDuration reads back.
+// MarshalDuration writes d in the notation UnmarshalDuration reads ("1d2h30m",
+// "1s500ms"); below a millisecond it is rounded to one.
 func MarshalDuration(d time.Duration) graphql.Marshaler {
 	return graphql.WriterFunc(func(w io.Writer) {
-		io.WriteString(w, strconv.Quote(d.String()))
+		io.WriteString(w, strconv.Quote(FormatDuration(d)))
 	})
+}
+
+// FormatDuration writes d with the units d, h, m, s and ms.
+func FormatDuration(d time.Duration) string {
+	d = d.Round(time.Millisecond)
+	if d == 0 {
+		return "0s"
+	}
+	var b strings.Builder
+	if d < 0 {
+		b.WriteByte('-')
+		if d == math.MinInt64 {
+			d++
+		}
+		d = -d
+	}
+	// "ms" is listed first in durationUnits for parsing; here, largest first.
+	for _, u := range []struct {
+		name string
+		size time.Duration
+	}{{"d", 24 * time.Hour}, {"h", time.Hour}, {"m", time.Minute}, {"s", time.Second}, {"ms", time.Millisecond}} {
+		if n := d / u.size; n > 0 {
+			b.WriteString(strconv.FormatInt(int64(n), 10))
+			b.WriteString(u.name)
+			d -= n * u.size
+		}
+	}
+	return b.String()
 }
 
 // UnmarshalDuration accepts "30s", "5m", "2h", "1d", "1h30m", "250ms" (any
@@ -163,6 +192,9 @@ func ParseDuration(s string) (time.Duration, error) {
 	if s[0] == '-' || s[0] == '+' {
 		neg = s[0] == '-'
 		s = s[1:]
+		if s == "" {
+			return 0, badInput("Duration: %q is malformed; use e.g. \"30s\", \"5m\", \"2h\", \"1d\" or \"1h30m\"", orig)
+		}
 	}
 	if allDigits(s) { // a bare number is seconds
 		n, err := strconv.ParseInt(s, 10, 64)
@@ -224,4 +256,86 @@ func allDigits(s string) bool {
 		}
 	}
 	return true
+}
+
+// The built-in scalars String, ID and Int, strictly: gqlgen's own accept a
+// number where a String is expected and a string of digits for an Int, which
+// the GraphQL spec calls a request error.
+
+// MarshalString writes a GraphQL String.
+func MarshalString(s string) graphql.Marshaler { return graphql.MarshalString(s) }
+
+// UnmarshalString accepts only a string.
+func UnmarshalString(v any) (string, error) {
+	if s, ok := v.(string); ok {
+		return s, nil
+	}
+	return "", badInput("String cannot represent a non-string value: %s", describe(v))
+}
+
+// MarshalID writes a GraphQL ID.
+func MarshalID(s string) graphql.Marshaler { return graphql.MarshalString(s) }
+
+// UnmarshalID accepts a string, or an integer (the spec allows both).
+func UnmarshalID(v any) (string, error) {
+	switch x := v.(type) {
+	case string:
+		return x, nil
+	case int64:
+		return strconv.FormatInt(x, 10), nil
+	case int:
+		return strconv.Itoa(x), nil
+	case json.Number:
+		if i, err := x.Int64(); err == nil {
+			return strconv.FormatInt(i, 10), nil
+		}
+	}
+	return "", badInput("ID cannot represent value: %s", describe(v))
+}
+
+// MarshalInt writes a GraphQL Int.
+func MarshalInt(i int) graphql.Marshaler { return graphql.MarshalInt(i) }
+
+// UnmarshalInt accepts only a whole number within 32 bits.
+func UnmarshalInt(v any) (int, error) {
+	var i int64
+	switch x := v.(type) {
+	case int:
+		i = int64(x)
+	case int32:
+		i = int64(x)
+	case int64:
+		i = x
+	case json.Number:
+		n, err := x.Int64()
+		if err != nil {
+			return 0, badInput("Int cannot represent non-integer value: %s", x.String())
+		}
+		i = n
+	case float64:
+		if x != math.Trunc(x) {
+			return 0, badInput("Int cannot represent non-integer value: %v", x)
+		}
+		i = int64(x)
+	default:
+		return 0, badInput("Int cannot represent non-integer value: %s", describe(v))
+	}
+	if i > math.MaxInt32 || i < math.MinInt32 {
+		return 0, badInput("Int cannot represent non 32-bit signed integer value: %d", i)
+	}
+	return int(i), nil
+}
+
+func describe(v any) string {
+	switch x := v.(type) {
+	case string:
+		return strconv.Quote(x)
+	case nil:
+		return "null"
+	case map[string]any:
+		return "an object"
+	case []any:
+		return "a list"
+	}
+	return fmt.Sprint(v)
 }

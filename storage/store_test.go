@@ -1,0 +1,1312 @@
+package storage_test
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	mysqldriver "github.com/go-sql-driver/mysql"
+	"github.com/stretchr/testify/require"
+
+	"rendezvous/internal/testdb"
+	"rendezvous/models"
+	"rendezvous/storage"
+)
+
+// ---- helpers shared by the storage tests
+
+// openStore opens (and migrates) the database and closes it when the test ends.
+func openStore(t *testing.T, databaseURL string) storage.Store {
+	t.Helper()
+	s, err := storage.Open(t.Context(), databaseURL, storage.Options{})
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// rawDB opens the test database directly, to look at what the store wrote.
+func rawDB(t *testing.T, databaseURL string) *sql.DB {
+	t.Helper()
+	var (
+		db  *sql.DB
+		err error
+	)
+	switch testdb.Dialect(databaseURL) {
+	case storage.DialectMySQL:
+		u, perr := url.Parse(databaseURL)
+		require.NoError(t, perr)
+		cfg := mysqldriver.NewConfig()
+		cfg.Net, cfg.Addr = "tcp", u.Host
+		if u.User != nil {
+			cfg.User = u.User.Username()
+			cfg.Passwd, _ = u.User.Password()
+		}
+		cfg.DBName = strings.TrimPrefix(u.Path, "/")
+		db, err = sql.Open("mysql", cfg.FormatDSN())
+	default:
+		// The driver registered by the store's SQLite dialector.
+		path := strings.TrimPrefix(databaseURL, "sqlite://")
+		db, err = sql.Open("sqlite", path+"?_pragma=busy_timeout(10000)")
+	}
+	require.NoError(t, err)
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func mysqlDBName(t *testing.T, databaseURL string) string {
+	t.Helper()
+	u, err := url.Parse(databaseURL)
+	require.NoError(t, err)
+	return strings.TrimPrefix(u.Path, "/")
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// ---- the shared store suite
+
+// TestStore runs the same suite against every dialect, in the manner of
+// River's riverdrivertest: each subtest gets a fresh database of the dialect
+// through setup, so global queries (list expired, purge, list runs) see only
+// the subtest's rows.
+func TestStore(t *testing.T) {
+	t.Parallel()
+	testdb.Dialects(t, func(t *testing.T, databaseURL string) {
+		dialect := testdb.Dialect(databaseURL)
+		first := true
+		var mu sync.Mutex
+		exerciseStore(t, func(t *testing.T) string {
+			mu.Lock()
+			defer mu.Unlock()
+			if first { // the database Dialects made for us
+				first = false
+				return databaseURL
+			}
+			if dialect == storage.DialectMySQL {
+				return testdb.MySQL(t)
+			}
+			return testdb.SQLite(t)
+		})
+	})
+}
+
+type testBundle struct {
+	ctx   context.Context
+	store storage.Store
+	url   string
+	// now is the suite's clock: a fixed instant with a sub-microsecond part,
+	// so truncation to microseconds is exercised everywhere.
+	now time.Time
+}
+
+func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
+	setup := func(t *testing.T) *testBundle {
+		t.Helper()
+		u := newDatabase(t)
+		return &testBundle{
+			ctx:   t.Context(),
+			store: openStore(t, u),
+			url:   u,
+			now:   time.Date(2031, 3, 4, 5, 6, 7, 123456789, time.UTC),
+		}
+	}
+
+	insertRun := func(t *testing.T, b *testBundle, id string, mods ...func(*models.WorkflowRun)) *models.WorkflowRun {
+		t.Helper()
+		r := &models.WorkflowRun{WorkflowRunID: id, State: models.RunStarted, CreatedAt: b.now, UpdatedAt: b.now}
+		for _, m := range mods {
+			m(r)
+		}
+		require.NoError(t, b.store.RunInsert(b.ctx, r))
+		return r
+	}
+
+	insertWaiter := func(t *testing.T, b *testBundle, eventID string, runID *string, deadline time.Time) *models.Waiter {
+		t.Helper()
+		w := &models.Waiter{EventID: eventID, WorkflowRunID: runID, State: models.WaiterWaiting, Deadline: deadline, CreatedAt: b.now}
+		require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+		require.NotEmpty(t, w.ID)
+		return w
+	}
+
+	insertLookback := func(t *testing.T, b *testBundle, runID, eventID, data string, expiresAt time.Time) *models.LookbackEvent {
+		t.Helper()
+		e := &models.LookbackEvent{WorkflowRunID: runID, EventID: eventID, EventData: []byte(data), MessageID: "msg_lb", CreatedAt: b.now, ExpiresAt: expiresAt}
+		require.NoError(t, b.store.LookbackEventInsert(b.ctx, e))
+		require.NotEmpty(t, e.ID)
+		return e
+	}
+
+	ids := func(ws []*models.Waiter) []string {
+		out := make([]string, len(ws))
+		for i, w := range ws {
+			out[i] = w.ID
+		}
+		return out
+	}
+
+	runIDs := func(rs []*models.WorkflowRun) []string {
+		out := make([]string, len(rs))
+		for i, r := range rs {
+			out[i] = r.WorkflowRunID
+		}
+		return out
+	}
+
+	t.Run("Dialect", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		require.Equal(t, testdb.Dialect(b.url), b.store.Dialect())
+		require.NoError(t, b.store.Ping(b.ctx))
+	})
+
+	t.Run("RunInsertAndGet", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		label := "checkout"
+		in := insertRun(t, b, "wfr_a", func(r *models.WorkflowRun) {
+			r.Body = []byte(`{"order":1}`)
+			r.Label = &label
+		})
+
+		got, err := b.store.RunGet(b.ctx, "wfr_a", false)
+		require.NoError(t, err)
+		require.Equal(t, in.WorkflowRunID, got.WorkflowRunID)
+		require.Equal(t, models.RunStarted, got.State)
+		require.Equal(t, `{"order":1}`, string(got.Body))
+		require.Equal(t, &label, got.Label)
+		require.Nil(t, got.Result)
+		require.Equal(t, b.now.Truncate(time.Microsecond), got.CreatedAt)
+
+		// forUpdate outside a transaction still reads the row.
+		got, err = b.store.RunGet(b.ctx, "wfr_a", true)
+		require.NoError(t, err)
+		require.Equal(t, "wfr_a", got.WorkflowRunID)
+
+		_, err = b.store.RunGet(b.ctx, "wfr_missing", false)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+		_, err = b.store.RunGet(b.ctx, "wfr_missing", true)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+	})
+
+	t.Run("RunInsertDuplicate", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_dup", func(r *models.WorkflowRun) { r.Body = []byte(`1`) })
+		err := b.store.RunInsert(b.ctx, &models.WorkflowRun{WorkflowRunID: "wfr_dup", State: models.RunStarted, Body: []byte(`2`), CreatedAt: b.now, UpdatedAt: b.now})
+		require.ErrorIs(t, err, storage.ErrDuplicate)
+
+		// Inside a transaction too, and the transaction does not retry it.
+		calls := 0
+		err = b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			calls++
+			return tx.RunInsert(b.ctx, &models.WorkflowRun{WorkflowRunID: "wfr_dup", State: models.RunStarted, CreatedAt: b.now, UpdatedAt: b.now})
+		})
+		require.ErrorIs(t, err, storage.ErrDuplicate)
+		require.Equal(t, 1, calls)
+
+		got, err := b.store.RunGet(b.ctx, "wfr_dup", false)
+		require.NoError(t, err)
+		require.Equal(t, `1`, string(got.Body), "the first body stays")
+	})
+
+	t.Run("RunEnd", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_end")
+		later := b.now.Add(time.Minute)
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_end", State: models.RunSuccess, Result: []byte(`{"ok":true}`), UpdatedAt: later}))
+		got, err := b.store.RunGet(b.ctx, "wfr_end", false)
+		require.NoError(t, err)
+		require.Equal(t, models.RunSuccess, got.State)
+		require.Equal(t, `{"ok":true}`, string(got.Result))
+		require.Equal(t, later.Truncate(time.Microsecond), got.UpdatedAt)
+		require.Equal(t, b.now.Truncate(time.Microsecond), got.CreatedAt)
+	})
+
+	t.Run("RunList", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		// Same created_at for all: order must come from insertion order.
+		for i := 1; i <= 7; i++ {
+			insertRun(t, b, fmt.Sprintf("wfr_%d", i), func(r *models.WorkflowRun) {
+				if i%2 == 0 {
+					r.Label = ptr("even")
+				} else {
+					r.Label = ptr("odd")
+				}
+			})
+		}
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_3", State: models.RunFailed, UpdatedAt: b.now}))
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_6", State: models.RunFailed, UpdatedAt: b.now}))
+
+		list := func(p storage.RunListParams) []string {
+			t.Helper()
+			rs, err := b.store.RunList(b.ctx, &p)
+			require.NoError(t, err)
+			return runIDs(rs)
+		}
+
+		require.Equal(t, []string{"wfr_7", "wfr_6", "wfr_5", "wfr_4", "wfr_3", "wfr_2", "wfr_1"}, list(storage.RunListParams{Limit: 100}))
+
+		// Paging newest first, each page continuing after the last id of the one before.
+		var pages [][]string
+		after := ""
+		for {
+			page := list(storage.RunListParams{AfterRunID: after, Limit: 3})
+			if len(page) == 0 {
+				break
+			}
+			pages = append(pages, page)
+			after = page[len(page)-1]
+		}
+		require.Equal(t, [][]string{{"wfr_7", "wfr_6", "wfr_5"}, {"wfr_4", "wfr_3", "wfr_2"}, {"wfr_1"}}, pages)
+
+		failed := models.RunFailed
+		started := models.RunStarted
+		require.Equal(t, []string{"wfr_6", "wfr_3"}, list(storage.RunListParams{State: &failed, Limit: 10}))
+		require.Equal(t, []string{"wfr_6", "wfr_4", "wfr_2"}, list(storage.RunListParams{Label: ptr("even"), Limit: 10}))
+		require.Equal(t, []string{"wfr_4", "wfr_2"}, list(storage.RunListParams{Label: ptr("even"), State: &started, Limit: 10}))
+		// Paging with a filter; the cursor need not match the filter.
+		require.Equal(t, []string{"wfr_5", "wfr_1"}, list(storage.RunListParams{Label: ptr("odd"), State: &started, AfterRunID: "wfr_6", Limit: 10}))
+		require.Equal(t, []string{"wfr_3"}, list(storage.RunListParams{State: &failed, AfterRunID: "wfr_6", Limit: 10}))
+		require.Empty(t, list(storage.RunListParams{Label: ptr("EVEN"), Limit: 10}), "labels compare byte for byte")
+
+		_, err := b.store.RunList(b.ctx, &storage.RunListParams{AfterRunID: "wfr_unknown", Limit: 10})
+		require.ErrorIs(t, err, storage.ErrNotFound)
+	})
+
+	t.Run("WaiterInsertAndGet", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_w")
+		w := &models.Waiter{
+			EventID:       "order-1-paid",
+			WorkflowRunID: ptr("wfr_w"),
+			StepName:      ptr("wait-payment"),
+			State:         models.WaiterWaiting,
+			Deadline:      b.now.Add(time.Hour),
+			CreatedAt:     b.now,
+		}
+		require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+		require.NotEmpty(t, w.ID)
+
+		other := insertWaiter(t, b, "order-1-paid", nil, b.now.Add(time.Hour))
+		require.NotEqual(t, w.ID, other.ID)
+
+		got, err := b.store.WaiterGet(b.ctx, w.ID)
+		require.NoError(t, err)
+		require.Equal(t, w.ID, got.ID)
+		require.Equal(t, "order-1-paid", got.EventID)
+		require.Equal(t, ptr("wfr_w"), got.WorkflowRunID)
+		require.Equal(t, ptr("wait-payment"), got.StepName)
+		require.Equal(t, models.WaiterWaiting, got.State)
+		require.Equal(t, b.now.Add(time.Hour).Truncate(time.Microsecond), got.Deadline)
+		require.Equal(t, b.now.Truncate(time.Microsecond), got.CreatedAt)
+		require.Nil(t, got.EndedAt)
+		require.Nil(t, got.MessageID)
+		require.Nil(t, got.EventData)
+
+		got, err = b.store.WaiterGet(b.ctx, other.ID)
+		require.NoError(t, err)
+		require.Nil(t, got.WorkflowRunID)
+		require.Nil(t, got.StepName)
+
+		for _, bad := range []string{"", "nope", "wtr_", "wtr_0", "wtr_-1", "wtr_01", "wtr_99999999", "lbe_1", "wtr_99999999999999999999"} {
+			_, err := b.store.WaiterGet(b.ctx, bad)
+			require.ErrorIs(t, err, storage.ErrNotFound, "%q", bad)
+		}
+
+		byRun, err := b.store.WaiterListByRun(b.ctx, "wfr_w")
+		require.NoError(t, err)
+		require.Equal(t, []string{w.ID}, ids(byRun))
+	})
+
+	t.Run("WaiterListWaiting", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		future := b.now.Add(time.Hour)
+		runA, runB := ptr("wfr_A"), ptr("wfr_B")
+
+		a1 := insertWaiter(t, b, "ev", runA, future)
+		free := insertWaiter(t, b, "ev", nil, future)
+		b1 := insertWaiter(t, b, "ev", runB, future)
+		a2 := insertWaiter(t, b, "ev", runA, future)
+		insertWaiter(t, b, "Ev", runA, future)                                  // other event id (case)
+		insertWaiter(t, b, "other", runA, future)                               // other event id
+		insertWaiter(t, b, "ev", runA, b.now.Add(-time.Second))                 // past deadline
+		insertWaiter(t, b, "ev", runA, b.now)                                   // deadline is now: no longer waiting
+		ended := insertWaiter(t, b, "ev", runA, future)                         // ended below
+		atEdge := insertWaiter(t, b, "ev", runA, b.now.Add(2*time.Microsecond)) // still just in time
+		moved, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{ended.ID}, State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+		require.Equal(t, []string{ended.ID}, moved)
+
+		list := func(p storage.WaiterListWaitingParams) []string {
+			t.Helper()
+			ws, err := b.store.WaiterListWaiting(b.ctx, &p)
+			require.NoError(t, err)
+			for _, w := range ws {
+				require.Equal(t, models.WaiterWaiting, w.State)
+			}
+			return ids(ws)
+		}
+
+		require.Equal(t, []string{a1.ID, free.ID, b1.ID, a2.ID, atEdge.ID}, list(storage.WaiterListWaitingParams{EventID: "ev", Now: b.now}))
+		require.Equal(t, []string{a1.ID, a2.ID, atEdge.ID}, list(storage.WaiterListWaitingParams{EventID: "ev", RunID: runA, Now: b.now}))
+		require.Equal(t, []string{b1.ID}, list(storage.WaiterListWaitingParams{EventID: "ev", RunID: runB, Now: b.now}))
+		require.Empty(t, list(storage.WaiterListWaitingParams{EventID: "ev", RunID: ptr("wfr_a"), Now: b.now}))
+		require.Empty(t, list(storage.WaiterListWaitingParams{EventID: "nobody", Now: b.now}))
+
+		// forUpdate inside a transaction returns the same.
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			ws, err := tx.WaiterListWaiting(b.ctx, &storage.WaiterListWaitingParams{EventID: "ev", RunID: runA, Now: b.now, ForUpdate: true})
+			require.NoError(t, err)
+			require.Equal(t, []string{a1.ID, a2.ID, atEdge.ID}, ids(ws))
+			return nil
+		}))
+
+		// Later, only the far deadlines remain.
+		require.Equal(t, []string{a1.ID, a2.ID}, list(storage.WaiterListWaitingParams{EventID: "ev", RunID: runA, Now: b.now.Add(time.Minute)}))
+	})
+
+	t.Run("WaiterEndCompareAndSet", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		w := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		endedAt := b.now.Add(time.Second)
+
+		moved, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{
+			WaiterIDs: []string{w.ID}, State: models.WaiterNotified, EndedAt: endedAt,
+			MessageID: ptr("msg_1"), EventID: "ev", EventData: []byte(`{"paid":true}`),
+		})
+		require.NoError(t, err)
+		require.Equal(t, []string{w.ID}, moved)
+
+		// The second end loses, whatever it is, and changes nothing.
+		for _, state := range []models.WaiterState{models.WaiterNotified, models.WaiterTimedOut, models.WaiterCanceled} {
+			moved, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{
+				WaiterIDs: []string{w.ID}, State: state, EndedAt: endedAt.Add(time.Hour),
+				MessageID: ptr("msg_2"), EventData: []byte(`"second"`),
+			})
+			require.NoError(t, err)
+			require.Empty(t, moved, state)
+		}
+
+		got, err := b.store.WaiterGet(b.ctx, w.ID)
+		require.NoError(t, err)
+		require.Equal(t, models.WaiterNotified, got.State)
+		require.NotNil(t, got.EndedAt)
+		require.Equal(t, endedAt.Truncate(time.Microsecond), *got.EndedAt)
+		require.Equal(t, ptr("msg_1"), got.MessageID)
+		require.Equal(t, `{"paid":true}`, string(got.EventData))
+
+		// Ids that are not waiters end nothing.
+		moved, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{"nope", "wtr_99999999"}, State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+		require.Empty(t, moved)
+		moved, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+		require.Empty(t, moved)
+
+		// Without a message, no message id or data is written.
+		w2 := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		moved, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w2.ID}, State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+		require.Equal(t, []string{w2.ID}, moved)
+		got, err = b.store.WaiterGet(b.ctx, w2.ID)
+		require.NoError(t, err)
+		require.Equal(t, models.WaiterCanceled, got.State)
+		require.Nil(t, got.MessageID)
+		require.Nil(t, got.EventData)
+	})
+
+	t.Run("WaiterEndDeadlineAfter", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		past := insertWaiter(t, b, "ev", nil, b.now.Add(-time.Second))
+		atNow := insertWaiter(t, b, "ev", nil, b.now)
+		live := insertWaiter(t, b, "ev", nil, b.now.Add(time.Second))
+
+		for _, w := range []*models.Waiter{past, atNow} {
+			moved, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{
+				WaiterIDs: []string{w.ID}, State: models.WaiterNotified, EndedAt: b.now,
+				DeadlineAfter: &b.now, MessageID: ptr("msg_" + w.ID), EventData: []byte(`1`),
+			})
+			require.NoError(t, err)
+			require.Empty(t, moved, "a waiter past its deadline must not be notified")
+			got, err := b.store.WaiterGet(b.ctx, w.ID)
+			require.NoError(t, err)
+			require.Equal(t, models.WaiterWaiting, got.State)
+		}
+		moved, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{
+			WaiterIDs: []string{live.ID}, State: models.WaiterNotified, EndedAt: b.now,
+			DeadlineAfter: &b.now, MessageID: ptr("msg_live"), EventData: []byte(`1`),
+		})
+		require.NoError(t, err)
+		require.Equal(t, []string{live.ID}, moved)
+
+		// The timeout itself is not bound by the deadline.
+		moved, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{past.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+		require.NoError(t, err)
+		require.Equal(t, []string{past.ID}, moved)
+	})
+
+	t.Run("WaiterEndSeveralInTx", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		future := b.now.Add(time.Hour)
+		already := insertWaiter(t, b, "ev", nil, future)
+		w1 := insertWaiter(t, b, "ev", nil, future)
+		expired := insertWaiter(t, b, "ev", nil, b.now.Add(-time.Minute))
+		w2 := insertWaiter(t, b, "ev", nil, future)
+		deleted := insertWaiter(t, b, "ev", nil, future)
+		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{already.ID}, State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+		ok, err := b.store.WaiterDeleteWaiting(b.ctx, deleted.ID)
+		require.NoError(t, err)
+		require.True(t, ok)
+
+		var moved []string
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			var err error
+			moved, err = tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{
+				WaiterIDs:     []string{w2.ID, already.ID, "nope", expired.ID, w1.ID, deleted.ID, w2.ID, "wtr_99999999"},
+				State:         models.WaiterNotified,
+				EndedAt:       b.now,
+				DeadlineAfter: &b.now,
+				MessageID:     ptr("msg_x"),
+				EventData:     []byte(`"x"`),
+			})
+			return err
+		}))
+		require.ElementsMatch(t, []string{w1.ID, w2.ID}, moved)
+
+		for _, c := range []struct {
+			w     *models.Waiter
+			state models.WaiterState
+		}{{already, models.WaiterCanceled}, {w1, models.WaiterNotified}, {expired, models.WaiterWaiting}, {w2, models.WaiterNotified}} {
+			got, err := b.store.WaiterGet(b.ctx, c.w.ID)
+			require.NoError(t, err)
+			require.Equal(t, c.state, got.State, c.w.ID)
+		}
+
+		// Again: nothing left to move.
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			var err error
+			moved, err = tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w1.ID, w2.ID, already.ID}, State: models.WaiterCanceled, EndedAt: b.now})
+			return err
+		}))
+		require.Empty(t, moved)
+	})
+
+	t.Run("WaiterEndManyIDsAcrossChunks", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		var real []string
+		for range 3 {
+			real = append(real, insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour)).ID)
+		}
+		// More than one IN (…) chunk's worth of ids, the real ones in the second chunk.
+		var list []string
+		for i := range 1500 {
+			list = append(list, "wtr_"+strconv.Itoa(1_000_000+i))
+		}
+		list = append(list, real...)
+		var moved []string
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			var err error
+			moved, err = tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: list, State: models.WaiterCanceled, EndedAt: b.now})
+			return err
+		}))
+		require.ElementsMatch(t, real, moved)
+
+		ended, err := b.store.WaiterListEnded(b.ctx, list)
+		require.NoError(t, err)
+		require.ElementsMatch(t, real, ended)
+	})
+
+	t.Run("WaiterEndOneNotificationManyWaiters", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		var all []string
+		for range 4 {
+			all = append(all, insertWaiter(t, b, "broadcast", nil, b.now.Add(time.Hour)).ID)
+		}
+		data := []byte(`{"one":"payload","for":["many","waiters"]}`)
+		end := func(ids []string, eventID string) []string {
+			t.Helper()
+			var moved []string
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				moved, err = tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{
+					WaiterIDs: ids, State: models.WaiterNotified, EndedAt: b.now, DeadlineAfter: &b.now,
+					MessageID: ptr("msg_broadcast"), EventID: eventID, EventData: data,
+				})
+				return err
+			}))
+			return moved
+		}
+		// One notify ending its waiters in two calls (as in chunks), the
+		// second without naming the event id; then a repeat that ends nobody.
+		require.ElementsMatch(t, all[:3], end(all[:3], "broadcast"))
+		require.Equal(t, all[3:], end(all[3:], ""))
+		require.Empty(t, end(all, "broadcast"))
+
+		for _, id := range all {
+			w, err := b.store.WaiterGet(b.ctx, id)
+			require.NoError(t, err)
+			require.Equal(t, models.WaiterNotified, w.State)
+			require.Equal(t, ptr("msg_broadcast"), w.MessageID)
+			require.Equal(t, string(data), string(w.EventData), id)
+		}
+
+		// A notify with no data (JSON null stored as NULL) ends with none.
+		w := insertWaiter(t, b, "broadcast", nil, b.now.Add(time.Hour))
+		moved, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterNotified, EndedAt: b.now, MessageID: ptr("msg_nodata"), EventID: "broadcast"})
+		require.NoError(t, err)
+		require.Equal(t, []string{w.ID}, moved)
+		got, err := b.store.WaiterGet(b.ctx, w.ID)
+		require.NoError(t, err)
+		require.Nil(t, got.EventData)
+		require.Equal(t, ptr("msg_nodata"), got.MessageID)
+	})
+
+	// A waiter that consumed a lookback event is inserted already ended and
+	// carries its own copy of the data (there is no notifications row).
+	t.Run("WaiterInsertEnded", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		for i, data := range [][]byte{[]byte(`{"from":"lookback","n":[1,2]}`), nil} {
+			w := &models.Waiter{
+				EventID: "ev", WorkflowRunID: ptr("wfr_lb"), StepName: ptr("step-" + strconv.Itoa(i)),
+				State: models.WaiterNotified, Deadline: b.now.Add(time.Hour), CreatedAt: b.now,
+				EndedAt: &b.now, MessageID: ptr("msg_lookback_" + strconv.Itoa(i)), EventData: data,
+			}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			got, err := b.store.WaiterGet(b.ctx, w.ID)
+			require.NoError(t, err)
+			require.Equal(t, models.WaiterNotified, got.State)
+			require.Equal(t, w.MessageID, got.MessageID)
+			require.Equal(t, string(data), string(got.EventData))
+			require.NotNil(t, got.EndedAt)
+			require.Equal(t, b.now.Truncate(time.Microsecond), *got.EndedAt)
+
+			// Already ended: nothing can end it again, and it is not waiting.
+			moved, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+			require.NoError(t, err)
+			require.Empty(t, moved)
+			ws, err := b.store.WaiterListWaiting(b.ctx, &storage.WaiterListWaitingParams{EventID: "ev", Now: b.now})
+			require.NoError(t, err)
+			require.Empty(t, ws)
+		}
+	})
+
+	t.Run("WaiterDeleteWaiting", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		waiting := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		ended := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{ended.ID}, State: models.WaiterNotified, EndedAt: b.now, MessageID: ptr("m"), EventData: []byte(`1`)})
+		require.NoError(t, err)
+
+		ok, err := b.store.WaiterDeleteWaiting(b.ctx, waiting.ID)
+		require.NoError(t, err)
+		require.True(t, ok)
+		_, err = b.store.WaiterGet(b.ctx, waiting.ID)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+
+		ok, err = b.store.WaiterDeleteWaiting(b.ctx, waiting.ID)
+		require.NoError(t, err)
+		require.False(t, ok, "already deleted")
+
+		ok, err = b.store.WaiterDeleteWaiting(b.ctx, ended.ID)
+		require.NoError(t, err)
+		require.False(t, ok, "an ended waiter keeps its result")
+		got, err := b.store.WaiterGet(b.ctx, ended.ID)
+		require.NoError(t, err)
+		require.Equal(t, models.WaiterNotified, got.State)
+
+		for _, bad := range []string{"", "nope", "wtr_99999999"} {
+			ok, err = b.store.WaiterDeleteWaiting(b.ctx, bad)
+			require.NoError(t, err)
+			require.False(t, ok)
+		}
+	})
+
+	t.Run("WaiterListEnded", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		waiting := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		var ended []string
+		for _, state := range []models.WaiterState{models.WaiterNotified, models.WaiterTimedOut, models.WaiterCanceled} {
+			w := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+			_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: state, EndedAt: b.now})
+			require.NoError(t, err)
+			ended = append(ended, w.ID)
+		}
+		got, err := b.store.WaiterListEnded(b.ctx, append([]string{waiting.ID, "nope", "wtr_99999999"}, ended...))
+		require.NoError(t, err)
+		require.ElementsMatch(t, ended, got)
+
+		got, err = b.store.WaiterListEnded(b.ctx, []string{waiting.ID})
+		require.NoError(t, err)
+		require.Empty(t, got)
+		got, err = b.store.WaiterListEnded(b.ctx, nil)
+		require.NoError(t, err)
+		require.Empty(t, got)
+	})
+
+	t.Run("WaiterListExpired", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		// Inserted out of deadline order: the list is by deadline.
+		late := insertWaiter(t, b, "ev", nil, b.now.Add(-time.Second))
+		early := insertWaiter(t, b, "ev", ptr("wfr_x"), b.now.Add(-time.Hour))
+		atNow := insertWaiter(t, b, "other", nil, b.now)
+		insertWaiter(t, b, "ev", nil, b.now.Add(time.Microsecond)) // not yet
+		insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))        // not yet
+		endedPast := insertWaiter(t, b, "ev", nil, b.now.Add(-time.Minute))
+		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{endedPast.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+		require.NoError(t, err)
+
+		got, err := b.store.WaiterListExpired(b.ctx, b.now, 100)
+		require.NoError(t, err)
+		require.Equal(t, []string{early.ID, late.ID, atNow.ID}, ids(got))
+
+		got, err = b.store.WaiterListExpired(b.ctx, b.now, 2)
+		require.NoError(t, err)
+		require.Equal(t, []string{early.ID, late.ID}, ids(got))
+
+		got, err = b.store.WaiterListExpired(b.ctx, b.now.Add(-2*time.Hour), 100)
+		require.NoError(t, err)
+		require.Empty(t, got)
+	})
+
+	t.Run("LookbackEventConsume", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_L")
+		keep := b.now.Add(time.Hour)
+		insertLookback(t, b, "wfr_L", "ev", `"expired"`, b.now.Add(-time.Second)) // oldest, but expired
+		insertLookback(t, b, "wfr_L", "ev", `"at-now"`, b.now)                    // expires now: expired
+		first := insertLookback(t, b, "wfr_L", "ev", `"first"`, keep)
+		insertLookback(t, b, "wfr_L", "other", `"other event"`, keep)
+		insertLookback(t, b, "wfr_L", "EV", `"other case"`, keep)
+		insertLookback(t, b, "wfr_l", "ev", `"other run"`, keep)
+		second := insertLookback(t, b, "wfr_L", "ev", `"second"`, keep)
+
+		listed, err := b.store.LookbackEventListByRun(b.ctx, "wfr_L", b.now)
+		require.NoError(t, err)
+		require.Len(t, listed, 4, "unconsumed and unexpired, all event ids")
+
+		var got []*models.LookbackEvent
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			if _, err := tx.RunGet(b.ctx, "wfr_L", true); err != nil {
+				return err
+			}
+			for {
+				e, err := tx.LookbackEventConsume(b.ctx, "wfr_L", "ev", b.now)
+				if err != nil {
+					return err
+				}
+				if e == nil {
+					return nil
+				}
+				got = append(got, e)
+			}
+		}))
+		require.Len(t, got, 2)
+		require.Equal(t, first.ID, got[0].ID)
+		require.Equal(t, second.ID, got[1].ID)
+		require.Equal(t, `"first"`, string(got[0].EventData))
+		require.Equal(t, "msg_lb", got[0].MessageID)
+		require.Equal(t, "wfr_L", got[0].WorkflowRunID)
+		require.Equal(t, "ev", got[0].EventID)
+		require.Equal(t, b.now.Truncate(time.Microsecond), got[0].CreatedAt)
+		require.Equal(t, keep.Truncate(time.Microsecond), got[0].ExpiresAt)
+
+		// Each once.
+		e, err := b.store.LookbackEventConsume(b.ctx, "wfr_L", "ev", b.now)
+		require.NoError(t, err)
+		require.Nil(t, e)
+
+		listed, err = b.store.LookbackEventListByRun(b.ctx, "wfr_L", b.now)
+		require.NoError(t, err)
+		require.Len(t, listed, 2, "the consumed ones are no longer listed")
+
+		// None at all.
+		e, err = b.store.LookbackEventConsume(b.ctx, "wfr_none", "ev", b.now)
+		require.NoError(t, err)
+		require.Nil(t, e)
+	})
+
+	t.Run("LookbackEventDeleteByRun", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		keep := b.now.Add(time.Hour)
+		insertLookback(t, b, "wfr_D", "ev", `1`, keep)
+		insertLookback(t, b, "wfr_D", "ev", `2`, keep)
+		insertLookback(t, b, "wfr_D", "other", `3`, keep)
+		insertLookback(t, b, "wfr_D", "ev", `4`, b.now.Add(-time.Hour)) // expired, unconsumed: dropped too
+		insertLookback(t, b, "wfr_other", "ev", `5`, keep)
+		consumed, err := b.store.LookbackEventConsume(b.ctx, "wfr_D", "ev", b.now)
+		require.NoError(t, err)
+		require.NotNil(t, consumed)
+
+		n, err := b.store.LookbackEventDeleteByRun(b.ctx, "wfr_D")
+		require.NoError(t, err)
+		require.EqualValues(t, 3, n, "only the unconsumed ones")
+
+		listed, err := b.store.LookbackEventListByRun(b.ctx, "wfr_D", b.now)
+		require.NoError(t, err)
+		require.Empty(t, listed)
+		listed, err = b.store.LookbackEventListByRun(b.ctx, "wfr_other", b.now)
+		require.NoError(t, err)
+		require.Len(t, listed, 1)
+
+		n, err = b.store.LookbackEventDeleteByRun(b.ctx, "wfr_D")
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		// The consumed one is still there: a purge far in the future finds it
+		// along with the other run's event.
+		n, err = b.store.LookbackEventPurge(b.ctx, b.now.Add(24*time.Hour), 100)
+		require.NoError(t, err)
+		require.EqualValues(t, 2, n)
+	})
+
+	t.Run("LookbackEventPurge", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		for i := range 5 {
+			insertLookback(t, b, "wfr_P", "ev", strconv.Itoa(i), b.now.Add(-time.Duration(i+1)*time.Minute))
+		}
+		insertLookback(t, b, "wfr_P", "ev", `"at-now"`, b.now)
+		live := insertLookback(t, b, "wfr_P", "ev", `"live"`, b.now.Add(time.Microsecond))
+
+		n, err := b.store.LookbackEventPurge(b.ctx, b.now, 4)
+		require.NoError(t, err)
+		require.EqualValues(t, 4, n, "bounded by limit")
+		n, err = b.store.LookbackEventPurge(b.ctx, b.now, 100)
+		require.NoError(t, err)
+		require.EqualValues(t, 2, n)
+		n, err = b.store.LookbackEventPurge(b.ctx, b.now, 100)
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		e, err := b.store.LookbackEventConsume(b.ctx, "wfr_P", "ev", b.now)
+		require.NoError(t, err)
+		require.NotNil(t, e)
+		require.Equal(t, live.ID, e.ID)
+	})
+
+	t.Run("Steps", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_S")
+		w := insertWaiter(t, b, "ev", ptr("wfr_S"), b.now.Add(time.Hour))
+		done := b.now.Add(time.Second)
+
+		wait := &storage.StepRecord{RunID: "wfr_S", StepName: "wait", Type: models.StepWaitForEvent, EventID: "ev", WaiterID: w.ID, CreatedAt: b.now}
+		notify := &storage.StepRecord{RunID: "wfr_S", StepName: "notify", Type: models.StepNotify, EventID: "ev2", Result: []byte(`{"n":1}`), CreatedAt: b.now, CompletedAt: &done}
+		require.NoError(t, b.store.StepInsert(b.ctx, wait))
+		require.NoError(t, b.store.StepInsert(b.ctx, notify))
+
+		err := b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_S", StepName: "wait", Type: models.StepNotify, EventID: "x", CreatedAt: b.now})
+		require.ErrorIs(t, err, storage.ErrDuplicate)
+		// Same name, other case or other run: a different step.
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_S", StepName: "Wait", Type: models.StepNotify, EventID: "x", CreatedAt: b.now}))
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_s", StepName: "wait", Type: models.StepNotify, EventID: "x", CreatedAt: b.now}))
+		require.Error(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_S", StepName: "bad", Type: models.StepWaitForEvent, EventID: "x", WaiterID: "nope", CreatedAt: b.now}))
+
+		got, err := b.store.StepGet(b.ctx, "wfr_S", "wait")
+		require.NoError(t, err)
+		require.Equal(t, &storage.StepRecord{RunID: "wfr_S", StepName: "wait", Type: models.StepWaitForEvent, EventID: "ev", WaiterID: w.ID, CreatedAt: b.now.Truncate(time.Microsecond)}, got)
+
+		got, err = b.store.StepGet(b.ctx, "wfr_S", "notify")
+		require.NoError(t, err)
+		require.Equal(t, `{"n":1}`, string(got.Result))
+		require.Empty(t, got.WaiterID)
+		require.NotNil(t, got.CompletedAt)
+		require.Equal(t, done.Truncate(time.Microsecond), *got.CompletedAt)
+
+		_, err = b.store.StepGet(b.ctx, "wfr_S", "missing")
+		require.ErrorIs(t, err, storage.ErrNotFound)
+
+		list, err := b.store.StepListByRun(b.ctx, "wfr_S")
+		require.NoError(t, err)
+		var names []string
+		for _, s := range list {
+			names = append(names, s.StepName)
+		}
+		require.Equal(t, []string{"wait", "notify", "Wait"}, names)
+	})
+
+	t.Run("InTxRollsBack", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		boom := errors.New("boom")
+		calls := 0
+		err := b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			calls++
+			if err := tx.RunInsert(b.ctx, &models.WorkflowRun{WorkflowRunID: "wfr_rolled", State: models.RunStarted, CreatedAt: b.now, UpdatedAt: b.now}); err != nil {
+				return err
+			}
+			if err := tx.WaiterInsert(b.ctx, &models.Waiter{EventID: "ev", WorkflowRunID: ptr("wfr_rolled"), State: models.WaiterWaiting, Deadline: b.now.Add(time.Hour), CreatedAt: b.now}); err != nil {
+				return err
+			}
+			if err := tx.LookbackEventInsert(b.ctx, &models.LookbackEvent{WorkflowRunID: "wfr_rolled", EventID: "ev", MessageID: "m", CreatedAt: b.now, ExpiresAt: b.now.Add(time.Hour)}); err != nil {
+				return err
+			}
+			// Seen inside the transaction…
+			if _, err := tx.RunGet(b.ctx, "wfr_rolled", true); err != nil {
+				return err
+			}
+			return fmt.Errorf("step failed: %w", boom)
+		})
+		require.ErrorIs(t, err, boom)
+		require.Equal(t, 1, calls, "an ordinary error is not retried")
+
+		// …gone after.
+		_, err = b.store.RunGet(b.ctx, "wfr_rolled", false)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+		ws, err := b.store.WaiterListByRun(b.ctx, "wfr_rolled")
+		require.NoError(t, err)
+		require.Empty(t, ws)
+		ls, err := b.store.LookbackEventListByRun(b.ctx, "wfr_rolled", b.now)
+		require.NoError(t, err)
+		require.Empty(t, ls)
+
+		// And a nil return commits.
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			return tx.RunInsert(b.ctx, &models.WorkflowRun{WorkflowRunID: "wfr_kept", State: models.RunStarted, CreatedAt: b.now, UpdatedAt: b.now})
+		}))
+		_, err = b.store.RunGet(b.ctx, "wfr_kept", false)
+		require.NoError(t, err)
+	})
+
+	t.Run("InTxCanceledContext", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		ctx, cancel := context.WithCancel(b.ctx)
+		cancel()
+		err := b.store.InTx(ctx, func(tx storage.Executor) error {
+			return tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_never", State: models.RunStarted, CreatedAt: b.now, UpdatedAt: b.now})
+		})
+		require.ErrorIs(t, err, context.Canceled)
+		_, err = b.store.RunGet(b.ctx, "wfr_never", false)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+	})
+
+	t.Run("TimesRoundTripInUTCWithMicroseconds", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		zone := time.FixedZone("UTC+5:30", 5*3600+1800)
+		created := time.Date(2031, 12, 31, 23, 59, 59, 999999999, zone) // nanoseconds are dropped, not rounded up
+		updated := time.Date(2032, 1, 1, 4, 0, 0, 1000, zone)           // the previous day and year in UTC
+		insertRun(t, b, "wfr_T", func(r *models.WorkflowRun) {
+			r.CreatedAt = created
+			r.UpdatedAt = updated
+		})
+		got, err := b.store.RunGet(b.ctx, "wfr_T", false)
+		require.NoError(t, err)
+		require.Equal(t, time.UTC, got.CreatedAt.Location())
+		require.Equal(t, time.UTC, got.UpdatedAt.Location())
+		require.Equal(t, created.UTC().Truncate(time.Microsecond), got.CreatedAt)
+		require.Equal(t, 999999000, got.CreatedAt.Nanosecond())
+		require.Equal(t, updated.UTC().Truncate(time.Microsecond), got.UpdatedAt)
+		require.Equal(t, time.Date(2031, 12, 31, 22, 30, 0, 1000, time.UTC), got.UpdatedAt)
+
+		deadline := time.Date(2031, 6, 1, 12, 0, 0, 1000, zone)
+		w := insertWaiter(t, b, "ev", nil, deadline)
+		gw, err := b.store.WaiterGet(b.ctx, w.ID)
+		require.NoError(t, err)
+		require.Equal(t, time.UTC, gw.Deadline.Location())
+		require.Equal(t, deadline.UTC(), gw.Deadline)
+
+		// Deadline comparisons are in instants, whatever the zone of the argument.
+		ws, err := b.store.WaiterListWaiting(b.ctx, &storage.WaiterListWaitingParams{EventID: "ev", Now: deadline.Add(-time.Microsecond).In(time.FixedZone("UTC-8", -8*3600))})
+		require.NoError(t, err)
+		require.Len(t, ws, 1)
+		ws, err = b.store.WaiterListWaiting(b.ctx, &storage.WaiterListWaitingParams{EventID: "ev", Now: deadline.In(time.FixedZone("UTC-8", -8*3600))})
+		require.NoError(t, err)
+		require.Empty(t, ws)
+		exp, err := b.store.WaiterListExpired(b.ctx, deadline.In(zone), 10)
+		require.NoError(t, err)
+		require.Len(t, exp, 1)
+
+		// Same instant, different zones: the stored values are equal.
+		a := insertWaiter(t, b, "zones", nil, deadline)
+		c := insertWaiter(t, b, "zones", nil, deadline.In(time.FixedZone("UTC-8", -8*3600)))
+		ga, err := b.store.WaiterGet(b.ctx, a.ID)
+		require.NoError(t, err)
+		gc, err := b.store.WaiterGet(b.ctx, c.ID)
+		require.NoError(t, err)
+		require.Equal(t, ga.Deadline, gc.Deadline)
+	})
+
+	t.Run("EventDataRoundTripsExactly", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		big := bigJSON(t, 1<<20)
+		values := [][]byte{
+			[]byte(`null`),
+			[]byte(`true`),
+			[]byte(`0`),
+			[]byte(`-12.5e-7`),
+			[]byte(`12345678901234567890123456789`),
+			[]byte(`""`),
+			[]byte(`"plain"`),
+			[]byte(`{"b":1,"a":[1,2,{"c":null}],"z":{}}`),
+			[]byte(`{ "spaced" :  [ 1 , 2 ] }`),
+			[]byte(`"héllo wörld – ünïcödé ✓ 日本語 𝄞 😀 \u00e9 \ud83d\ude00"`),
+			[]byte(`"quotes \" backslash \\ slash \/ ctl \n\t\u0000 html <>&' percent %s"`),
+			[]byte("\"raw\u2028line\u2029sep\""),
+			big,
+		}
+		insertRun(t, b, "wfr_data")
+		for i, v := range values {
+			require.True(t, json.Valid(v), "value %d", i)
+			check := func(what string, got []byte) {
+				t.Helper()
+				if !bytes.Equal(v, got) {
+					t.Fatalf("%s %d: got %d bytes, want %d bytes (%.80q…)", what, i, len(got), len(v), got)
+				}
+			}
+
+			runID := "wfr_body_" + strconv.Itoa(i)
+			insertRun(t, b, runID, func(r *models.WorkflowRun) { r.Body = v })
+			r, err := b.store.RunGet(b.ctx, runID, false)
+			require.NoError(t, err)
+			check("run body", r.Body)
+
+			require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: runID, State: models.RunSuccess, Result: v, UpdatedAt: b.now}))
+			r, err = b.store.RunGet(b.ctx, runID, false)
+			require.NoError(t, err)
+			check("run result", r.Result)
+
+			w := insertWaiter(t, b, "data", nil, b.now.Add(time.Hour))
+			moved, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterNotified, EndedAt: b.now, MessageID: ptr("msg_data_" + strconv.Itoa(i)), EventID: "data", EventData: v})
+			require.NoError(t, err)
+			require.Len(t, moved, 1)
+			gw, err := b.store.WaiterGet(b.ctx, w.ID)
+			require.NoError(t, err)
+			check("waiter event data", gw.EventData)
+
+			eventID := "data-" + strconv.Itoa(i)
+			insertLookback(t, b, "wfr_data", eventID, string(v), b.now.Add(time.Hour))
+			e, err := b.store.LookbackEventConsume(b.ctx, "wfr_data", eventID, b.now)
+			require.NoError(t, err)
+			require.NotNil(t, e)
+			check("lookback event data", e.EventData)
+
+			require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_data", StepName: eventID, Type: models.StepNotify, EventID: eventID, Result: v, CreatedAt: b.now}))
+			s, err := b.store.StepGet(b.ctx, "wfr_data", eventID)
+			require.NoError(t, err)
+			check("step result", s.Result)
+		}
+	})
+
+	t.Run("UnicodeIDs", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		runID := "wfr_заказ-😀-𝄞"
+		eventID := "order-✓-日本語-😀"
+		insertRun(t, b, runID)
+		w := insertWaiter(t, b, eventID, &runID, b.now.Add(time.Hour))
+		ws, err := b.store.WaiterListWaiting(b.ctx, &storage.WaiterListWaitingParams{EventID: eventID, RunID: &runID, Now: b.now})
+		require.NoError(t, err)
+		require.Equal(t, []string{w.ID}, ids(ws))
+		require.Equal(t, eventID, ws[0].EventID)
+		require.Equal(t, runID, *ws[0].WorkflowRunID)
+	})
+
+	t.Run("RunLockSerializes", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_counter", func(r *models.WorkflowRun) { r.Result = []byte(`0`) })
+		const workers, rounds = 16, 5
+		var wg sync.WaitGroup
+		errs := make(chan error, workers*rounds)
+		for range workers {
+			wg.Go(func() {
+				for range rounds {
+					errs <- incrementCounter(b.ctx, b.store, "wfr_counter")
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.NoError(t, err)
+		}
+		require.Equal(t, workers*rounds, readCounter(t, b.store, "wfr_counter"))
+	})
+}
+
+// incrementCounter adds one to the counter kept in the run's result, holding
+// the run's row lock: lost updates would show as a short final count.
+func incrementCounter(ctx context.Context, s storage.Store, runIDs ...string) error {
+	return s.InTx(ctx, func(tx storage.Executor) error {
+		for _, id := range runIDs {
+			if err := incrementLocked(ctx, tx, id); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func incrementLocked(ctx context.Context, tx storage.Executor, runID string) error {
+	run, err := tx.RunGet(ctx, runID, true)
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", runID, err)
+	}
+	n, err := strconv.Atoi(string(run.Result))
+	if err != nil {
+		return fmt.Errorf("counter of %s: %w", runID, err)
+	}
+	return tx.RunEnd(ctx, &storage.RunEndParams{RunID: runID, State: models.RunStarted, Result: []byte(strconv.Itoa(n + 1)), UpdatedAt: time.Now()})
+}
+
+func readCounter(t *testing.T, s storage.Store, runID string) int {
+	t.Helper()
+	run, err := s.RunGet(t.Context(), runID, false)
+	require.NoError(t, err)
+	n, err := strconv.Atoi(string(run.Result))
+	require.NoError(t, err)
+	return n
+}
+
+// bigJSON is a JSON string of about size bytes mixing ASCII, multi-byte
+// characters and escapes.
+func bigJSON(t *testing.T, size int) []byte {
+	t.Helper()
+	var sb strings.Builder
+	sb.WriteByte('"')
+	chunk := `abc ✓ 日本 😀 \" \\ \n <&> `
+	for sb.Len() < size-len(chunk)-1 {
+		sb.WriteString(chunk)
+	}
+	sb.WriteByte('"')
+	v := []byte(sb.String())
+	require.True(t, json.Valid(v))
+	return v
+}
+
+// ---- MySQL concurrency: the run lock, deadlocks and lock-wait timeouts
+
+// TestRunLockContentionMySQL: many transactions take the same run's row lock
+// and increment a counter kept in the run, with the store's default options.
+// The final count proves they were serialised; no error may surface.
+func TestRunLockContentionMySQL(t *testing.T) {
+	t.Parallel()
+	store := openStore(t, testdb.MySQL(t))
+	ctx := t.Context()
+	now := time.Now().UTC()
+	require.NoError(t, store.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_hot", State: models.RunStarted, Result: []byte(`0`), CreatedAt: now, UpdatedAt: now}))
+
+	const workers, rounds = 30, 10
+	var (
+		wg       sync.WaitGroup
+		inside   atomic.Int64
+		overlaps atomic.Int64
+		errs     = make(chan error, workers*rounds)
+	)
+	for range workers {
+		wg.Go(func() {
+			for range rounds {
+				errs <- store.InTx(ctx, func(tx storage.Executor) error {
+					if _, err := tx.RunGet(ctx, "wfr_hot", true); err != nil {
+						return err
+					}
+					// Holding the lock: nobody else may be here.
+					if inside.Add(1) != 1 {
+						overlaps.Add(1)
+					}
+					defer inside.Add(-1)
+					return incrementLocked(ctx, tx, "wfr_hot")
+				})
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	require.Zero(t, overlaps.Load(), "two transactions held the run lock at once")
+	require.Equal(t, workers*rounds, readCounter(t, store, "wfr_hot"))
+}
+
+func TestDeadlockStressMySQL(t *testing.T) {
+	t.Parallel()
+	databaseURL := testdb.MySQL(t)
+	s, err := storage.Open(t.Context(), databaseURL, storage.Options{MaxTxAttempts: 100})
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	store := s
+	ctx := t.Context()
+	now := time.Now().UTC()
+	for _, id := range []string{"wfr_A", "wfr_B"} {
+		require.NoError(t, store.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: id, State: models.RunStarted, Result: []byte(`0`), CreatedAt: now, UpdatedAt: now}))
+	}
+
+	// Half the workers lock A then B, the other half B then A: deadlocks
+	// happen, InnoDB rolls one transaction back, InTx runs it again. The
+	// workload is deliberately worse than anything the engine does (it locks
+	// one run per transaction), so the attempt bound is raised: the point
+	// here is that re-run transactions lose no update and count none twice.
+	const workers, rounds = 24, 8
+	var (
+		wg       sync.WaitGroup
+		attempts atomic.Int64
+		errs     = make(chan error, workers*rounds)
+	)
+	for i := range workers {
+		order := []string{"wfr_A", "wfr_B"}
+		if i%2 == 1 {
+			order = []string{"wfr_B", "wfr_A"}
+		}
+		wg.Go(func() {
+			for range rounds {
+				errs <- store.InTx(ctx, func(tx storage.Executor) error {
+					attempts.Add(1)
+					for _, id := range order {
+						if err := incrementLocked(ctx, tx, id); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	require.Equal(t, workers*rounds, readCounter(t, store, "wfr_A"))
+	require.Equal(t, workers*rounds, readCounter(t, store, "wfr_B"))
+	t.Logf("%d transactions took %d attempts", workers*rounds, attempts.Load())
+}
+
+func TestDeadlockIsRetriedMySQL(t *testing.T) {
+	t.Parallel()
+	store := openStore(t, testdb.MySQL(t))
+	ctx := t.Context()
+	now := time.Now().UTC()
+	for _, id := range []string{"wfr_A", "wfr_B"} {
+		require.NoError(t, store.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: id, State: models.RunStarted, Result: []byte(`0`), CreatedAt: now, UpdatedAt: now}))
+	}
+
+	// Each first attempt locks its first run, waits until the other holds
+	// its own, then reaches for the other's: a certain deadlock.
+	var (
+		bothHold sync.WaitGroup
+		attempts atomic.Int64
+		wg       sync.WaitGroup
+		errs     [2]error
+	)
+	bothHold.Add(2)
+	for i, order := range [][]string{{"wfr_A", "wfr_B"}, {"wfr_B", "wfr_A"}} {
+		wg.Go(func() {
+			first := true
+			errs[i] = store.InTx(ctx, func(tx storage.Executor) error {
+				attempts.Add(1)
+				if err := incrementLocked(ctx, tx, order[0]); err != nil {
+					return err
+				}
+				if first {
+					first = false
+					bothHold.Done()
+					bothHold.Wait()
+				}
+				return incrementLocked(ctx, tx, order[1])
+			})
+		})
+	}
+	wg.Wait()
+	require.NoError(t, errs[0])
+	require.NoError(t, errs[1])
+	require.EqualValues(t, 3, attempts.Load(), "exactly one transaction was the deadlock victim and ran again")
+	require.Equal(t, 2, readCounter(t, store, "wfr_A"))
+	require.Equal(t, 2, readCounter(t, store, "wfr_B"))
+}
+
+func TestLockWaitTimeoutIsRetriedMySQL(t *testing.T) {
+	t.Parallel()
+	databaseURL := testdb.MySQL(t)
+	// A one-second lock wait, so the test does not sit out the default 50s.
+	store := openStore(t, databaseURL+"?innodb_lock_wait_timeout=1")
+	ctx := t.Context()
+	now := time.Now().UTC()
+	require.NoError(t, store.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_held", State: models.RunStarted, Result: []byte(`0`), CreatedAt: now, UpdatedAt: now}))
+
+	// Another connection holds the row lock until the store's transaction
+	// has timed out once and started again.
+	holder := rawDB(t, databaseURL)
+	hold, err := holder.BeginTx(ctx, nil)
+	require.NoError(t, err)
+	defer hold.Rollback()
+	var id string
+	require.NoError(t, hold.QueryRowContext(ctx, `SELECT id FROM runs WHERE id = 'wfr_held' FOR UPDATE`).Scan(&id))
+
+	retried := make(chan struct{})
+	var attempts atomic.Int64
+	done := make(chan error, 1)
+	go func() {
+		done <- store.InTx(ctx, func(tx storage.Executor) error {
+			if attempts.Add(1) == 2 {
+				close(retried)
+			}
+			return incrementLocked(ctx, tx, "wfr_held")
+		})
+	}()
+
+	select {
+	case <-retried:
+	case err := <-done:
+		t.Fatalf("transaction finished before the lock was released: %v", err)
+	}
+	require.NoError(t, hold.Rollback())
+	require.NoError(t, <-done)
+	require.GreaterOrEqual(t, attempts.Load(), int64(2))
+	require.Equal(t, 1, readCounter(t, store, "wfr_held"))
+}
+
+func TestRetriesAreBoundedMySQL(t *testing.T) {
+	t.Parallel()
+	databaseURL := testdb.MySQL(t)
+	s, err := storage.Open(t.Context(), databaseURL+"?innodb_lock_wait_timeout=1", storage.Options{MaxTxAttempts: 2})
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	ctx := t.Context()
+	now := time.Now().UTC()
+	require.NoError(t, s.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_held", State: models.RunStarted, Result: []byte(`0`), CreatedAt: now, UpdatedAt: now}))
+
+	hold, err := rawDB(t, databaseURL).BeginTx(ctx, nil)
+	require.NoError(t, err)
+	defer hold.Rollback()
+	_, err = hold.ExecContext(ctx, `SELECT id FROM runs WHERE id = 'wfr_held' FOR UPDATE`)
+	require.NoError(t, err)
+
+	var attempts atomic.Int64
+	err = s.InTx(ctx, func(tx storage.Executor) error {
+		attempts.Add(1)
+		return incrementLocked(ctx, tx, "wfr_held")
+	})
+	require.ErrorIs(t, err, storage.ErrUnavailable)
+	require.EqualValues(t, 2, attempts.Load())
+}
