@@ -37,14 +37,17 @@ type Engine struct {
 	bus   Bus
 	log   *slog.Logger
 
-	// waits counts subscriptions between registration and cleanup, so that
-	// shutdown can let them remove their ephemeral waiters before the
-	// database closes.
-	waits sync.WaitGroup
-
 	mu      sync.Mutex
 	cancel  context.CancelFunc
 	stopped chan struct{}
+
+	// Waits in flight, from before registration until cleanup, so that
+	// shutdown lets them remove their ephemeral waiters before the database
+	// closes; once draining, new waits are refused.
+	waitsMu  sync.Mutex
+	waits    int
+	draining bool
+	drained  chan struct{} // closed when draining and waits reaches 0
 }
 
 // New returns an engine over the store. bus may be nil.
@@ -84,16 +87,44 @@ func (e *Engine) Stop() {
 	<-stopped
 }
 
-// DrainWaits waits until every subscription has cleaned up after its context
-// ended, or until ctx ends.
+// DrainWaits refuses new waits from now on and waits until every wait in
+// flight has cleaned up after its context ended, or until ctx ends.
 func (e *Engine) DrainWaits(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() { e.waits.Wait(); close(done) }()
+	e.waitsMu.Lock()
+	if !e.draining {
+		e.draining = true
+		e.drained = make(chan struct{})
+		if e.waits == 0 {
+			close(e.drained)
+		}
+	}
+	drained := e.drained
+	e.waitsMu.Unlock()
 	select {
-	case <-done:
+	case <-drained:
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+}
+
+// beginWait counts a wait in; false once draining.
+func (e *Engine) beginWait() bool {
+	e.waitsMu.Lock()
+	defer e.waitsMu.Unlock()
+	if e.draining {
+		return false
+	}
+	e.waits++
+	return true
+}
+
+func (e *Engine) endWait() {
+	e.waitsMu.Lock()
+	defer e.waitsMu.Unlock()
+	e.waits--
+	if e.waits == 0 && e.draining {
+		close(e.drained)
 	}
 }
 

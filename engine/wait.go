@@ -37,6 +37,19 @@ type Wait struct {
 // after the registration commits and Result then reads the database once,
 // so an end that commits between the two is not missed.
 func (e *Engine) Wait(ctx context.Context, p WaitParams) (*Wait, error) {
+	// Counted from before the registration, so that a shutdown cannot close
+	// the database between our commit and our cleanup.
+	if !e.beginWait() {
+		return nil, errorf(CodeUnavailable, "the service is shutting down; try again")
+	}
+	w, err := e.register(ctx, p)
+	if err != nil || w.waiter == nil {
+		e.endWait() // no Result will follow that needs the count
+	}
+	return w, err
+}
+
+func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 	if err := e.checkEventID(p.EventID); err != nil {
 		return nil, err
 	}
@@ -126,7 +139,6 @@ func (e *Engine) Wait(ctx context.Context, p WaitParams) (*Wait, error) {
 		}
 		return &Wait{e: e, result: res}, nil
 	}
-	e.waits.Add(1)
 	return &Wait{e: e, waiter: live, durable: stepName != nil, listener: e.hub.Listen(live.ID)}, nil
 }
 
@@ -190,7 +202,7 @@ func (w *Wait) Result(ctx context.Context) (*models.WaitResult, error) {
 		return w.result, nil
 	}
 	e := w.e
-	defer e.waits.Done()
+	defer e.endWait()
 	defer e.hub.Unlisten(w.listener)
 
 	deadline := time.NewTimer(w.waiter.Deadline.Sub(e.now()))
