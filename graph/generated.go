@@ -33,6 +33,7 @@ type ResolverRoot interface {
 	Mutation() MutationResolver
 	Query() QueryResolver
 	Subscription() SubscriptionResolver
+	TriggerResult() TriggerResultResolver
 	WorkflowRun() WorkflowRunResolver
 }
 
@@ -84,6 +85,11 @@ type ComplexityRoot struct {
 		WorkflowRuns func(childComplexity int, state *models.RunState, label *string, first *int, after *string) int
 	}
 
+	RunToken struct {
+		ExpiresAt func(childComplexity int) int
+		Token     func(childComplexity int) int
+	}
+
 	Step struct {
 		CompletedAt func(childComplexity int) int
 		CreatedAt   func(childComplexity int) int
@@ -99,6 +105,7 @@ type ComplexityRoot struct {
 	TriggerResult struct {
 		Created       func(childComplexity int) int
 		Run           func(childComplexity int) int
+		RunToken      func(childComplexity int) int
 		WorkflowRunID func(childComplexity int) int
 	}
 
@@ -159,6 +166,9 @@ type QueryResolver interface {
 }
 type SubscriptionResolver interface {
 	WaitForEvent(ctx context.Context, eventID string, workflowRunID *string, stepName *string, timeout *time.Duration) (<-chan *models.WaitResult, error)
+}
+type TriggerResultResolver interface {
+	RunToken(ctx context.Context, obj *models.TriggerResult) (*models.RunToken, error)
 }
 type WorkflowRunResolver interface {
 	Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error)
@@ -381,6 +391,19 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.Query.WorkflowRuns(childComplexity, args["state"].(*models.RunState), args["label"].(*string), args["first"].(*int), args["after"].(*string)), true
 
+	case "RunToken.expiresAt":
+		if e.ComplexityRoot.RunToken.ExpiresAt == nil {
+			break
+		}
+
+		return e.ComplexityRoot.RunToken.ExpiresAt(childComplexity), true
+	case "RunToken.token":
+		if e.ComplexityRoot.RunToken.Token == nil {
+			break
+		}
+
+		return e.ComplexityRoot.RunToken.Token(childComplexity), true
+
 	case "Step.completedAt":
 		if e.ComplexityRoot.Step.CompletedAt == nil {
 			break
@@ -436,6 +459,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.TriggerResult.Run(childComplexity), true
+	case "TriggerResult.runToken":
+		if e.ComplexityRoot.TriggerResult.RunToken == nil {
+			break
+		}
+
+		return e.ComplexityRoot.TriggerResult.RunToken(childComplexity), true
 	case "TriggerResult.workflowRunId":
 		if e.ComplexityRoot.TriggerResult.WorkflowRunID == nil {
 			break
@@ -761,6 +790,14 @@ type TriggerResult {
   workflowRunId: ID!
   created: Boolean!
   run: WorkflowRun!
+  "A token for browsers: it allows only waitForEvent and workflowRun on this run, until it expires."
+  runToken: RunToken
+}
+
+"A signed token scoped to one run. Send it as Authorization: Bearer <token> (HTTP, SSE) or in connection_init (websocket)."
+type RunToken {
+  token: String!
+  expiresAt: Time!
 }
 
 type NotifyResult {
@@ -935,6 +972,16 @@ func (ec *executionContext) childFields_PageInfo(ctx context.Context, field grap
 	return nil, fmt.Errorf("no field named %q was found under type PageInfo", field.Name)
 }
 
+func (ec *executionContext) childFields_RunToken(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+	switch field.Name {
+	case "token":
+		return ec.fieldContext_RunToken_token(ctx, field)
+	case "expiresAt":
+		return ec.fieldContext_RunToken_expiresAt(ctx, field)
+	}
+	return nil, fmt.Errorf("no field named %q was found under type RunToken", field.Name)
+}
+
 func (ec *executionContext) childFields_Step(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
 	switch field.Name {
 	case "stepName":
@@ -959,6 +1006,8 @@ func (ec *executionContext) childFields_TriggerResult(ctx context.Context, field
 		return ec.fieldContext_TriggerResult_created(ctx, field)
 	case "run":
 		return ec.fieldContext_TriggerResult_run(ctx, field)
+	case "runToken":
+		return ec.fieldContext_TriggerResult_runToken(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type TriggerResult", field.Name)
 }
@@ -2309,6 +2358,52 @@ func (ec *executionContext) fieldContext_Query___schema(_ context.Context, field
 	return fc, nil
 }
 
+func (ec *executionContext) _RunToken_token(ctx context.Context, field graphql.CollectedField, obj *models.RunToken) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_RunToken_token(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Token, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v string) graphql.Marshaler {
+			return ec.marshalNString2string(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_RunToken_token(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("RunToken", field, false, false, "String")
+}
+
+func (ec *executionContext) _RunToken_expiresAt(ctx context.Context, field graphql.CollectedField, obj *models.RunToken) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_RunToken_expiresAt(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.ExpiresAt, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v time.Time) graphql.Marshaler {
+			return ec.marshalNTime2timeᚐTime(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_RunToken_expiresAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("RunToken", field, false, false, "Time")
+}
+
 func (ec *executionContext) _Step_stepName(ctx context.Context, field graphql.CollectedField, obj *models.Step) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -2541,6 +2636,38 @@ func (ec *executionContext) fieldContext_TriggerResult_run(_ context.Context, fi
 		IsResolver: false,
 		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
 			return ec.childFields_WorkflowRun(ctx, field)
+		},
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _TriggerResult_runToken(ctx context.Context, field graphql.CollectedField, obj *models.TriggerResult) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_TriggerResult_runToken(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.TriggerResult().RunToken(ctx, obj)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.RunToken) graphql.Marshaler {
+			return ec.marshalORunToken2ᚖrendezvousᚋmodelsᚐRunToken(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_TriggerResult_runToken(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "TriggerResult",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_RunToken(ctx, field)
 		},
 	}
 	return fc, nil
@@ -4681,6 +4808,44 @@ func (ec *executionContext) _Query(ctx context.Context, sel ast.SelectionSet) gr
 	return out
 }
 
+var runTokenImplementors = []string{"RunToken"}
+
+func (ec *executionContext) _RunToken(ctx context.Context, sel ast.SelectionSet, obj *models.RunToken) graphql.Marshaler {
+	fields := graphql.CollectFields(ec.OperationContext, sel, runTokenImplementors)
+
+	out := graphql.NewFieldSet(fields)
+	deferred := graphql.NewDeferredGroup(ctx)
+	for i, field := range fields {
+		switch field.Name {
+		case "__typename":
+			out.Values[i] = graphql.MarshalString("RunToken")
+		case "token":
+			out.Values[i] = ec._RunToken_token(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "expiresAt":
+			out.Values[i] = ec._RunToken_expiresAt(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		default:
+			panic("unknown field " + strconv.Quote(field.Name))
+		}
+	}
+	out.Dispatch(ctx)
+	if out.Invalids > 0 {
+		return graphql.Null
+	}
+
+	if n := len(deferred.Defers); n > 0 {
+		atomic.AddInt32(&ec.Deferred, int32(min(n, math.MaxInt32)))
+		ec.ProcessDeferredGroup(deferred)
+	}
+
+	return out
+}
+
 var stepImplementors = []string{"Step"}
 
 func (ec *executionContext) _Step(ctx context.Context, sel ast.SelectionSet, obj *models.Step) graphql.Marshaler {
@@ -4768,18 +4933,24 @@ func (ec *executionContext) _TriggerResult(ctx context.Context, sel ast.Selectio
 		case "workflowRunId":
 			out.Values[i] = ec._TriggerResult_workflowRunId(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "created":
 			out.Values[i] = ec._TriggerResult_created(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "run":
 			out.Values[i] = ec._TriggerResult_run(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
+		case "runToken":
+			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
+				true, false,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._TriggerResult_runToken(ctx, field, obj)
+				})
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))
 		}
@@ -5920,6 +6091,13 @@ func (ec *executionContext) marshalORunState2ᚖrendezvousᚋmodelsᚐRunState(c
 		return graphql.Null
 	}
 	return v
+}
+
+func (ec *executionContext) marshalORunToken2ᚖrendezvousᚋmodelsᚐRunToken(ctx context.Context, sel ast.SelectionSet, v *models.RunToken) graphql.Marshaler {
+	if v == nil {
+		return graphql.Null
+	}
+	return ec._RunToken(ctx, sel, v)
 }
 
 func (ec *executionContext) unmarshalOStepRef2ᚖrendezvousᚋmodelsᚐStepRef(ctx context.Context, v any) (*models.StepRef, error) {

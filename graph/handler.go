@@ -16,17 +16,34 @@ import (
 	coderws "github.com/coder/websocket"
 	"github.com/vektah/gqlparser/v2/ast"
 
+	"rendezvous/auth"
 	"rendezvous/engine"
 )
 
-// HandlerConfig tunes the HTTP side.
+// HandlerConfig tunes the HTTP side. Zero fields take the defaults.
 type HandlerConfig struct {
-	// MaxBodyBytes caps a POST body; it must leave room for the largest
-	// eventData plus the query around it.
+	// Auth checks tokens; nil runs open.
+	Auth *auth.Authenticator
+	// AllowedOrigins may call from browsers on other origins ("*": any).
+	AllowedOrigins []string
+	// MaxBodyBytes caps a POST body and a websocket message; it must leave
+	// room for the largest eventData plus the query around it.
 	MaxBodyBytes int64
-	// KeepAlive is the interval of websocket and SSE keep-alive messages.
+	// Limits on one operation.
+	MaxDepth, MaxAliases, MaxComplexity, MaxTokens int
+	// MaxSubscriptionsPerConnection caps operations running at once on one websocket.
+	MaxSubscriptionsPerConnection int
+	// RateLimit is mutations per second per caller (0: unlimited), up to RateBurst at once.
+	RateLimit float64
+	RateBurst int
+	// KeepAlive is the interval of keep-alive and ping messages on
+	// websockets and SSE; a graphql-transport-ws client that does not
+	// answer a ping within twice this is disconnected.
 	KeepAlive time.Duration
-	// Playground serves GraphQL Playground at /.
+	// InitTimeout is how long a websocket may take to send connection_init.
+	InitTimeout time.Duration
+	// Playground serves GraphQL Playground at / and allows introspection and
+	// field suggestions; off in production.
 	Playground bool
 	// PlaygroundAssets, when set, is a base URL serving the npm packages
 	// graphiql@4.1.2, react@18.2.0 and react-dom@18.2.0 (as <base>/graphiql/…,
@@ -36,34 +53,75 @@ type HandlerConfig struct {
 	// Streams, when done, ends every websocket and SSE request (graceful
 	// shutdown) while plain requests run to completion.
 	Streams context.Context
+	Now     func() time.Time
 	Logger  *slog.Logger
+}
+
+// Defaults of HandlerConfig.
+const (
+	DefaultMaxDepth                      = 15 // GraphiQL's introspection query needs 13
+	DefaultMaxAliases                    = 50
+	DefaultMaxComplexity                 = 2000
+	DefaultMaxTokens                     = 5000
+	DefaultMaxSubscriptionsPerConnection = 1000
+	DefaultKeepAlive                     = 15 * time.Second
+	DefaultInitTimeout                   = 5 * time.Second
+)
+
+func (c HandlerConfig) withDefaults(eng *engine.Engine) HandlerConfig {
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Auth == nil {
+		c.Auth, _ = auth.New(auth.Config{})
+	}
+	if c.MaxBodyBytes <= 0 {
+		c.MaxBodyBytes = int64(eng.Config().MaxPayloadBytes)*2 + 64<<10
+	}
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&c.MaxDepth, DefaultMaxDepth)
+	def(&c.MaxAliases, DefaultMaxAliases)
+	def(&c.MaxComplexity, DefaultMaxComplexity)
+	def(&c.MaxTokens, DefaultMaxTokens)
+	def(&c.MaxSubscriptionsPerConnection, DefaultMaxSubscriptionsPerConnection)
+	if c.KeepAlive <= 0 {
+		c.KeepAlive = DefaultKeepAlive
+	}
+	if c.InitTimeout <= 0 {
+		c.InitTimeout = DefaultInitTimeout
+	}
+	return c
 }
 
 // NewHandler serves the GraphQL API at /query (POST, GET, websocket with
 // graphql-transport-ws and graphql-ws, SSE), Playground at /, and /healthz
 // and /readyz.
 func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
-	if cfg.MaxBodyBytes <= 0 {
-		cfg.MaxBodyBytes = int64(eng.Config().MaxPayloadBytes)*2 + 64<<10
-	}
-	if cfg.KeepAlive <= 0 {
-		cfg.KeepAlive = 15 * time.Second
-	}
+	cfg = cfg.withDefaults(eng)
 	log := cfg.Logger
 	present := errorPresenter(log)
+	limiter := newRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.Now)
 
-	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Log: log}}))
+	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log}}))
+	readLimit := cfg.MaxBodyBytes
 	srv.AddTransport(transport.Websocket{
-		KeepAlivePingInterval: cfg.KeepAlive,
-		InitTimeout:           10 * time.Second,
-		Implementation: transport.CoderWebsocketImplementation{AcceptOptions: coderws.AcceptOptions{
-			// Any origin for now: browsers on other origins are expected
-			// clients. An allow-list belongs with authentication.
-			OriginPatterns: []string{"*"},
-		}},
+		KeepAlivePingInterval: cfg.KeepAlive, // graphql-ws "ka"
+		PingPongInterval:      cfg.KeepAlive, // graphql-transport-ws ping, pong awaited 2x as long
+		InitTimeout:           cfg.InitTimeout,
+		InitFunc:              wsInit(cfg.Auth, cfg.Now),
+		PayloadReadLimit:      &readLimit,
+		Implementation: guardedWebsockets{
+			// The origin was checked by the origins middleware already.
+			inner:   transport.CoderWebsocketImplementation{AcceptOptions: coderws.AcceptOptions{InsecureSkipVerify: true}},
+			maxSubs: cfg.MaxSubscriptionsPerConnection,
+		},
 	})
 	srv.AddTransport(transport.Options{})
 	// SSE before POST: both take application/json POSTs; SSE only those
@@ -72,14 +130,23 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.AddTransport(newHTTPTransport(cfg.MaxBodyBytes))
 	srv.AddTransport(unsupported{}) // last: takes whatever the others did not
 	srv.SetQueryCache(lru.New[*ast.QueryDocument](1000))
-	srv.Use(extension.Introspection{})
+	srv.SetParserTokenLimit(cfg.MaxTokens)
+	srv.Use(extension.FixedComplexityLimit(cfg.MaxComplexity))
+	srv.Use(queryLimits{maxDepth: cfg.MaxDepth, maxAliases: cfg.MaxAliases})
+	if cfg.Playground {
+		srv.Use(extension.Introspection{})
+	} else {
+		srv.SetDisableSuggestion(true)
+	}
 	srv.SetErrorPresenter(present)
 	srv.SetRecoverFunc(recoverFunc(log))
+	srv.AroundOperations(authorize)
+	srv.AroundOperations(limiter.limitMutations)
 	srv.AroundOperations(withSubscriptionErrorSlot)
 	srv.AroundResponses(subscriptionErrorResponses(present))
 
 	mux := http.NewServeMux()
-	mux.Handle("/query", endStreamsWith(cfg.Streams, srv))
+	mux.Handle("/query", authenticate(cfg.Auth, cfg.Now, endStreamsWith(cfg.Streams, srv)))
 	if cfg.Playground {
 		mux.Handle("GET /{$}", playground.Handler("Rendezvous", "/query", playgroundAssets(cfg.PlaygroundAssets)...))
 	}
@@ -89,14 +156,19 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
+		body := map[string]any{"status": "ready", "database": "ok", "auth": "tokens"}
+		if cfg.Auth.Open() {
+			body["auth"] = "OPEN: no tokens configured, anyone can call every operation"
+		}
 		if err := eng.Ready(ctx); err != nil {
 			log.WarnContext(ctx, "not ready", "err", err)
-			writeStatus(w, http.StatusServiceUnavailable, map[string]any{"status": "unavailable", "database": "unreachable"})
+			body["status"], body["database"] = "unavailable", "unreachable"
+			writeStatus(w, http.StatusServiceUnavailable, body)
 			return
 		}
-		writeStatus(w, http.StatusOK, map[string]any{"status": "ready", "database": "ok"})
+		writeStatus(w, http.StatusOK, body)
 	})
-	return withRequestID(mux)
+	return withRequestID(withClientIP(newOrigins(cfg.AllowedOrigins).middleware(mux)))
 }
 
 func writeStatus(w http.ResponseWriter, status int, body any) {
@@ -106,14 +178,19 @@ func writeStatus(w http.ResponseWriter, status int, body any) {
 	json.NewEncoder(w).Encode(body)
 }
 
-// endStreamsWith cancels long-lived requests (websocket upgrades and SSE)
-// when streams is done.
+// endStreamsWith serves long-lived requests (websocket upgrades and SSE):
+// it lifts the server's read and write timeouts, which are for plain
+// requests, and cancels the stream when streams is done (graceful shutdown).
 func endStreamsWith(streams context.Context, next http.Handler) http.Handler {
-	if streams == nil {
-		return next
-	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Upgrade") == "" && !strings.Contains(r.Header.Get("Accept"), "text/event-stream") {
+		if !isUpgrade(r) && !strings.Contains(r.Header.Get("Accept"), "text/event-stream") {
+			next.ServeHTTP(w, r)
+			return
+		}
+		rc := http.NewResponseController(w)
+		rc.SetReadDeadline(time.Time{})
+		rc.SetWriteDeadline(time.Time{})
+		if streams == nil {
 			next.ServeHTTP(w, r)
 			return
 		}

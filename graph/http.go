@@ -9,6 +9,7 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"strconv"
 
 	"github.com/99designs/gqlgen/graphql"
 	"github.com/99designs/gqlgen/graphql/handler/lru"
@@ -108,7 +109,17 @@ func (t httpTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.G
 		return
 	}
 	responses, ctx := exec.DispatchOperation(ctx, rc)
-	writeJSON(w, responses(ctx))
+	resp := responses(ctx)
+	for _, e := range resp.Errors {
+		if e.Extensions["code"] == codeRateLimited {
+			if secs, ok := e.Extensions["retryAfter"].(int); ok {
+				w.Header().Set("Retry-After", strconv.Itoa(secs))
+			}
+			w.WriteHeader(http.StatusTooManyRequests)
+			break
+		}
+	}
+	writeJSON(w, resp)
 }
 
 func readGET(r *http.Request, rb *requestBody) (status int, code, msg string) {

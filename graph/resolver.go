@@ -7,12 +7,30 @@ package graph
 
 import (
 	"log/slog"
+	"time"
 
+	"rendezvous/auth"
 	"rendezvous/engine"
+	"rendezvous/models"
 )
 
 // Resolver holds the resolvers' dependencies.
 type Resolver struct {
 	Engine *engine.Engine
+	Auth   *auth.Authenticator
+	Now    func() time.Time
 	Log    *slog.Logger
+}
+
+// runToken signs a token for the run, or returns nil when the server has no
+// way to sign one.
+func (r *Resolver) runToken(runID string) *models.RunToken {
+	if r.Auth == nil {
+		return nil
+	}
+	token, expires, ok := r.Auth.RunToken(runID, r.Now())
+	if !ok {
+		return nil
+	}
+	return &models.RunToken{Token: token, ExpiresAt: expires}
 }

@@ -61,6 +61,11 @@ func (r *subscriptionResolver) WaitForEvent(ctx context.Context, eventID string,
 	return streamWait(ctx, w), nil
 }
 
+// RunToken is the resolver for the runToken field.
+func (r *triggerResultResolver) RunToken(ctx context.Context, obj *models.TriggerResult) (*models.RunToken, error) {
+	return r.runToken(obj.WorkflowRunID), nil
+}
+
 // Steps is the resolver for the steps field.
 func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error) {
 	return r.Engine.RunSteps(ctx, obj.WorkflowRunID)
@@ -85,12 +90,16 @@ func (r *Resolver) Query() QueryResolver { return &queryResolver{r} }
 // Subscription returns SubscriptionResolver implementation.
 func (r *Resolver) Subscription() SubscriptionResolver { return &subscriptionResolver{r} }
 
+// TriggerResult returns TriggerResultResolver implementation.
+func (r *Resolver) TriggerResult() TriggerResultResolver { return &triggerResultResolver{r} }
+
 // WorkflowRun returns WorkflowRunResolver implementation.
 func (r *Resolver) WorkflowRun() WorkflowRunResolver { return &workflowRunResolver{r} }
 
 type (
-	mutationResolver     struct{ *Resolver }
-	queryResolver        struct{ *Resolver }
-	subscriptionResolver struct{ *Resolver }
-	workflowRunResolver  struct{ *Resolver }
+	mutationResolver      struct{ *Resolver }
+	queryResolver         struct{ *Resolver }
+	subscriptionResolver  struct{ *Resolver }
+	triggerResultResolver struct{ *Resolver }
+	workflowRunResolver   struct{ *Resolver }
 )

@@ -3,6 +3,7 @@ package graph
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"sync"
 
 	"github.com/99designs/gqlgen/graphql"
@@ -80,6 +81,15 @@ func streamWait(ctx context.Context, w *engine.Wait) <-chan *models.WaitResult {
 	ch := make(chan *models.WaitResult, 1)
 	go func() {
 		defer close(ch)
+		defer func() {
+			// A panic here would kill the process: no gqlgen recover covers
+			// this goroutine. Answer the subscriber as for any internal error.
+			if p := recover(); p != nil {
+				if slot, _ := ctx.Value(subscriptionErrorKey{}).(*subscriptionErrorSlot); slot != nil {
+					slot.set(fmt.Errorf("panic in waitForEvent: %v", p))
+				}
+			}
+		}()
 		res, err := w.Result(ctx)
 		if ctx.Err() != nil {
 			return // the subscriber left; nobody to tell

@@ -64,6 +64,12 @@ type TriggerResult struct {
 	Run           *WorkflowRun
 }
 
+// RunToken is a signed token that allows waitForEvent and workflowRun on one run.
+type RunToken struct {
+	Token     string
+	ExpiresAt time.Time
+}
+
 // NotifyResult is what notify returns.
 type NotifyResult struct {
 	EventID        string

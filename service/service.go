@@ -5,6 +5,8 @@ package service
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,7 +16,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
+	"rendezvous/auth"
 	"rendezvous/bus"
 	"rendezvous/engine"
 	"rendezvous/graph"
@@ -33,10 +37,19 @@ type Config struct {
 	Playground bool
 	// PlaygroundAssets: see graph.HandlerConfig.
 	PlaygroundAssets string
+	// Auth: server tokens, run token secrets.
+	Auth auth.Config
+	// HTTP: limits, origins, rate limit, keep-alive (Auth, Playground,
+	// Streams and Logger are filled in by New).
+	HTTP graph.HandlerConfig
 	// ShutdownGrace bounds how long a graceful stop waits for requests.
 	ShutdownGrace time.Duration
 	Logger        *slog.Logger
 }
+
+// DefaultRateLimit is mutations per second per caller when
+// RENDEZVOUS_RATE_LIMIT is unset (burst: twice as many).
+const DefaultRateLimit = 200
 
 // ConfigFromEnv reads the environment; see README.md for the variables.
 func ConfigFromEnv(getenv func(string) string) (Config, error) {
@@ -95,6 +108,54 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	if v := getenv("RENDEZVOUS_MAX_EVENT_ID_BYTES"); v != "" && cfg.Engine.MaxIDBytes > 256 {
 		errs = append(errs, fmt.Errorf("RENDEZVOUS_MAX_EVENT_ID_BYTES %q: at most 256", v))
 	}
+	boolean := func(name string, dst *bool) {
+		if v := getenv(name); v != "" {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s %q: want true or false", name, v))
+			}
+			*dst = b
+		}
+	}
+	list := func(v string) []string {
+		return strings.FieldsFunc(v, func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
+	}
+
+	// Security.
+	cfg.Auth.ServerTokens = list(getenv("RENDEZVOUS_TOKENS"))
+	if path := getenv("RENDEZVOUS_TOKENS_FILE"); path != "" {
+		more, err := auth.ReadTokenFile(path)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_TOKENS_FILE: %w", err))
+		}
+		cfg.Auth.ServerTokens = append(cfg.Auth.ServerTokens, more...)
+	}
+	boolean("RENDEZVOUS_REQUIRE_TOKENS", &cfg.Auth.RequireTokens)
+	cfg.Auth.Secrets = list(getenv("RENDEZVOUS_SECRET"))
+	dur("RENDEZVOUS_RUN_TOKEN_TTL", &cfg.Auth.RunTokenTTL)
+	cfg.HTTP.AllowedOrigins = list(getenv("RENDEZVOUS_ALLOWED_ORIGINS"))
+	cfg.HTTP.RateLimit = DefaultRateLimit
+	if v := getenv("RENDEZVOUS_RATE_LIMIT"); v != "" {
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || f < 0 {
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_RATE_LIMIT %q: want mutations per second, 0 for no limit", v))
+		}
+		cfg.HTTP.RateLimit = f
+	}
+	num("RENDEZVOUS_RATE_BURST", &cfg.HTTP.RateBurst)
+	if cfg.HTTP.RateBurst == 0 {
+		cfg.HTTP.RateBurst = int(2 * cfg.HTTP.RateLimit)
+	}
+	var maxBody int
+	num("RENDEZVOUS_MAX_BODY_BYTES", &maxBody)
+	cfg.HTTP.MaxBodyBytes = int64(maxBody)
+	num("RENDEZVOUS_MAX_QUERY_DEPTH", &cfg.HTTP.MaxDepth)
+	num("RENDEZVOUS_MAX_ALIASES", &cfg.HTTP.MaxAliases)
+	num("RENDEZVOUS_MAX_COMPLEXITY", &cfg.HTTP.MaxComplexity)
+	num("RENDEZVOUS_MAX_QUERY_TOKENS", &cfg.HTTP.MaxTokens)
+	num("RENDEZVOUS_MAX_SUBSCRIPTIONS_PER_CONNECTION", &cfg.HTTP.MaxSubscriptionsPerConnection)
+	dur("RENDEZVOUS_KEEPALIVE", &cfg.HTTP.KeepAlive)
+	dur("RENDEZVOUS_INIT_TIMEOUT", &cfg.HTTP.InitTimeout)
 	return cfg, errors.Join(errs...)
 }
 
@@ -117,6 +178,20 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		log = slog.Default()
 	}
 	cfg.Engine.Logger = log
+	if len(cfg.Auth.Secrets) == 0 {
+		// Run tokens still work, on this process until it restarts.
+		var b [32]byte
+		rand.Read(b[:])
+		cfg.Auth.Secrets = []string{hex.EncodeToString(b[:])}
+		log.Warn("no RENDEZVOUS_SECRET: run tokens are signed with a random secret and stop working at restart and on other replicas")
+	}
+	authn, err := auth.New(cfg.Auth)
+	if err != nil {
+		return nil, err
+	}
+	if authn.Open() {
+		log.Warn("NO TOKENS CONFIGURED: the API is open to anyone who can reach it; set RENDEZVOUS_TOKENS and RENDEZVOUS_REQUIRE_TOKENS=true in production")
+	}
 	store, err := storage.Open(ctx, cfg.DatabaseURL, storage.Options{Logger: log})
 	if err != nil {
 		return nil, err
@@ -142,7 +217,9 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	eng := engine.New(store, h, engBus, cfg.Engine)
 	streams, endStreams := context.WithCancel(context.Background())
-	handler := graph.NewHandler(eng, graph.HandlerConfig{Playground: cfg.Playground, PlaygroundAssets: cfg.PlaygroundAssets, Streams: streams, Logger: log})
+	hc := cfg.HTTP
+	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, cfg.Engine.Now
+	handler := graph.NewHandler(eng, hc)
 	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, bus: rb, endStreams: endStreams, log: log}, nil
 }
 
@@ -172,8 +249,11 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 	srv := &http.Server{
 		Handler:           s.Handler,
 		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		// Websockets and SSE lift these for themselves (graph.endStreamsWith).
+		ReadTimeout:  time.Minute,
+		WriteTimeout: time.Minute,
+		IdleTimeout:  2 * time.Minute,
+		ErrorLog:     slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
 	s.Start(ctx)
 	errc := make(chan error, 1)
