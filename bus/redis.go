@@ -6,10 +6,12 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -28,10 +30,21 @@ type Redis struct {
 	origin string // this replica, so it skips its own messages
 	log    *slog.Logger
 
+	// outbox decouples notifies from Redis: a slow or unreachable Redis
+	// must not hold up a response (the catch-up poll covers what is dropped).
+	outbox chan string
+
 	mu     sync.Mutex
 	cancel context.CancelFunc
 	done   chan struct{}
 }
+
+// outboxSize bounds the wake-up messages waiting for Redis; beyond it new
+// ones are dropped.
+const outboxSize = 4096
+
+// publishTimeout bounds one PUBLISH.
+const publishTimeout = time.Second
 
 var _ engine.Bus = (*Redis)(nil)
 
@@ -46,17 +59,37 @@ func NewRedis(ctx context.Context, url, origin string, h *hub.Hub, log *slog.Log
 		client.Close()
 		return nil, fmt.Errorf("connect to Redis at %s: %w", opts.Addr, err)
 	}
-	return &Redis{client: client, hub: h, origin: origin, log: log}, nil
+	return &Redis{client: client, hub: h, origin: origin, log: log, outbox: make(chan string, outboxSize)}, nil
 }
 
-// Publish sends the ids as one message: "origin id1 id2 …". Ids contain no
-// spaces (they are wtr_<number>).
-func (r *Redis) Publish(ctx context.Context, waiterIDs []string) error {
+// Publish queues the ids as one message, "origin id1 id2 …" (ids contain no
+// spaces: they are wtr_<number>). It never blocks; a full queue drops the
+// message, and the other replicas' catch-up poll finds those ends instead.
+func (r *Redis) Publish(_ context.Context, waiterIDs []string) error {
 	if len(waiterIDs) == 0 {
 		return nil
 	}
-	msg := r.origin + " " + strings.Join(waiterIDs, " ")
-	return r.client.Publish(ctx, Channel, msg).Err()
+	select {
+	case r.outbox <- r.origin + " " + strings.Join(waiterIDs, " "):
+		return nil
+	default:
+		return errors.New("redis outbox full: wake-up dropped, other replicas will catch up by polling")
+	}
+}
+
+func (r *Redis) drain(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case msg := <-r.outbox:
+			pctx, cancel := context.WithTimeout(ctx, publishTimeout)
+			if err := r.client.Publish(pctx, Channel, msg).Err(); err != nil && ctx.Err() == nil {
+				r.log.Warn("publish waiter ends to Redis", "err", err)
+			}
+			cancel()
+		}
+	}
 }
 
 // Start subscribes and wakes local listeners until Stop. The go-redis pub/sub
@@ -75,8 +108,14 @@ func (r *Redis) Start(ctx context.Context) error {
 	}
 	ctx, r.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	r.done = make(chan struct{})
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		r.drain(ctx)
+	}()
 	go func() {
 		defer close(r.done)
+		defer func() { <-drained }()
 		defer ps.Close()
 		ch := ps.Channel()
 		for {

@@ -17,8 +17,12 @@ const (
 	CodeRunNotActive    Code = "RUN_NOT_ACTIVE"
 	CodePayloadTooLarge Code = "PAYLOAD_TOO_LARGE"
 	// CodeUnavailable: the database could not be reached or stayed
-	// contended; nothing was done that the caller was told of, try again.
+	// contended; nothing was done, try again.
 	CodeUnavailable Code = "SERVICE_UNAVAILABLE"
+	// CodeOutcomeUnknown: the connection failed while committing, so the
+	// change may or may not have been made. A notify with a step can be
+	// repeated safely; read the run to find out otherwise.
+	CodeOutcomeUnknown Code = "OUTCOME_UNKNOWN"
 )
 
 // Error is an error the engine made on purpose: its message is meant for the
@@ -57,6 +61,9 @@ func storageErr(op string, err error) error {
 	var e *Error
 	if errors.As(err, &e) {
 		return err
+	}
+	if errors.Is(err, storage.ErrCommitUnknown) {
+		return &Error{Code: CodeOutcomeUnknown, Message: "the database connection failed while committing: the change may or may not have been made", cause: fmt.Errorf("%s: %w", op, err)}
 	}
 	if errors.Is(err, storage.ErrUnavailable) {
 		return &Error{Code: CodeUnavailable, Message: "the database is unavailable; try again", cause: fmt.Errorf("%s: %w", op, err)}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -52,7 +53,7 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (*models.NotifyResu
 	if p.Step != nil {
 		stepRun, err := e.normalizeRunID(p.Step.WorkflowRunID)
 		if err != nil {
-			return nil, fmt.Errorf("step: %w", err)
+			return nil, errorf(CodeBadUserInput, "step.%s", err.Error())
 		}
 		if err := e.checkText("step.stepName", p.Step.StepName, true); err != nil {
 			return nil, err
@@ -112,7 +113,7 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (*models.NotifyResu
 			return err
 		}
 		if step != nil {
-			encoded, err := json.Marshal(result)
+			encoded, err := encodeStepResult(result)
 			if err != nil {
 				return fmt.Errorf("encode step result: %w", err)
 			}
@@ -209,4 +210,27 @@ func (e *Engine) repeatNotifyStep(rec *storage.StepRecord, eventID string) (*mod
 		first.NotifyResponse = []*models.NotifyResponse{}
 	}
 	return &first, nil
+}
+
+// encodeStepResult keeps a notify step's first result for its repeats. The
+// waiters' copies of the event data are left out (the Waiter type does not
+// show them; the data is in the result once), and HTML characters are not
+// escaped, so the repeat returns the same bytes.
+func encodeStepResult(r *models.NotifyResult) ([]byte, error) {
+	c := *r
+	c.NotifyResponse = make([]*models.NotifyResponse, len(r.NotifyResponse))
+	for i, resp := range r.NotifyResponse {
+		rc := *resp
+		w := *resp.Waiter
+		w.EventData = nil
+		rc.Waiter = &w
+		c.NotifyResponse[i] = &rc
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(&c); err != nil {
+		return nil, err
+	}
+	return bytes.TrimRight(buf.Bytes(), "\n"), nil
 }

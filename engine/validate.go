@@ -52,6 +52,9 @@ func (e *Engine) checkPayload(field string, v json.RawMessage) error {
 	if len(v) > 0 && !json.Valid(v) {
 		return errorf(CodeBadUserInput, "%s is not valid JSON", field)
 	}
+	if !utf8.Valid(v) { // json.Valid lets invalid UTF-8 inside strings through
+		return errorf(CodeBadUserInput, "%s is not valid UTF-8", field)
+	}
 	return nil
 }
 

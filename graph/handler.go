@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/99designs/gqlgen/graphql"
 	"github.com/99designs/gqlgen/graphql/handler"
 	"github.com/99designs/gqlgen/graphql/handler/extension"
 	"github.com/99designs/gqlgen/graphql/handler/lru"
@@ -129,7 +130,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.AddTransport(transport.SSE{KeepAlivePingInterval: cfg.KeepAlive})
 	srv.AddTransport(newHTTPTransport(cfg.MaxBodyBytes))
 	srv.AddTransport(unsupported{}) // last: takes whatever the others did not
-	srv.SetQueryCache(lru.New[*ast.QueryDocument](1000))
+	srv.SetQueryCache(boundedCache[*ast.QueryDocument]{lru.New[*ast.QueryDocument](1000)})
 	srv.SetParserTokenLimit(cfg.MaxTokens)
 	srv.Use(extension.FixedComplexityLimit(cfg.MaxComplexity))
 	srv.Use(queryLimits{maxDepth: cfg.MaxDepth, maxAliases: cfg.MaxAliases})
@@ -146,7 +147,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.AroundResponses(subscriptionErrorResponses(present))
 
 	mux := http.NewServeMux()
-	mux.Handle("/query", authenticate(cfg.Auth, cfg.Now, endStreamsWith(cfg.Streams, srv)))
+	mux.Handle("/query", limitBody(cfg.MaxBodyBytes, authenticate(cfg.Auth, cfg.Now, endStreamsWith(cfg.Streams, srv))))
 	if cfg.Playground {
 		mux.Handle("GET /{$}", playground.Handler("Rendezvous", "/query", playgroundAssets(cfg.PlaygroundAssets)...))
 	}
@@ -217,5 +218,29 @@ func playgroundAssets(base string) []playground.GraphiqlConfigOption {
 		playground.WithGraphiqlReactVersion(
 			base+"/react/umd/react.production.min.js", base+"/react-dom/umd/react-dom.production.min.js",
 			"sha256-S0lp+k7zWUMk2ixteM6HZvu8L9Eh//OVrt+ZfbCpmgY=", "sha256-IXWO0ITNDjfnNXIu5POVfqlgYoop36bDzhodR6LW5Pc="),
+	}
+}
+
+// limitBody caps every request body on /query (gqlgen's SSE transport reads
+// bodies without a limit); the websocket transport has its own read limit.
+func limitBody(n int64, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Body != nil && !isUpgrade(r) {
+			r.Body = http.MaxBytesReader(w, r.Body, n)
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// maxCachedQueryBytes: longer query texts are parsed every time rather than
+// kept, so that padded queries cannot pin gigabytes in a cache keyed by text.
+const maxCachedQueryBytes = 32 << 10
+
+// boundedCache is a query cache that ignores long keys.
+type boundedCache[T any] struct{ graphql.Cache[T] }
+
+func (c boundedCache[T]) Add(ctx context.Context, key string, value T) {
+	if len(key) <= maxCachedQueryBytes {
+		c.Cache.Add(ctx, key, value)
 	}
 }

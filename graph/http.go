@@ -220,19 +220,22 @@ func (t httpTransport) jsonTyped(ctx context.Context, query, operationName strin
 	}
 	names := map[string]bool{}
 	doc, err := parser.ParseQuery(&ast.Source{Input: query})
-	if err == nil {
-		for _, op := range doc.Operations {
-			if operationName != "" && op.Name != operationName {
-				continue
-			}
-			for _, v := range op.VariableDefinitions {
-				if v.Type != nil && v.Type.Elem == nil && v.Type.NamedType == "JSON" {
-					names[v.Variable] = true
-				}
+	if err != nil {
+		return names // not cached: the executor refuses it anyway
+	}
+	for _, op := range doc.Operations {
+		if operationName != "" && op.Name != operationName {
+			continue
+		}
+		for _, v := range op.VariableDefinitions {
+			if v.Type != nil && v.Type.Elem == nil && v.Type.NamedType == "JSON" {
+				names[v.Variable] = true
 			}
 		}
 	}
-	t.jsonVars.Add(ctx, key, names)
+	if len(key) <= maxCachedQueryBytes {
+		t.jsonVars.Add(ctx, key, names)
+	}
 	return names
 }
 

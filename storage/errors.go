@@ -2,15 +2,17 @@ package storage
 
 import (
 	"context"
+	"database/sql"
 	"database/sql/driver"
 	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
-	"strings"
+	"syscall"
 	"time"
 
+	sqlite "github.com/glebarez/go-sqlite"
 	mysqldriver "github.com/go-sql-driver/mysql"
 )
 
@@ -43,22 +45,36 @@ func classify(err error) error {
 		}
 		return err
 	}
-	msg := err.Error()
-	switch {
-	case strings.Contains(msg, "UNIQUE constraint failed"):
-		return fmt.Errorf("%w: %v", ErrDuplicate, err)
-	case strings.Contains(msg, "database is locked"), strings.Contains(msg, "SQLITE_BUSY"):
-		return fmt.Errorf("%w: %v", errRetryable, err)
+	var se *sqlite.Error
+	if errors.As(err, &se) {
+		switch se.Code() & 0xff { // the primary result code
+		case sqliteBusy, sqliteLocked:
+			return fmt.Errorf("%w: %v", errRetryable, err)
+		case sqliteConstraint:
+			if se.Code() == sqliteConstraintUnique || se.Code() == sqliteConstraintPrimaryKey {
+				return fmt.Errorf("%w: %v", ErrDuplicate, err)
+			}
+		}
+		return err
 	}
 	var netErr net.Error
 	if errors.Is(err, driver.ErrBadConn) || errors.Is(err, mysqldriver.ErrInvalidConn) ||
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.As(err, &netErr) ||
-		strings.Contains(msg, "connection refused") || strings.Contains(msg, "broken pipe") ||
-		strings.Contains(msg, "sql: database is closed") {
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, sql.ErrConnDone) || err.Error() == "sql: database is closed" {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	return err
 }
+
+// SQLite result codes (sqlite3.h).
+const (
+	sqliteBusy                 = 5
+	sqliteLocked               = 6
+	sqliteConstraint           = 19
+	sqliteConstraintPrimaryKey = 1555
+	sqliteConstraintUnique     = 2067
+)
 
 // backoff waits before attempt n+1 (n from 1): exponential from 5ms, capped
 // at 250ms, with full jitter so that two transactions that deadlocked each

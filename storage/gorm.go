@@ -41,14 +41,8 @@ func (s *gormStore) Close() error { return s.sqlDB.Close() }
 
 func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error {
 	for attempt := 1; ; attempt++ {
-		err := s.db.WithContext(ctx).Transaction(func(tx *gorm.DB) error {
-			return fn(&gormExecutor{db: tx, dialect: s.dialect})
-		})
-		if err == nil {
-			return nil
-		}
-		err = classify(err)
-		if !errors.Is(err, errRetryable) {
+		err := s.runTx(ctx, fn)
+		if err == nil || !errors.Is(err, errRetryable) {
 			return err
 		}
 		if attempt >= s.maxAttempts {
@@ -59,6 +53,34 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 			return err
 		}
 	}
+}
+
+// runTx runs fn once in a transaction. fn's error is returned as it is: the
+// executor classified driver errors at the edge, and anything else (an
+// engine error naming caller-chosen ids) must not be mistaken for one. A
+// failed COMMIT is ErrCommitUnknown: the write may have landed.
+func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err error) {
+	tx := s.db.WithContext(ctx).Begin()
+	if tx.Error != nil {
+		return classify(tx.Error)
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			tx.Rollback()
+			panic(p)
+		}
+	}()
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect}); err != nil {
+		tx.Rollback()
+		return err
+	}
+	if err := tx.Commit().Error; err != nil {
+		if c := classify(err); errors.Is(c, errRetryable) {
+			return c // a deadlock reported at commit: rolled back, safe to rerun
+		}
+		return fmt.Errorf("%w: %v", ErrCommitUnknown, err)
+	}
+	return nil
 }
 
 func (e *gormExecutor) q(ctx context.Context) *gorm.DB { return e.db.WithContext(ctx) }
@@ -103,11 +125,18 @@ func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) e
 }
 
 func (e *gormExecutor) RunEnd(ctx context.Context, p *RunEndParams) error {
-	return classify(e.q(ctx).Model(&runRow{}).Where("id = ?", p.RunID).Updates(map[string]any{
+	res := e.q(ctx).Model(&runRow{}).Where("id = ? AND state = ?", p.RunID, string(models.RunStarted)).Updates(map[string]any{
 		"state":      string(p.State),
 		"result":     p.Result,
 		"updated_at": newDBTime(p.UpdatedAt),
-	}).Error)
+	})
+	if res.Error != nil {
+		return classify(res.Error)
+	}
+	if res.RowsAffected != 1 {
+		return fmt.Errorf("end run %s: %w", p.RunID, ErrNotStarted)
+	}
+	return nil
 }
 
 func (e *gormExecutor) RunList(ctx context.Context, p *RunListParams) ([]*models.WorkflowRun, error) {
@@ -199,7 +228,9 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 
 func (e *gormExecutor) WaiterListByRun(ctx context.Context, runID string) ([]*models.Waiter, error) {
 	var rows []waiterRow
-	if err := e.q(ctx).Where("run_id = ?", runID).Order("seq").Find(&rows).Error; err != nil {
+	// Without event_data: listings never show it, and ended waiters of a
+	// long run could carry a lot of it.
+	if err := e.q(ctx).Omit("event_data").Where("run_id = ?", runID).Order("seq").Find(&rows).Error; err != nil {
 		return nil, classify(err)
 	}
 	return waiterModels(rows), nil

@@ -188,19 +188,40 @@ func migrate(ctx context.Context, db *sql.DB, dialect string) error {
 
 	if dialect == DialectMySQL {
 		var got sql.NullInt64
-		if err := conn.QueryRowContext(ctx, `SELECT GET_LOCK(CONCAT('rendezvous_migrations:', DATABASE()), 120)`).Scan(&got); err != nil {
+		if err := conn.QueryRowContext(ctx, `SELECT GET_LOCK(CONCAT('rdv_migrate:', SHA1(DATABASE())), 120)`).Scan(&got); err != nil {
 			return fmt.Errorf("migrate: take lock: %w", err)
 		}
 		if !got.Valid || got.Int64 != 1 {
 			return fmt.Errorf("migrate: another process held the migration lock for 120s")
 		}
-		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT RELEASE_LOCK(CONCAT('rendezvous_migrations:', DATABASE()))`)
+		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT RELEASE_LOCK(CONCAT('rdv_migrate:', SHA1(DATABASE())))`)
 	}
 
 	create := `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL PRIMARY KEY, name VARCHAR(200) NOT NULL, applied_at VARCHAR(40) NOT NULL)`
 	if _, err := conn.ExecContext(ctx, create); err != nil {
 		return fmt.Errorf("migrate: create %s: %w", migrationsTable, err)
 	}
+	if dialect == DialectSQLite {
+		// One write transaction for the whole run, taken before reading the
+		// version, so two processes on one file cannot both apply it.
+		if _, err := conn.ExecContext(ctx, `BEGIN IMMEDIATE`); err != nil {
+			return fmt.Errorf("migrate: begin: %w", err)
+		}
+		if err := applyMigrations(ctx, conn, dialect); err != nil {
+			conn.ExecContext(context.WithoutCancel(ctx), `ROLLBACK`)
+			return err
+		}
+		if _, err := conn.ExecContext(ctx, `COMMIT`); err != nil {
+			return fmt.Errorf("migrate: commit: %w", err)
+		}
+		return nil
+	}
+	// MySQL commits each DDL statement on its own; the named lock above
+	// keeps other replicas out meanwhile.
+	return applyMigrations(ctx, conn, dialect)
+}
+
+func applyMigrations(ctx context.Context, conn *sql.Conn, dialect string) error {
 	var current int
 	if err := conn.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&current); err != nil {
 		return fmt.Errorf("migrate: read version: %w", err)
@@ -216,32 +237,14 @@ func migrate(ctx context.Context, db *sql.DB, dialect string) error {
 		if dialect == DialectSQLite {
 			stmts = m.sqlite
 		}
-		// MySQL commits each DDL statement on its own; SQLite can wrap the
-		// whole migration in one transaction.
-		if dialect == DialectSQLite {
-			if _, err := conn.ExecContext(ctx, `BEGIN IMMEDIATE`); err != nil {
-				return fmt.Errorf("migrate %d: begin: %w", m.version, err)
-			}
-		}
 		for _, stmt := range stmts {
 			if _, err := conn.ExecContext(ctx, stmt); err != nil {
-				if dialect == DialectSQLite {
-					conn.ExecContext(ctx, `ROLLBACK`)
-				}
 				return fmt.Errorf("migrate %d (%s): %w", m.version, m.name, err)
 			}
 		}
 		if _, err := conn.ExecContext(ctx, `INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)`,
 			m.version, m.name, time.Now().UTC().Format(time.RFC3339Nano)); err != nil {
-			if dialect == DialectSQLite {
-				conn.ExecContext(ctx, `ROLLBACK`)
-			}
 			return fmt.Errorf("migrate %d: record: %w", m.version, err)
-		}
-		if dialect == DialectSQLite {
-			if _, err := conn.ExecContext(ctx, `COMMIT`); err != nil {
-				return fmt.Errorf("migrate %d: commit: %w", m.version, err)
-			}
 		}
 	}
 	return nil

@@ -23,8 +23,16 @@ var ErrNotFound = errors.New("not found")
 var ErrDuplicate = errors.New("duplicate key")
 
 // ErrUnavailable wraps errors that mean the database could not be reached or
-// gave up under contention; the caller may try again later.
+// gave up under contention; nothing was written, the caller may try again.
 var ErrUnavailable = errors.New("database unavailable")
+
+// ErrCommitUnknown: the connection failed during COMMIT, so the transaction
+// may or may not have landed.
+var ErrCommitUnknown = errors.New("commit outcome unknown")
+
+// ErrNotStarted: RunEnd found the run no longer started (the caller should
+// hold the run's lock, so this means a bug, not a race).
+var ErrNotStarted = errors.New("run is not started")
 
 // Store is a database holding Rendezvous' tables.
 type Store interface {
@@ -48,6 +56,7 @@ type Executor interface {
 	RunGet(ctx context.Context, runID string, forUpdate bool) (*models.WorkflowRun, error)
 	// RunInsert inserts a run; ErrDuplicate if the id exists.
 	RunInsert(ctx context.Context, run *models.WorkflowRun) error
+	// RunEnd moves a started run to its final state (compare and set).
 	RunEnd(ctx context.Context, p *RunEndParams) error
 	RunList(ctx context.Context, p *RunListParams) ([]*models.WorkflowRun, error)
 
