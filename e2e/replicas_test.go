@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -13,7 +14,9 @@ import (
 
 	"rendezvous/internal/gqlclient"
 	"rendezvous/internal/testdb"
+	"rendezvous/models"
 	"rendezvous/service"
+	"rendezvous/storage"
 )
 
 // redisURL returns the Redis the replica tests use, or skips (fails under
@@ -140,4 +143,45 @@ func TestReplicasTargetedRace(t *testing.T) {
 	wg.Wait()
 	t.Logf("%d races across replicas: %d resolved a waiter, %d went through lookback", races, resolved, lookback)
 	require.Equal(t, races, resolved+lookback)
+}
+
+// A waiter without a step whose replica died (no cleanup, lease run out)
+// must not swallow a targeted notify: the notify stores a lookback instead,
+// the run's next wait gets it, and the orphan is reaped.
+func TestOrphanedWaiterOfDeadReplica(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		e := newEnv(t, db, func(c *service.Config) { c.Engine.LeaseTTL = 2 * time.Second })
+		ctx := ctxT(t)
+		run, ev := e.trigger(), uid("ev")
+		now := e.clock.Now()
+		// What a replica killed mid-wait leaves behind: its waiter, and a
+		// lease that has run out.
+		require.NoError(t, e.svc.Store.ReplicaRenew(ctx, "rep_dead", now.Add(-time.Second)))
+		orphan := &models.Waiter{EventID: ev, WorkflowRunID: &run, State: models.WaiterWaiting,
+			Deadline: now.Add(time.Hour), CreatedAt: now, Owner: "rep_dead"}
+		require.NoError(t, e.svc.Store.WaiterInsert(ctx, orphan))
+		require.Empty(t, e.waiters(ev), "a dead replica's waiter is not waiting")
+
+		n := e.notify(ev, "for the next wait", run)
+		require.Empty(t, n.NotifyResponse, "the orphan must not swallow the notification")
+		require.NotNil(t, n.Lookback)
+
+		r := mustResult(t, e.subscribe(e.dial(gqlclient.TransportWS), ev, waitOpts{run: run}))
+		require.Equal(t, `"for the next wait"`, string(r.EventData))
+		require.Equal(t, n.Lookback.MessageID, *r.MessageID)
+
+		eventually(t, 10*time.Second, func() bool {
+			_, err := e.svc.Store.WaiterGet(ctx, orphan.ID)
+			return errors.Is(err, storage.ErrNotFound)
+		}, "the orphan is reaped")
+
+		// A live replica's own waiters keep counting while it renews.
+		live := e.subscribe(e.dial(gqlclient.TransportWS), ev, waitOpts{run: run})
+		e.awaitWaiting(ev, 1)
+		e.clock.Advance(5 * time.Second) // past the TTL: only renewals keep it alive
+		eventually(t, 10*time.Second, func() bool { return len(e.waiters(ev)) == 1 }, "lease renewed")
+		n2 := e.notify(ev, "live", run)
+		require.Len(t, n2.NotifyResponse, 1)
+		require.Equal(t, `"live"`, string(mustResult(t, live).EventData))
+	})
 }

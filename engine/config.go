@@ -25,6 +25,12 @@ type Config struct {
 	// the database, for wake-ups lost between replicas.
 	CatchUpInterval time.Duration
 
+	// LeaseTTL is how long this replica's hold on its waiters without a
+	// step lasts without renewal. If the replica dies, such waiters stop
+	// counting (notifies skip them, so a targeted notify stores a lookback
+	// instead) once the lease runs out. It is renewed every LeaseTTL/4.
+	LeaseTTL time.Duration
+
 	// Now is the clock; tests may replace it.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -39,6 +45,7 @@ const (
 	DefaultMaxIDBytes        = 256
 	DefaultSweepInterval     = time.Second
 	DefaultCatchUpInterval   = 2 * time.Second
+	DefaultLeaseTTL          = 20 * time.Second
 )
 
 func (c Config) withDefaults() Config {
@@ -68,6 +75,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.CatchUpInterval <= 0 {
 		c.CatchUpInterval = DefaultCatchUpInterval
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = DefaultLeaseTTL
 	}
 	if c.Now == nil {
 		c.Now = time.Now

@@ -48,12 +48,18 @@ type Engine struct {
 	waits    int
 	draining bool
 	drained  chan struct{} // closed when draining and waits reaches 0
+
+	// replicaID owns this process's waiters without a step, under a lease
+	// renewed while the process lives (see Config.LeaseTTL).
+	replicaID  string
+	leaseMu    sync.Mutex
+	leaseUntil time.Time
 }
 
 // New returns an engine over the store. bus may be nil.
 func New(store storage.Store, h *hub.Hub, bus Bus, cfg Config) *Engine {
 	cfg = cfg.withDefaults()
-	return &Engine{cfg: cfg, store: store, hub: h, bus: bus, log: cfg.Logger}
+	return &Engine{cfg: cfg, store: store, hub: h, bus: bus, log: cfg.Logger, replicaID: newID("rep_")}
 }
 
 // Config returns the engine's effective configuration.
@@ -75,16 +81,45 @@ func (e *Engine) Start(ctx context.Context) {
 	}()
 }
 
-// Stop ends the background loops and waits for them. A second Stop is harmless.
+// Stop ends the background loops, waits for them and gives up this
+// replica's lease. A second Stop is harmless.
 func (e *Engine) Stop() {
 	e.mu.Lock()
 	cancel, stopped := e.cancel, e.stopped
+	e.cancel = nil
 	e.mu.Unlock()
-	if cancel == nil {
-		return
+	if cancel != nil {
+		cancel()
+		<-stopped
 	}
-	cancel()
-	<-stopped
+	e.leaseMu.Lock()
+	held := !e.leaseUntil.IsZero()
+	e.leaseUntil = time.Time{}
+	e.leaseMu.Unlock()
+	if held {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := e.store.ReplicaRelease(ctx, e.replicaID); err != nil {
+			e.log.Warn("release replica lease", "err", err)
+		}
+	}
+}
+
+// holdLease makes sure this replica's lease has at least half its TTL left,
+// before a waiter without a step is registered under it.
+func (e *Engine) holdLease(ctx context.Context, force bool) error {
+	e.leaseMu.Lock()
+	defer e.leaseMu.Unlock()
+	now := e.now()
+	if !force && e.leaseUntil.Sub(now) > e.cfg.LeaseTTL/2 {
+		return nil
+	}
+	until := now.Add(e.cfg.LeaseTTL)
+	if err := e.store.ReplicaRenew(ctx, e.replicaID, until); err != nil {
+		return storageErr("renew replica lease", err)
+	}
+	e.leaseUntil = until
+	return nil
 }
 
 // DrainWaits refuses new waits from now on and waits until every wait in

@@ -20,6 +20,8 @@ func (e *Engine) runLoops(ctx context.Context) {
 	defer sweep.Stop()
 	catchUp := time.NewTicker(e.cfg.CatchUpInterval)
 	defer catchUp.Stop()
+	lease := time.NewTicker(e.cfg.LeaseTTL / 4)
+	defer lease.Stop()
 	e.sweep(ctx)
 	for {
 		select {
@@ -29,7 +31,33 @@ func (e *Engine) runLoops(ctx context.Context) {
 			e.sweep(ctx)
 		case <-catchUp.C:
 			e.catchUp(ctx)
+		case <-lease.C:
+			e.renewAndReap(ctx)
 		}
+	}
+}
+
+// renewAndReap keeps this replica's lease alive while it has waiters
+// without a step, and deletes such waiters of replicas whose lease ran out
+// (they died without cleaning up).
+func (e *Engine) renewAndReap(ctx context.Context) {
+	e.leaseMu.Lock()
+	held := !e.leaseUntil.IsZero()
+	e.leaseMu.Unlock()
+	if held {
+		if err := e.holdLease(ctx, true); err != nil && ctx.Err() == nil {
+			e.log.Warn("renew replica lease", "err", err)
+		}
+	}
+	n, err := e.store.WaiterReapOrphans(ctx, e.now())
+	if err != nil {
+		if ctx.Err() == nil {
+			e.log.Warn("reap waiters of dead replicas", "err", err)
+		}
+		return
+	}
+	if n > 0 {
+		e.log.Info("removed waiters of a replica that stopped without cleaning up", "waiters", n)
 	}
 }
 

@@ -75,6 +75,15 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 		stepName = p.StepName
 	}
 
+	var owner string
+	if stepName == nil {
+		// This waiter lives as long as this process's subscription; the
+		// lease lets other replicas tell when the process is gone.
+		if err := e.holdLease(ctx, false); err != nil {
+			return nil, err
+		}
+		owner = e.replicaID
+	}
 	var live, ended *models.Waiter
 	err = e.store.InTx(ctx, func(tx storage.Executor) error {
 		live, ended = nil, nil
@@ -121,7 +130,7 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 		}
 		w := &models.Waiter{
 			EventID: p.EventID, WorkflowRunID: runID, StepName: stepName,
-			State: models.WaiterWaiting, Deadline: now.Add(timeout), CreatedAt: now,
+			State: models.WaiterWaiting, Deadline: now.Add(timeout), CreatedAt: now, Owner: owner,
 		}
 		if err := e.insertWaiter(ctx, tx, w); err != nil {
 			return err
@@ -256,7 +265,9 @@ func retryDelay(failures int) time.Duration {
 func (w *Wait) lookup(ctx context.Context) (res *models.WaitResult, err error, done bool) {
 	cur, err := w.e.store.WaiterGet(ctx, w.waiter.ID)
 	if errors.Is(err, storage.ErrNotFound) {
-		return nil, fmt.Errorf("waiter %s vanished", w.waiter.ID), true
+		// Reaped: this replica lost its lease (cut off from the database
+		// for longer than LeaseTTL), so other replicas took it for dead.
+		return nil, errorf(CodeUnavailable, "this subscription's waiter was dropped while the server was cut off from the database; subscribe again"), true
 	}
 	if err != nil {
 		return nil, err, false

@@ -30,6 +30,10 @@ type Waiter struct {
 	Deadline      time.Time
 	CreatedAt     time.Time
 
+	// Owner is the replica whose live subscription a waiter without a step
+	// belongs to; "" for durable waiters. Only live owners' waiters count.
+	Owner string
+
 	// How it ended; zero while WAITING.
 	EndedAt   *time.Time
 	MessageID *string         // the notification that resolved it (NOTIFIED only)

@@ -95,6 +95,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	dur("RENDEZVOUS_LOOKBACK_RETENTION", &cfg.Engine.LookbackRetention)
 	dur("RENDEZVOUS_SWEEP_INTERVAL", &cfg.Engine.SweepInterval)
 	dur("RENDEZVOUS_CATCHUP_INTERVAL", &cfg.Engine.CatchUpInterval)
+	dur("RENDEZVOUS_LEASE_TTL", &cfg.Engine.LeaseTTL)
 	num("RENDEZVOUS_MAX_PAYLOAD_BYTES", &cfg.Engine.MaxPayloadBytes)
 	num("RENDEZVOUS_MAX_EVENT_ID_BYTES", &cfg.Engine.MaxIDBytes)
 	cfg.PlaygroundAssets = getenv("RENDEZVOUS_PLAYGROUND_ASSETS")

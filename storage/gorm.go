@@ -178,6 +178,9 @@ func (e *gormExecutor) WaiterInsert(ctx context.Context, w *models.Waiter) error
 		MessageID: w.MessageID,
 		EventData: w.EventData,
 	}
+	if w.Owner != "" {
+		row.ReplicaID = &w.Owner
+	}
 	if w.EndedAt != nil {
 		row.EndedAt = newDBTime(*w.EndedAt)
 	}
@@ -218,7 +221,8 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 	} else {
 		q = q.Where("event_id = ?", p.EventID)
 	}
-	q = q.Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(p.Now))
+	q = q.Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(p.Now)).
+		Where("(replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = waiters.replica_id AND r.lease_until > ?))", newDBTime(p.Now))
 	var rows []waiterRow
 	if err := e.lock(q.Order("seq"), p.ForUpdate).Find(&rows).Error; err != nil {
 		return nil, classify(err)
@@ -359,6 +363,47 @@ func (e *gormExecutor) WaiterListExpired(ctx context.Context, now time.Time, lim
 		return nil, classify(err)
 	}
 	return waiterModels(rows), nil
+}
+
+// ---- replica leases
+
+func (e *gormExecutor) ReplicaRenew(ctx context.Context, replicaID string, leaseUntil time.Time) error {
+	res := e.q(ctx).Model(&replicaRow{}).Where("id = ?", replicaID).Update("lease_until", newDBTime(leaseUntil))
+	if res.Error != nil {
+		return classify(res.Error)
+	}
+	if res.RowsAffected == 1 {
+		return nil
+	}
+	err := e.q(ctx).Clauses(clause.OnConflict{
+		Columns:   []clause.Column{{Name: "id"}},
+		DoUpdates: clause.Assignments(map[string]any{"lease_until": newDBTime(leaseUntil)}),
+	}).Create(&replicaRow{ID: replicaID, LeaseUntil: newDBTime(leaseUntil)}).Error
+	return classify(err)
+}
+
+func (e *gormExecutor) ReplicaRelease(ctx context.Context, replicaID string) error {
+	return classify(e.q(ctx).Where("id = ?", replicaID).Delete(&replicaRow{}).Error)
+}
+
+func (e *gormExecutor) WaiterReapOrphans(ctx context.Context, now time.Time) (int64, error) {
+	var dead []string
+	if err := e.q(ctx).Model(&replicaRow{}).Where("lease_until <= ?", newDBTime(now)).Pluck("id", &dead).Error; err != nil {
+		return 0, classify(err)
+	}
+	if len(dead) == 0 {
+		return 0, nil
+	}
+	res := e.q(ctx).Where("replica_id IN ? AND state = ?", dead, string(models.WaiterWaiting)).Delete(&waiterRow{})
+	if res.Error != nil {
+		return 0, classify(res.Error)
+	}
+	// A replica that was only cut off renews (re-creates) its lease when it
+	// is back; its waiters are gone by then and its subscribers are told so.
+	if err := e.q(ctx).Where("id IN ? AND lease_until <= ?", dead, newDBTime(now)).Delete(&replicaRow{}).Error; err != nil {
+		return 0, classify(err)
+	}
+	return res.RowsAffected, nil
 }
 
 // ---- lookback events

@@ -27,6 +27,8 @@ type migration struct {
 //	lookback_events (expires_at)                       the retention purge
 //	steps           UNIQUE(run_id, step_name)          durable steps: re-attach (run, step) and notify dedup; run.steps
 //	notifications   UNIQUE(message_id)                 a notified waiter's event data (one row per notify, not per waiter)
+//	waiters         (replica_id, state)                reaping waiters whose replica died
+//	replicas        PRIMARY(id)                        the lease check in every notify
 //
 // Ids, event ids, step names and labels are VARBINARY on MySQL: compared byte
 // for byte, trailing spaces included (utf8mb4_bin pads spaces, so "a" and
@@ -166,6 +168,27 @@ var migrations = []migration{
 				created_at TEXT NOT NULL
 			)`,
 			`CREATE UNIQUE INDEX notifications_message ON notifications (message_id)`,
+		},
+	},
+	{
+		version: 2,
+		name:    "replica leases for waiters without a step",
+		mysql: []string{
+			`CREATE TABLE IF NOT EXISTS replicas (
+				id VARBINARY(64) NOT NULL,
+				lease_until DATETIME(6) NOT NULL,
+				PRIMARY KEY (id)
+			) ENGINE=InnoDB`,
+			`ALTER TABLE waiters ADD COLUMN replica_id VARBINARY(64) NULL`,
+			`CREATE INDEX waiters_replica_state ON waiters (replica_id, state)`,
+		},
+		sqlite: []string{
+			`CREATE TABLE IF NOT EXISTS replicas (
+				id TEXT NOT NULL PRIMARY KEY,
+				lease_until TEXT NOT NULL
+			)`,
+			`ALTER TABLE waiters ADD COLUMN replica_id TEXT NULL`,
+			`CREATE INDEX waiters_replica_state ON waiters (replica_id, state)`,
 		},
 	},
 }

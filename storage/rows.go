@@ -37,9 +37,17 @@ type waiterRow struct {
 	EndedAt   dbTime  `gorm:"column:ended_at"`
 	MessageID *string `gorm:"column:message_id"`
 	EventData []byte  `gorm:"column:event_data"`
+	ReplicaID *string `gorm:"column:replica_id"`
 }
 
 func (waiterRow) TableName() string { return "waiters" }
+
+type replicaRow struct {
+	ID         string `gorm:"column:id;primaryKey"`
+	LeaseUntil dbTime `gorm:"column:lease_until"`
+}
+
+func (replicaRow) TableName() string { return "replicas" }
 
 type lookbackRow struct {
 	Seq        int64  `gorm:"column:seq;primaryKey;autoIncrement"`
@@ -127,7 +135,15 @@ func (r *waiterRow) model() *models.Waiter {
 		EndedAt:       r.EndedAt.ptr(),
 		MessageID:     r.MessageID,
 		EventData:     r.EventData,
+		Owner:         deref(r.ReplicaID),
 	}
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
 }
 
 func (r *lookbackRow) model() *models.LookbackEvent {

@@ -65,7 +65,8 @@ type Executor interface {
 	// WaiterGet returns the waiter with the event data it ended with.
 	WaiterGet(ctx context.Context, waiterID string) (*models.Waiter, error)
 	// WaiterListWaiting lists waiters in state WAITING whose deadline is
-	// after Now, oldest first; forUpdate locks them.
+	// after Now and whose owner (if any) holds a live lease, oldest first;
+	// forUpdate locks them.
 	WaiterListWaiting(ctx context.Context, p *WaiterListWaitingParams) ([]*models.Waiter, error)
 	WaiterListByRun(ctx context.Context, runID string) ([]*models.Waiter, error)
 	// WaiterEnd moves the given waiters from WAITING to p.State (compare and
@@ -79,6 +80,16 @@ type Executor interface {
 	WaiterListEnded(ctx context.Context, waiterIDs []string) ([]string, error)
 	// WaiterListExpired lists WAITING waiters whose deadline is at or before now.
 	WaiterListExpired(ctx context.Context, now time.Time, limit int) ([]*models.Waiter, error)
+
+	// ReplicaRenew creates or extends a replica's lease. Waiters whose
+	// Owner has no live lease are treated as gone: notifies skip them and
+	// WaiterReapOrphans deletes them.
+	ReplicaRenew(ctx context.Context, replicaID string, leaseUntil time.Time) error
+	// ReplicaRelease drops a replica's lease (graceful shutdown).
+	ReplicaRelease(ctx context.Context, replicaID string) error
+	// WaiterReapOrphans deletes WAITING waiters whose owner's lease ended
+	// before now, and those replicas' rows; it returns the waiters deleted.
+	WaiterReapOrphans(ctx context.Context, now time.Time) (int64, error)
 
 	LookbackEventInsert(ctx context.Context, e *models.LookbackEvent) error
 	// LookbackEventConsume marks the oldest unconsumed, unexpired lookback
