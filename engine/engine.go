@@ -54,6 +54,9 @@ type Engine struct {
 	replicaID  string
 	leaseMu    sync.Mutex
 	leaseUntil time.Time
+	// healthySince is when lease renewals last started succeeding after a
+	// failure; only the loop goroutine touches it.
+	healthySince time.Time
 }
 
 // New returns an engine over the store. bus may be nil.

@@ -20,7 +20,7 @@ func (e *Engine) runLoops(ctx context.Context) {
 	defer sweep.Stop()
 	catchUp := time.NewTicker(e.cfg.CatchUpInterval)
 	defer catchUp.Stop()
-	lease := time.NewTicker(e.cfg.LeaseTTL / 4)
+	lease := time.NewTimer(0)
 	defer lease.Stop()
 	e.sweep(ctx)
 	for {
@@ -32,33 +32,46 @@ func (e *Engine) runLoops(ctx context.Context) {
 		case <-catchUp.C:
 			e.catchUp(ctx)
 		case <-lease.C:
-			e.renewAndReap(ctx)
+			next := e.cfg.LeaseTTL / 4
+			if !e.renewAndReap(ctx) {
+				next = min(next, time.Second) // back soon after an outage
+			}
+			lease.Reset(next)
 		}
 	}
 }
 
-// renewAndReap keeps this replica's lease alive while it has waiters
-// without a step, and deletes such waiters of replicas whose lease ran out
-// (they died without cleaning up).
-func (e *Engine) renewAndReap(ctx context.Context) {
-	e.leaseMu.Lock()
-	held := !e.leaseUntil.IsZero()
-	e.leaseMu.Unlock()
-	if held {
-		if err := e.holdLease(ctx, true); err != nil && ctx.Err() == nil {
+// renewAndReap keeps this replica's lease alive and deletes the waiters
+// without a step of replicas whose lease ran out (they died without
+// cleaning up). After a database outage every lease has lapsed, live
+// replicas' too, so it reaps only once renewals have succeeded for half a
+// TTL: by then every live replica has renewed (they do every quarter TTL).
+func (e *Engine) renewAndReap(ctx context.Context) bool {
+	if err := e.holdLease(ctx, true); err != nil {
+		if ctx.Err() == nil {
 			e.log.Warn("renew replica lease", "err", err)
 		}
+		e.healthySince = time.Time{}
+		return false
 	}
-	n, err := e.store.WaiterReapOrphans(ctx, e.now())
+	now := e.now()
+	if e.healthySince.IsZero() {
+		e.healthySince = now
+	}
+	if now.Sub(e.healthySince) < e.cfg.LeaseTTL/2 {
+		return true
+	}
+	n, err := e.store.WaiterReapOrphans(ctx, now)
 	if err != nil {
 		if ctx.Err() == nil {
 			e.log.Warn("reap waiters of dead replicas", "err", err)
 		}
-		return
+		return true
 	}
 	if n > 0 {
 		e.log.Info("removed waiters of a replica that stopped without cleaning up", "waiters", n)
 	}
+	return true
 }
 
 // sweep ends TIMED_OUT the waiters whose deadline passed (subscribers have

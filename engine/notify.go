@@ -140,7 +140,7 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (*models.NotifyResu
 // timed out.
 func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID string, data json.RawMessage,
 	target, messageID string, now time.Time, wakes map[string]hub.Wake) (*models.NotifyResult, error) {
-	lp := &storage.WaiterListWaitingParams{EventID: eventID, Now: now}
+	lp := &storage.WaiterListWaitingParams{EventID: eventID, Now: now, Self: e.replicaID}
 	if target != "" {
 		lp.RunID = &target
 	}

@@ -280,6 +280,6 @@ func (e *Engine) ActiveWaiters(ctx context.Context, eventID string) ([]*models.W
 	if err := e.checkEventID(eventID); err != nil {
 		return nil, err
 	}
-	ws, err := e.store.WaiterListWaiting(ctx, &storage.WaiterListWaitingParams{EventID: eventID, Now: e.now()})
+	ws, err := e.store.WaiterListWaiting(ctx, &storage.WaiterListWaitingParams{EventID: eventID, Now: e.now(), Self: e.replicaID})
 	return ws, storageErr("list waiters on "+eventID, err)
 }

@@ -222,7 +222,7 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 		q = q.Where("event_id = ?", p.EventID)
 	}
 	q = q.Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(p.Now)).
-		Where("(replica_id IS NULL OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = waiters.replica_id AND r.lease_until > ?))", newDBTime(p.Now))
+		Where("(replica_id IS NULL OR replica_id = ? OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = waiters.replica_id AND r.lease_until > ?))", p.Self, newDBTime(p.Now))
 	var rows []waiterRow
 	if err := e.lock(q.Order("seq"), p.ForUpdate).Find(&rows).Error; err != nil {
 		return nil, classify(err)

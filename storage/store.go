@@ -136,8 +136,12 @@ type RunListParams struct {
 }
 
 type WaiterListWaitingParams struct {
-	EventID   string
-	RunID     *string // nil: any run (broadcast) or no run
+	EventID string
+	RunID   *string // nil: any run (broadcast) or no run
+	// Self is the calling replica: its own waiters count whatever its lease
+	// says (it knows they are alive; its lease may just have lapsed during
+	// a database outage).
+	Self      string
 	Now       time.Time
 	ForUpdate bool
 }
