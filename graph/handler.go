@@ -14,7 +14,6 @@ import (
 	"github.com/99designs/gqlgen/graphql/handler/lru"
 	"github.com/99designs/gqlgen/graphql/handler/transport"
 	"github.com/99designs/gqlgen/graphql/playground"
-	coderws "github.com/coder/websocket"
 	"github.com/vektah/gqlparser/v2/ast"
 
 	"rendezvous/auth"
@@ -118,11 +117,8 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		InitTimeout:           cfg.InitTimeout,
 		InitFunc:              wsInit(cfg.Auth, cfg.Now),
 		PayloadReadLimit:      &readLimit,
-		Implementation: guardedWebsockets{
-			// The origin was checked by the origins middleware already.
-			inner:   transport.CoderWebsocketImplementation{AcceptOptions: coderws.AcceptOptions{InsecureSkipVerify: true}},
-			maxSubs: cfg.MaxSubscriptionsPerConnection,
-		},
+		// The origin was checked by the origins middleware already.
+		Implementation: guardedWebsockets{maxSubs: cfg.MaxSubscriptionsPerConnection, pingEvery: cfg.KeepAlive},
 	})
 	srv.AddTransport(transport.Options{})
 	// SSE before POST: both take application/json POSTs; SSE only those

@@ -21,12 +21,13 @@ const closeDuplicateID = 4409
 // runs (4409, as graphql-transport-ws requires), and a connection may hold
 // at most maxSubs operations at once (the one over the limit gets an error).
 type guardedWebsockets struct {
-	inner   transport.WebsocketImplementation
 	maxSubs int
+	// pingEvery: websocket ping frames on legacy graphql-ws connections.
+	pingEvery time.Duration
 }
 
 func (g guardedWebsockets) Accept(w http.ResponseWriter, r *http.Request, opts transport.WebsocketAcceptOptions) (transport.WebsocketConn, error) {
-	c, err := g.inner.Accept(w, r, opts)
+	c, err := acceptCoder(w, r, opts, g.pingEvery)
 	if err != nil {
 		return nil, err
 	}
