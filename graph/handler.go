@@ -1,8 +1,10 @@
 package graph
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -128,8 +130,10 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.AddTransport(unsupported{}) // last: takes whatever the others did not
 	srv.SetQueryCache(boundedCache[*ast.QueryDocument]{lru.New[*ast.QueryDocument](1000)})
 	srv.SetParserTokenLimit(cfg.MaxTokens)
+	// queryLimits first: it refuses fragment explosions that gqlgen's
+	// complexity walk would take exponential time over.
+	srv.Use(queryLimits{maxDepth: cfg.MaxDepth, maxAliases: cfg.MaxAliases, maxFields: cfg.MaxComplexity})
 	srv.Use(extension.FixedComplexityLimit(cfg.MaxComplexity))
-	srv.Use(queryLimits{maxDepth: cfg.MaxDepth, maxAliases: cfg.MaxAliases})
 	if cfg.Playground {
 		srv.Use(extension.Introspection{})
 	} else {
@@ -217,12 +221,28 @@ func playgroundAssets(base string) []playground.GraphiqlConfigOption {
 	}
 }
 
-// limitBody caps every request body on /query (gqlgen's SSE transport reads
-// bodies without a limit); the websocket transport has its own read limit.
+// limitBody caps every request body on /query; the websocket transport has
+// its own read limit. gqlgen's SSE transport reads bodies itself, without a
+// limit and echoing them in errors, so an SSE body is read here, whole or
+// refused with 413.
 func limitBody(n int64, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Body != nil && !isUpgrade(r) {
-			r.Body = http.MaxBytesReader(w, r.Body, n)
+		if r.Body == nil || isUpgrade(r) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if r.ContentLength > n {
+			writeError(w, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE", "the request body is larger than the limit of %d bytes", n)
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, n)
+		if strings.Contains(r.Header.Get("Accept"), "text/event-stream") {
+			body, err := io.ReadAll(r.Body)
+			if err != nil {
+				writeError(w, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE", "the request body is larger than the limit of %d bytes", n)
+				return
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
 		next.ServeHTTP(w, r)
 	})

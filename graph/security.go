@@ -64,7 +64,15 @@ func authenticate(a *auth.Authenticator, now func() time.Time, next http.Handler
 			writeError(w, http.StatusUnauthorized, codeUnauthenticated, "a valid token is required (Authorization: Bearer <token>)")
 			return
 		}
-		next.ServeHTTP(w, r.WithContext(withPrincipal(r.Context(), p)))
+		ctx := withPrincipal(r.Context(), p)
+		if !p.Expires.IsZero() {
+			// An SSE stream (or a websocket authenticated by header) ends
+			// when its run token does.
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithDeadline(ctx, p.Expires)
+			defer cancel()
+		}
+		next.ServeHTTP(w, r.WithContext(ctx))
 	})
 }
 
@@ -160,10 +168,13 @@ func rootFields(doc *ast.QueryDocument, set ast.SelectionSet) []*ast.Field {
 	return out
 }
 
-// queryLimits refuses operations nested deeper than maxDepth or with more
+// queryLimits refuses operations nested deeper than maxDepth, with more
 // than maxAliases aliased fields (the cheap way to multiply work in one
-// request); gqlgen's complexity limit covers breadth.
-type queryLimits struct{ maxDepth, maxAliases int }
+// request), or with more than maxFields fields once fragments are expanded.
+// It runs before gqlgen's complexity limit, whose walk re-expands every
+// fragment spread: a 1 KB query of fragments that spread the previous one
+// twice would make it walk 2^n fields. Here each fragment is measured once.
+type queryLimits struct{ maxDepth, maxAliases, maxFields int }
 
 var (
 	_ graphql.HandlerExtension        = queryLimits{}
@@ -173,44 +184,71 @@ var (
 func (queryLimits) ExtensionName() string                   { return "QueryLimits" }
 func (queryLimits) Validate(graphql.ExecutableSchema) error { return nil }
 func (l queryLimits) MutateOperationContext(_ context.Context, oc *graphql.OperationContext) *gqlerror.Error {
-	depth, aliases := measure(oc.Doc, oc.Operation.SelectionSet, 1, map[string]bool{})
+	m := measurer{doc: oc.Doc, memo: map[string]size{}, visiting: map[string]bool{}}
+	sz := m.set(oc.Operation.SelectionSet)
+	tooComplex := func(format string, args ...any) *gqlerror.Error {
+		return &gqlerror.Error{Message: fmt.Sprintf(format, args...), Extensions: map[string]any{"code": codeTooComplex}}
+	}
 	switch {
-	case depth > l.maxDepth:
-		return &gqlerror.Error{Message: fmt.Sprintf("the operation is nested %d levels deep; at most %d are allowed", depth, l.maxDepth), Extensions: map[string]any{"code": codeTooComplex}}
-	case aliases > l.maxAliases:
-		return &gqlerror.Error{Message: fmt.Sprintf("the operation has %d aliased fields; at most %d are allowed", aliases, l.maxAliases), Extensions: map[string]any{"code": codeTooComplex}}
+	case sz.depth > l.maxDepth:
+		return tooComplex("the operation is nested %d levels deep; at most %d are allowed", sz.depth, l.maxDepth)
+	case sz.aliases > l.maxAliases:
+		return tooComplex("the operation has %d aliased fields; at most %d are allowed", sz.aliases, l.maxAliases)
+	case sz.fields > l.maxFields:
+		return tooComplex("the operation's complexity is too high: it selects %d fields once fragments are expanded; at most %d are allowed", sz.fields, l.maxFields)
 	}
 	return nil
 }
 
-// measure returns the depth and the number of aliased fields of a selection
-// set; visiting tracks fragments on the current path (validation already
-// refuses cycles, this only keeps the walk finite).
-func measure(doc *ast.QueryDocument, set ast.SelectionSet, level int, visiting map[string]bool) (depth, aliases int) {
+// size of a selection set: levels of nesting, aliased fields and fields,
+// with fragments expanded. Counts saturate at sizeCap.
+type size struct{ depth, aliases, fields int }
+
+const sizeCap = 1 << 30
+
+func (a size) plus(b size) size {
+	return size{max(a.depth, b.depth), min(a.aliases+b.aliases, sizeCap), min(a.fields+b.fields, sizeCap)}
+}
+
+type measurer struct {
+	doc      *ast.QueryDocument
+	memo     map[string]size
+	visiting map[string]bool // cycles are refused by validation; this keeps the walk finite
+}
+
+func (m measurer) set(set ast.SelectionSet) size {
+	var total size
 	for _, sel := range set {
-		var d, a int
 		switch s := sel.(type) {
 		case *ast.Field:
+			child := m.set(s.SelectionSet)
+			f := size{depth: child.depth + 1, aliases: child.aliases, fields: min(child.fields+1, sizeCap)}
 			if s.Alias != "" && s.Alias != s.Name {
-				a++
+				f.aliases = min(f.aliases+1, sizeCap)
 			}
-			d = level
-			if len(s.SelectionSet) > 0 {
-				cd, ca := measure(doc, s.SelectionSet, level+1, visiting)
-				d, a = max(d, cd), a+ca
-			}
+			total = total.plus(f)
 		case *ast.InlineFragment:
-			d, a = measure(doc, s.SelectionSet, level, visiting)
+			total = total.plus(m.set(s.SelectionSet))
 		case *ast.FragmentSpread:
-			if fr := doc.Fragments.ForName(s.Name); fr != nil && !visiting[s.Name] {
-				visiting[s.Name] = true
-				d, a = measure(doc, fr.SelectionSet, level, visiting)
-				delete(visiting, s.Name)
-			}
+			total = total.plus(m.fragment(s.Name))
 		}
-		depth, aliases = max(depth, d), aliases+a
 	}
-	return depth, aliases
+	return total
+}
+
+func (m measurer) fragment(name string) size {
+	if sz, ok := m.memo[name]; ok {
+		return sz
+	}
+	fr := m.doc.Fragments.ForName(name)
+	if fr == nil || m.visiting[name] {
+		return size{}
+	}
+	m.visiting[name] = true
+	sz := m.set(fr.SelectionSet)
+	delete(m.visiting, name)
+	m.memo[name] = sz
+	return sz
 }
 
 // rateLimiter is a token bucket per caller for mutations: rate per second,
@@ -240,8 +278,8 @@ func newRateLimiter(rate float64, burst int, now func() time.Time) *rateLimiter 
 	return &rateLimiter{rate: rate, burst: float64(burst), now: now, buckets: map[string]*bucket{}}
 }
 
-// allow takes a token for key, or says how long until one is available.
-func (l *rateLimiter) allow(key string) (bool, time.Duration) {
+// allow takes n tokens for key, or says how long until they are available.
+func (l *rateLimiter) allow(key string, n int) (bool, time.Duration) {
 	now := l.now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -260,17 +298,22 @@ func (l *rateLimiter) allow(key string) (bool, time.Duration) {
 	}
 	b.tokens = min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
 	b.last = now
-	if b.tokens >= 1 {
-		b.tokens--
+	need := float64(n)
+	if b.tokens >= need {
+		b.tokens -= need
 		return true, 0
 	}
-	return false, time.Duration((1 - b.tokens) / l.rate * float64(time.Second))
+	if need > l.burst {
+		return false, time.Duration(need / l.rate * float64(time.Second))
+	}
+	return false, time.Duration((need - b.tokens) / l.rate * float64(time.Second))
 }
 
 type clientIPKey struct{}
 
 // limitMutations is an AroundOperations middleware that rate-limits
-// mutations per token (per client address for anonymous callers).
+// mutations per token (per client address for anonymous callers). Every
+// mutation field counts: one request with 40 aliased triggers costs 40.
 func (l *rateLimiter) limitMutations(ctx context.Context, next graphql.OperationHandler) graphql.ResponseHandler {
 	if l == nil {
 		return next(ctx)
@@ -283,7 +326,7 @@ func (l *rateLimiter) limitMutations(ctx context.Context, next graphql.Operation
 	if p := principal(ctx); p != nil && p.Key != "" {
 		key = p.Key
 	}
-	ok, wait := l.allow(key)
+	ok, wait := l.allow(key, max(1, len(rootFields(oc.Doc, oc.Operation.SelectionSet))))
 	if ok {
 		return next(ctx)
 	}
