@@ -393,7 +393,9 @@ func faultDropLeak(t *testing.T) {
 	)
 	logs := &syncBuffer{}
 	e := newEnv(t, testdb.SQLite(t), func(c *service.Config) {
-		c.HTTP.KeepAlive = faultKeepAlive
+		// Slower than the detection test: with 250 connections registering
+		// at once under -race, a live client could miss a 1 s pong deadline.
+		c.HTTP.KeepAlive = 4 * faultKeepAlive
 		c.Logger = faultQuietLogger(logs) // debug logs would grow the heap we measure
 	})
 	t.Cleanup(func() {

@@ -31,6 +31,12 @@ type Config struct {
 	// instead) once the lease runs out. It is renewed every LeaseTTL/4.
 	LeaseTTL time.Duration
 
+	// GaugeInterval is how often the backlog (waiters waiting, lookback
+	// events pending) is counted in the database for the Recorder.
+	GaugeInterval time.Duration
+	// Recorder hears what the engine did, for metrics; nil: nobody.
+	Recorder Recorder
+
 	// Now is the clock; tests may replace it.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -46,6 +52,7 @@ const (
 	DefaultSweepInterval     = time.Second
 	DefaultCatchUpInterval   = 2 * time.Second
 	DefaultLeaseTTL          = 20 * time.Second
+	DefaultGaugeInterval     = 15 * time.Second
 )
 
 func (c Config) withDefaults() Config {
@@ -78,6 +85,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LeaseTTL <= 0 {
 		c.LeaseTTL = DefaultLeaseTTL
+	}
+	if c.GaugeInterval <= 0 {
+		c.GaugeInterval = DefaultGaugeInterval
+	}
+	if c.Recorder == nil {
+		c.Recorder = NopRecorder{}
 	}
 	if c.Now == nil {
 		c.Now = time.Now

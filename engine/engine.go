@@ -36,6 +36,7 @@ type Engine struct {
 	hub   *hub.Hub
 	bus   Bus
 	log   *slog.Logger
+	rec   Recorder
 
 	mu      sync.Mutex
 	cancel  context.CancelFunc
@@ -62,7 +63,7 @@ type Engine struct {
 // New returns an engine over the store. bus may be nil.
 func New(store storage.Store, h *hub.Hub, bus Bus, cfg Config) *Engine {
 	cfg = cfg.withDefaults()
-	return &Engine{cfg: cfg, store: store, hub: h, bus: bus, log: cfg.Logger, replicaID: newID("rep_")}
+	return &Engine{cfg: cfg, store: store, hub: h, bus: bus, log: cfg.Logger, rec: cfg.Recorder, replicaID: newID("rep_")}
 }
 
 // Config returns the engine's effective configuration.

@@ -20,15 +20,20 @@ func (e *Engine) runLoops(ctx context.Context) {
 	defer sweep.Stop()
 	catchUp := time.NewTicker(e.cfg.CatchUpInterval)
 	defer catchUp.Stop()
+	gauges := time.NewTicker(e.cfg.GaugeInterval)
+	defer gauges.Stop()
 	lease := time.NewTimer(0)
 	defer lease.Stop()
 	e.sweep(ctx)
+	e.sampleBacklog(ctx)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-sweep.C:
 			e.sweep(ctx)
+		case <-gauges.C:
+			e.sampleBacklog(ctx)
 		case <-catchUp.C:
 			e.catchUp(ctx)
 		case <-lease.C:
@@ -69,6 +74,7 @@ func (e *Engine) renewAndReap(ctx context.Context) bool {
 		return true
 	}
 	if n > 0 {
+		e.record(tally{removed: int(n)})
 		e.log.Info("removed waiters of a replica that stopped without cleaning up", "waiters", n)
 	}
 	return true
@@ -91,7 +97,8 @@ func (e *Engine) sweep(ctx context.Context) {
 		}
 	}
 	for range maxBatchRuns {
-		n, err := e.store.LookbackEventPurge(ctx, e.now(), purgeBatch)
+		n, unconsumed, err := e.store.LookbackEventPurge(ctx, e.now(), purgeBatch)
+		e.record(tally{expired: int(unconsumed)})
 		if err != nil {
 			if ctx.Err() == nil {
 				e.log.Warn("purge expired lookback events", "err", err)
@@ -134,15 +141,37 @@ func (e *Engine) expireDue(ctx context.Context) (int, error) {
 			c := *byID[id]
 			c.State = models.WaiterTimedOut
 			res, _ := resultOf(&c)
-			wakes[id] = hub.Wake{Result: res}
+			wakes[id] = hub.Wake{Result: res, EndedAt: now}
 		}
 		return nil
 	})
 	if err != nil {
 		return 0, err
 	}
+	e.record(tally{timedOut: len(wakes)})
 	e.wake(ctx, wakes)
 	return found, nil
+}
+
+// sampleBacklog counts, for the recorder's gauges, the waiters waiting and
+// the lookback events pending, from the database: every replica sees the
+// same totals, whoever registered them.
+func (e *Engine) sampleBacklog(ctx context.Context) {
+	if _, nop := e.rec.(NopRecorder); nop {
+		return
+	}
+	now := e.now()
+	waiting, err := e.store.WaiterCountWaiting(ctx, now)
+	if err == nil {
+		var pending int64
+		if pending, err = e.store.LookbackEventCountPending(ctx, now); err == nil {
+			e.rec.Backlog(waiting, pending)
+			return
+		}
+	}
+	if ctx.Err() == nil {
+		e.log.Warn("count waiters and lookback events for metrics", "err", err)
+	}
 }
 
 // catchUp asks the database which waiters with live subscriptions here have

@@ -34,7 +34,9 @@ type NotifyParams struct {
 // exactly once whichever comes first.
 // With Step: the first call does the above and records its result; a repeat
 // returns that result, marked deduplicated, and notifies nobody.
-func (e *Engine) Notify(ctx context.Context, p NotifyParams) (*models.NotifyResult, error) {
+func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.NotifyResult, err error) {
+	start := time.Now()
+	defer func() { e.rec.NotifyDone(notifyKind(p), notifyOutcome(res, err), time.Since(start)) }()
 	if err := e.checkEventID(p.EventID); err != nil {
 		return nil, err
 	}
@@ -66,7 +68,7 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (*models.NotifyResu
 		result *models.NotifyResult
 		wakes  map[string]hub.Wake
 	)
-	err := e.store.InTx(ctx, func(tx storage.Executor) error {
+	err = e.store.InTx(ctx, func(tx storage.Executor) error {
 		result, wakes = nil, map[string]hub.Wake{}
 		now := e.now()
 
@@ -130,8 +132,39 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (*models.NotifyResu
 	if err != nil {
 		return nil, storageErr("notify "+p.EventID, err)
 	}
+	if !result.Deduplicated {
+		t := tally{notified: len(result.NotifyResponse)}
+		if result.Lookback != nil {
+			t.stored = 1
+		}
+		e.record(t)
+	}
 	e.wake(ctx, wakes)
 	return result, nil
+}
+
+func notifyKind(p NotifyParams) NotifyKind {
+	switch {
+	case p.Step != nil:
+		return NotifyStep
+	case p.RunID != nil:
+		return NotifyTargeted
+	}
+	return NotifyBroadcast
+}
+
+func notifyOutcome(res *models.NotifyResult, err error) NotifyOutcome {
+	switch {
+	case err != nil || res == nil:
+		return NotifyError
+	case res.Deduplicated:
+		return NotifyDeduplicated
+	case len(res.NotifyResponse) > 0:
+		return NotifyResolved
+	case res.Lookback != nil:
+		return NotifyLookback
+	}
+	return NotifyNone
 }
 
 // resolve ends the waiting waiters of the event id (of one run when target is
@@ -173,7 +206,7 @@ func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID strin
 			Waiter: w, MessageID: messageID, WorkflowRunID: w.WorkflowRunID,
 		})
 		res, _ := resultOf(w)
-		wakes[w.ID] = hub.Wake{Result: res}
+		wakes[w.ID] = hub.Wake{Result: res, EndedAt: now}
 	}
 	if target != "" && len(result.NotifyResponse) == 0 {
 		ev := &models.LookbackEvent{

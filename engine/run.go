@@ -52,11 +52,13 @@ func (e *Engine) Trigger(ctx context.Context, p TriggerParams) (*models.TriggerR
 		if err != nil {
 			return nil, storageErr("trigger "+id, err)
 		}
+		e.rec.RunTriggered(false)
 		return &models.TriggerResult{WorkflowRunID: id, Created: false, Run: existing}, nil
 	}
 	if err != nil {
 		return nil, storageErr("trigger "+id, err)
 	}
+	e.rec.RunTriggered(true)
 	return &models.TriggerResult{WorkflowRunID: id, Created: true, Run: run}, nil
 }
 
@@ -86,9 +88,10 @@ func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState
 	var (
 		run   *models.WorkflowRun
 		wakes map[string]hub.Wake
+		t     tally
 	)
 	err = e.store.InTx(ctx, func(tx storage.Executor) error {
-		wakes = map[string]hub.Wake{}
+		wakes, t = map[string]hub.Wake{}, tally{}
 		now := e.now()
 		var err error
 		if run, err = e.lockActiveRun(ctx, tx, id); err != nil {
@@ -128,20 +131,23 @@ func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState
 			c := *byID[wid]
 			c.State = models.WaiterCanceled
 			_, werr := resultOf(&c)
-			wakes[wid] = hub.Wake{Err: werr}
+			wakes[wid] = hub.Wake{Err: werr, EndedAt: now}
 		}
 		for _, wid := range timedOut {
 			c := *byID[wid]
 			c.State = models.WaiterTimedOut
 			res, _ := resultOf(&c)
-			wakes[wid] = hub.Wake{Result: res}
+			wakes[wid] = hub.Wake{Result: res, EndedAt: now}
 		}
-		_, err = tx.LookbackEventDeleteByRun(ctx, id)
+		t.canceled, t.timedOut = len(canceled), len(timedOut)
+		dropped, err := tx.LookbackEventDeleteByRun(ctx, id)
+		t.dropped = int(dropped)
 		return err
 	})
 	if err != nil {
 		return nil, storageErr(fmt.Sprintf("end run %s as %s", id, state), err)
 	}
+	e.record(t)
 	e.wake(ctx, wakes)
 	return run, nil
 }

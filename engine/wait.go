@@ -30,6 +30,9 @@ type Wait struct {
 	result   *models.WaitResult
 	durable  bool
 	listener *hub.Listener
+	// endedAt is when the waiter ended, once Result knows it (zero for a
+	// durable step that had ended before this subscriber came).
+	endedAt time.Time
 }
 
 // Wait registers a waiter, or attaches to the waiter of a durable step, or
@@ -84,9 +87,13 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 		}
 		owner = e.replicaID
 	}
-	var live, ended *models.Waiter
+	var (
+		live, ended *models.Waiter
+		endedNow    bool // ended by this registration, not before it
+		t           tally
+	)
 	err = e.store.InTx(ctx, func(tx storage.Executor) error {
-		live, ended = nil, nil
+		live, ended, endedNow, t = nil, nil, false, tally{}
 		now := e.now()
 		if runID != nil {
 			run, err := e.lockRun(ctx, tx, *runID)
@@ -94,7 +101,7 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 				return err
 			}
 			if stepName != nil {
-				w, err := e.attachStep(ctx, tx, *runID, *stepName, p.EventID, now)
+				w, err := e.attachStep(ctx, tx, *runID, *stepName, p.EventID, now, &t)
 				if err != nil {
 					return err
 				}
@@ -124,7 +131,8 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 				if err := e.insertWaiter(ctx, tx, w); err != nil {
 					return err
 				}
-				ended = w
+				ended, endedNow = w, true
+				t.consumed, t.notified = 1, 1
 				return nil
 			}
 		}
@@ -141,19 +149,24 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 	if err != nil {
 		return nil, storageErr("wait for "+p.EventID, err)
 	}
+	e.record(t)
 	if ended != nil {
 		res, err := resultOf(ended)
 		if err != nil {
 			return nil, err
 		}
-		return &Wait{e: e, result: res}, nil
+		w := &Wait{e: e, result: res}
+		if endedNow && ended.EndedAt != nil {
+			w.endedAt = *ended.EndedAt
+		}
+		return w, nil
 	}
 	return &Wait{e: e, waiter: live, durable: stepName != nil, listener: e.hub.Listen(live.ID)}, nil
 }
 
 // attachStep finds the waiter of an existing durable step, ending it
 // TIMED_OUT first if its deadline passed while nobody watched. nil: no such step.
-func (e *Engine) attachStep(ctx context.Context, tx storage.Executor, runID, stepName, eventID string, now time.Time) (*models.Waiter, error) {
+func (e *Engine) attachStep(ctx context.Context, tx storage.Executor, runID, stepName, eventID string, now time.Time, t *tally) (*models.Waiter, error) {
 	rec, err := tx.StepGet(ctx, runID, stepName)
 	if errors.Is(err, storage.ErrNotFound) {
 		return nil, nil
@@ -172,9 +185,11 @@ func (e *Engine) attachStep(ctx context.Context, tx storage.Executor, runID, ste
 		return nil, fmt.Errorf("waiter of step %s/%s: %w", runID, stepName, err)
 	}
 	if eff := effective(w, now); eff.State != w.State {
-		if _, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterTimedOut, EndedAt: now}); err != nil {
+		ended, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterTimedOut, EndedAt: now})
+		if err != nil {
 			return nil, err
 		}
+		t.timedOut += len(ended)
 		return eff, nil
 	}
 	return w, nil
@@ -192,6 +207,11 @@ func (e *Engine) insertWaiter(ctx context.Context, tx storage.Executor, w *model
 		EventID: w.EventID, WaiterID: w.ID, CreatedAt: w.CreatedAt,
 	})
 }
+
+// EndedAt is when the waiter ended, known once Result has returned; zero
+// when it is not known or not meaningful (a durable step that had ended
+// before this subscriber came).
+func (w *Wait) EndedAt() time.Time { return w.endedAt }
 
 // WaiterID is the id of the waiter this wait is for.
 func (w *Wait) WaiterID() string {
@@ -235,6 +255,7 @@ func (w *Wait) Result(ctx context.Context) (*models.WaitResult, error) {
 		select {
 		case wk := <-w.listener.C:
 			if wk.Result != nil || wk.Err != nil {
+				w.endedAt = wk.EndedAt
 				return wk.Result, wk.Err
 			}
 			look = true
@@ -278,6 +299,9 @@ func (w *Wait) lookup(ctx context.Context) (res *models.WaitResult, err error, d
 		}
 		return nil, nil, false
 	}
+	if cur.EndedAt != nil {
+		w.endedAt = *cur.EndedAt
+	}
 	res, err = resultOf(cur)
 	return res, err, true
 }
@@ -286,17 +310,20 @@ func (w *Wait) lookup(ctx context.Context) (res *models.WaitResult, err error, d
 // which case the winner's result is returned.
 func (w *Wait) expire(ctx context.Context) (*models.WaitResult, error, bool) {
 	e := w.e
+	now := e.now()
 	ended, err := e.store.WaiterEnd(ctx, &storage.WaiterEndParams{
-		WaiterIDs: []string{w.waiter.ID}, State: models.WaiterTimedOut, EndedAt: e.now(),
+		WaiterIDs: []string{w.waiter.ID}, State: models.WaiterTimedOut, EndedAt: now,
 	})
 	if err != nil {
 		return nil, err, false
 	}
 	if len(ended) == 1 {
+		e.record(tally{timedOut: 1})
 		c := *w.waiter
 		c.State = models.WaiterTimedOut
 		res, _ := resultOf(&c)
-		e.wake(ctx, map[string]hub.Wake{c.ID: {Result: res}}) // other subscribers of the same step
+		w.endedAt = now
+		e.wake(ctx, map[string]hub.Wake{c.ID: {Result: res, EndedAt: now}}) // other subscribers of the same step
 		return res, nil, true
 	}
 	cur, err := e.store.WaiterGet(ctx, w.waiter.ID)
@@ -305,6 +332,9 @@ func (w *Wait) expire(ctx context.Context) (*models.WaitResult, error, bool) {
 	}
 	if cur.State == models.WaiterWaiting {
 		return nil, fmt.Errorf("waiter %s: timeout lost to nobody", cur.ID), false
+	}
+	if cur.EndedAt != nil {
+		w.endedAt = *cur.EndedAt
 	}
 	res, err := resultOf(cur)
 	return res, err, true
@@ -318,7 +348,11 @@ func (w *Wait) release() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := w.e.store.WaiterDeleteWaiting(ctx, w.waiter.ID); err != nil {
+	removed, err := w.e.store.WaiterDeleteWaiting(ctx, w.waiter.ID)
+	if err != nil {
 		w.e.log.Warn("remove waiter of a closed subscription", "waiter", w.waiter.ID, "err", err)
+	}
+	if removed {
+		w.e.record(tally{removed: 1})
 	}
 }

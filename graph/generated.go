@@ -80,14 +80,29 @@ type ComplexityRoot struct {
 	}
 
 	Query struct {
+		Stats        func(childComplexity int) int
 		Waiters      func(childComplexity int, eventID string) int
 		WorkflowRun  func(childComplexity int, workflowRunID string) int
 		WorkflowRuns func(childComplexity int, state *models.RunState, label *string, first *int, after *string) int
 	}
 
+	RunStats struct {
+		Canceled func(childComplexity int) int
+		Failed   func(childComplexity int) int
+		Started  func(childComplexity int) int
+		Success  func(childComplexity int) int
+	}
+
 	RunToken struct {
 		ExpiresAt func(childComplexity int) int
 		Token     func(childComplexity int) int
+	}
+
+	Stats struct {
+		OldestWaitingDeadline func(childComplexity int) int
+		PendingLookbackEvents func(childComplexity int) int
+		Runs                  func(childComplexity int) int
+		Waiters               func(childComplexity int) int
 	}
 
 	Step struct {
@@ -130,6 +145,13 @@ type ComplexityRoot struct {
 		WorkflowRunID func(childComplexity int) int
 	}
 
+	WaiterStats struct {
+		Canceled func(childComplexity int) int
+		Notified func(childComplexity int) int
+		TimedOut func(childComplexity int) int
+		Waiting  func(childComplexity int) int
+	}
+
 	WorkflowRun struct {
 		Body           func(childComplexity int) int
 		CreatedAt      func(childComplexity int) int
@@ -163,6 +185,7 @@ type QueryResolver interface {
 	WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
 	WorkflowRuns(ctx context.Context, state *models.RunState, label *string, first *int, after *string) (*models.WorkflowRunConnection, error)
 	Waiters(ctx context.Context, eventID string) ([]*models.Waiter, error)
+	Stats(ctx context.Context) (*models.Stats, error)
 }
 type SubscriptionResolver interface {
 	WaitForEvent(ctx context.Context, eventID string, workflowRunID *string, stepName *string, timeout *time.Duration) (<-chan *models.WaitResult, error)
@@ -357,6 +380,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.PageInfo.HasNextPage(childComplexity), true
 
+	case "Query.stats":
+		if e.ComplexityRoot.Query.Stats == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Query.Stats(childComplexity), true
 	case "Query.waiters":
 		if e.ComplexityRoot.Query.Waiters == nil {
 			break
@@ -391,6 +420,31 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.Query.WorkflowRuns(childComplexity, args["state"].(*models.RunState), args["label"].(*string), args["first"].(*int), args["after"].(*string)), true
 
+	case "RunStats.canceled":
+		if e.ComplexityRoot.RunStats.Canceled == nil {
+			break
+		}
+
+		return e.ComplexityRoot.RunStats.Canceled(childComplexity), true
+	case "RunStats.failed":
+		if e.ComplexityRoot.RunStats.Failed == nil {
+			break
+		}
+
+		return e.ComplexityRoot.RunStats.Failed(childComplexity), true
+	case "RunStats.started":
+		if e.ComplexityRoot.RunStats.Started == nil {
+			break
+		}
+
+		return e.ComplexityRoot.RunStats.Started(childComplexity), true
+	case "RunStats.success":
+		if e.ComplexityRoot.RunStats.Success == nil {
+			break
+		}
+
+		return e.ComplexityRoot.RunStats.Success(childComplexity), true
+
 	case "RunToken.expiresAt":
 		if e.ComplexityRoot.RunToken.ExpiresAt == nil {
 			break
@@ -403,6 +457,31 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.RunToken.Token(childComplexity), true
+
+	case "Stats.oldestWaitingDeadline":
+		if e.ComplexityRoot.Stats.OldestWaitingDeadline == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Stats.OldestWaitingDeadline(childComplexity), true
+	case "Stats.pendingLookbackEvents":
+		if e.ComplexityRoot.Stats.PendingLookbackEvents == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Stats.PendingLookbackEvents(childComplexity), true
+	case "Stats.runs":
+		if e.ComplexityRoot.Stats.Runs == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Stats.Runs(childComplexity), true
+	case "Stats.waiters":
+		if e.ComplexityRoot.Stats.Waiters == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Stats.Waiters(childComplexity), true
 
 	case "Step.completedAt":
 		if e.ComplexityRoot.Step.CompletedAt == nil {
@@ -563,6 +642,31 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.Waiter.WorkflowRunID(childComplexity), true
+
+	case "WaiterStats.canceled":
+		if e.ComplexityRoot.WaiterStats.Canceled == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WaiterStats.Canceled(childComplexity), true
+	case "WaiterStats.notified":
+		if e.ComplexityRoot.WaiterStats.Notified == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WaiterStats.Notified(childComplexity), true
+	case "WaiterStats.timedOut":
+		if e.ComplexityRoot.WaiterStats.TimedOut == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WaiterStats.TimedOut(childComplexity), true
+	case "WaiterStats.waiting":
+		if e.ComplexityRoot.WaiterStats.Waiting == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WaiterStats.Waiting(childComplexity), true
 
 	case "WorkflowRun.body":
 		if e.ComplexityRoot.WorkflowRun.Body == nil {
@@ -758,6 +862,8 @@ type Query {
   workflowRuns(state: RunState, label: String, first: Int = 20, after: String): WorkflowRunConnection!
   "Waiters currently WAITING on the event id (Upstash getWaiters)."
   waiters(eventId: String!): [Waiter!]!
+  "For operators: runs and waiters by state, pending lookback events, the nearest deadline. Not for run tokens."
+  stats: Stats!
 }
 
 type Mutation {
@@ -898,6 +1004,31 @@ type WorkflowRunConnection {
   pageInfo: PageInfo!
 }
 
+"Counts over the whole database (every replica's), read when asked."
+type Stats {
+  runs: RunStats!
+  "A waiter WAITING past its deadline counts as timedOut."
+  waiters: WaiterStats!
+  "Lookback events stored and neither consumed nor expired."
+  pendingLookbackEvents: Int!
+  "The earliest deadline of a waiter still WAITING; null when none is."
+  oldestWaitingDeadline: Time
+}
+
+type RunStats {
+  started: Int!
+  success: Int!
+  failed: Int!
+  canceled: Int!
+}
+
+type WaiterStats {
+  waiting: Int!
+  notified: Int!
+  timedOut: Int!
+  canceled: Int!
+}
+
 type PageInfo {
   hasNextPage: Boolean!
   endCursor: String
@@ -972,6 +1103,20 @@ func (ec *executionContext) childFields_PageInfo(ctx context.Context, field grap
 	return nil, fmt.Errorf("no field named %q was found under type PageInfo", field.Name)
 }
 
+func (ec *executionContext) childFields_RunStats(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+	switch field.Name {
+	case "started":
+		return ec.fieldContext_RunStats_started(ctx, field)
+	case "success":
+		return ec.fieldContext_RunStats_success(ctx, field)
+	case "failed":
+		return ec.fieldContext_RunStats_failed(ctx, field)
+	case "canceled":
+		return ec.fieldContext_RunStats_canceled(ctx, field)
+	}
+	return nil, fmt.Errorf("no field named %q was found under type RunStats", field.Name)
+}
+
 func (ec *executionContext) childFields_RunToken(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
 	switch field.Name {
 	case "token":
@@ -980,6 +1125,20 @@ func (ec *executionContext) childFields_RunToken(ctx context.Context, field grap
 		return ec.fieldContext_RunToken_expiresAt(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type RunToken", field.Name)
+}
+
+func (ec *executionContext) childFields_Stats(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+	switch field.Name {
+	case "runs":
+		return ec.fieldContext_Stats_runs(ctx, field)
+	case "waiters":
+		return ec.fieldContext_Stats_waiters(ctx, field)
+	case "pendingLookbackEvents":
+		return ec.fieldContext_Stats_pendingLookbackEvents(ctx, field)
+	case "oldestWaitingDeadline":
+		return ec.fieldContext_Stats_oldestWaitingDeadline(ctx, field)
+	}
+	return nil, fmt.Errorf("no field named %q was found under type Stats", field.Name)
 }
 
 func (ec *executionContext) childFields_Step(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
@@ -1052,6 +1211,20 @@ func (ec *executionContext) childFields_Waiter(ctx context.Context, field graphq
 		return ec.fieldContext_Waiter_createdAt(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type Waiter", field.Name)
+}
+
+func (ec *executionContext) childFields_WaiterStats(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+	switch field.Name {
+	case "waiting":
+		return ec.fieldContext_WaiterStats_waiting(ctx, field)
+	case "notified":
+		return ec.fieldContext_WaiterStats_notified(ctx, field)
+	case "timedOut":
+		return ec.fieldContext_WaiterStats_timedOut(ctx, field)
+	case "canceled":
+		return ec.fieldContext_WaiterStats_canceled(ctx, field)
+	}
+	return nil, fmt.Errorf("no field named %q was found under type WaiterStats", field.Name)
 }
 
 func (ec *executionContext) childFields_WorkflowRun(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
@@ -2282,6 +2455,38 @@ func (ec *executionContext) fieldContext_Query_waiters(ctx context.Context, fiel
 	return fc, nil
 }
 
+func (ec *executionContext) _Query_stats(ctx context.Context, field graphql.CollectedField) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Query_stats(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.Query().Stats(ctx)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.Stats) graphql.Marshaler {
+			return ec.marshalNStats2ᚖrendezvousᚋmodelsᚐStats(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Query_stats(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Query",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_Stats(ctx, field)
+		},
+	}
+	return fc, nil
+}
+
 func (ec *executionContext) _Query___type(ctx context.Context, field graphql.CollectedField) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -2358,6 +2563,98 @@ func (ec *executionContext) fieldContext_Query___schema(_ context.Context, field
 	return fc, nil
 }
 
+func (ec *executionContext) _RunStats_started(ctx context.Context, field graphql.CollectedField, obj *models.RunStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_RunStats_started(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Started, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_RunStats_started(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("RunStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _RunStats_success(ctx context.Context, field graphql.CollectedField, obj *models.RunStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_RunStats_success(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Success, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_RunStats_success(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("RunStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _RunStats_failed(ctx context.Context, field graphql.CollectedField, obj *models.RunStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_RunStats_failed(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Failed, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_RunStats_failed(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("RunStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _RunStats_canceled(ctx context.Context, field graphql.CollectedField, obj *models.RunStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_RunStats_canceled(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Canceled, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_RunStats_canceled(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("RunStats", field, false, false, "Int")
+}
+
 func (ec *executionContext) _RunToken_token(ctx context.Context, field graphql.CollectedField, obj *models.RunToken) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -2402,6 +2699,116 @@ func (ec *executionContext) _RunToken_expiresAt(ctx context.Context, field graph
 }
 func (ec *executionContext) fieldContext_RunToken_expiresAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
 	return graphql.NewScalarFieldContext("RunToken", field, false, false, "Time")
+}
+
+func (ec *executionContext) _Stats_runs(ctx context.Context, field graphql.CollectedField, obj *models.Stats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Stats_runs(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Runs, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.RunStats) graphql.Marshaler {
+			return ec.marshalNRunStats2ᚖrendezvousᚋmodelsᚐRunStats(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Stats_runs(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Stats",
+		Field:      field,
+		IsMethod:   false,
+		IsResolver: false,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_RunStats(ctx, field)
+		},
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _Stats_waiters(ctx context.Context, field graphql.CollectedField, obj *models.Stats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Stats_waiters(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Waiters, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.WaiterStats) graphql.Marshaler {
+			return ec.marshalNWaiterStats2ᚖrendezvousᚋmodelsᚐWaiterStats(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Stats_waiters(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Stats",
+		Field:      field,
+		IsMethod:   false,
+		IsResolver: false,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_WaiterStats(ctx, field)
+		},
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _Stats_pendingLookbackEvents(ctx context.Context, field graphql.CollectedField, obj *models.Stats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Stats_pendingLookbackEvents(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.PendingLookbackEvents, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Stats_pendingLookbackEvents(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Stats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _Stats_oldestWaitingDeadline(ctx context.Context, field graphql.CollectedField, obj *models.Stats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Stats_oldestWaitingDeadline(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.OldestWaitingDeadline, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *time.Time) graphql.Marshaler {
+			return ec.marshalOTime2ᚖtimeᚐTime(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Stats_oldestWaitingDeadline(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Stats", field, false, false, "Time")
 }
 
 func (ec *executionContext) _Step_stepName(ctx context.Context, field graphql.CollectedField, obj *models.Step) (ret graphql.Marshaler) {
@@ -3016,6 +3423,98 @@ func (ec *executionContext) _Waiter_createdAt(ctx context.Context, field graphql
 }
 func (ec *executionContext) fieldContext_Waiter_createdAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
 	return graphql.NewScalarFieldContext("Waiter", field, false, false, "Time")
+}
+
+func (ec *executionContext) _WaiterStats_waiting(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WaiterStats_waiting(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Waiting, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_WaiterStats_waiting(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("WaiterStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _WaiterStats_notified(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WaiterStats_notified(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Notified, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_WaiterStats_notified(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("WaiterStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _WaiterStats_timedOut(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WaiterStats_timedOut(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.TimedOut, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_WaiterStats_timedOut(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("WaiterStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _WaiterStats_canceled(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WaiterStats_canceled(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Canceled, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_WaiterStats_canceled(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("WaiterStats", field, false, false, "Int")
 }
 
 func (ec *executionContext) _WorkflowRun_workflowRunId(ctx context.Context, field graphql.CollectedField, obj *models.WorkflowRun) (ret graphql.Marshaler) {
@@ -4777,6 +5276,12 @@ func (ec *executionContext) _Query(ctx context.Context, sel ast.SelectionSet) gr
 				func(ctx context.Context) graphql.Marshaler {
 					return ec._Query_waiters(ctx, field)
 				})
+		case "stats":
+			out.ResolveRootConcurrently(innerCtx, ec.OperationContext, i,
+				true, true,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._Query_stats(ctx, field)
+				})
 		case "__type":
 			out.Values[i] = ec.OperationContext.RootResolverMiddleware(innerCtx, func(ctx context.Context) (res graphql.Marshaler) {
 				return ec._Query___type(ctx, field)
@@ -4790,6 +5295,54 @@ func (ec *executionContext) _Query(ctx context.Context, sel ast.SelectionSet) gr
 			})
 			if out.Values[i] == graphql.Null {
 				atomic.AddUint32(&out.Invalids, 1)
+			}
+		default:
+			panic("unknown field " + strconv.Quote(field.Name))
+		}
+	}
+	out.Dispatch(ctx)
+	if out.Invalids > 0 {
+		return graphql.Null
+	}
+
+	if n := len(deferred.Defers); n > 0 {
+		atomic.AddInt32(&ec.Deferred, int32(min(n, math.MaxInt32)))
+		ec.ProcessDeferredGroup(deferred)
+	}
+
+	return out
+}
+
+var runStatsImplementors = []string{"RunStats"}
+
+func (ec *executionContext) _RunStats(ctx context.Context, sel ast.SelectionSet, obj *models.RunStats) graphql.Marshaler {
+	fields := graphql.CollectFields(ec.OperationContext, sel, runStatsImplementors)
+
+	out := graphql.NewFieldSet(fields)
+	deferred := graphql.NewDeferredGroup(ctx)
+	for i, field := range fields {
+		switch field.Name {
+		case "__typename":
+			out.Values[i] = graphql.MarshalString("RunStats")
+		case "started":
+			out.Values[i] = ec._RunStats_started(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "success":
+			out.Values[i] = ec._RunStats_success(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "failed":
+			out.Values[i] = ec._RunStats_failed(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "canceled":
+			out.Values[i] = ec._RunStats_canceled(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
 			}
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))
@@ -4827,6 +5380,54 @@ func (ec *executionContext) _RunToken(ctx context.Context, sel ast.SelectionSet,
 		case "expiresAt":
 			out.Values[i] = ec._RunToken_expiresAt(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		default:
+			panic("unknown field " + strconv.Quote(field.Name))
+		}
+	}
+	out.Dispatch(ctx)
+	if out.Invalids > 0 {
+		return graphql.Null
+	}
+
+	if n := len(deferred.Defers); n > 0 {
+		atomic.AddInt32(&ec.Deferred, int32(min(n, math.MaxInt32)))
+		ec.ProcessDeferredGroup(deferred)
+	}
+
+	return out
+}
+
+var statsImplementors = []string{"Stats"}
+
+func (ec *executionContext) _Stats(ctx context.Context, sel ast.SelectionSet, obj *models.Stats) graphql.Marshaler {
+	fields := graphql.CollectFields(ec.OperationContext, sel, statsImplementors)
+
+	out := graphql.NewFieldSet(fields)
+	deferred := graphql.NewDeferredGroup(ctx)
+	for i, field := range fields {
+		switch field.Name {
+		case "__typename":
+			out.Values[i] = graphql.MarshalString("Stats")
+		case "runs":
+			out.Values[i] = ec._Stats_runs(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "waiters":
+			out.Values[i] = ec._Stats_waiters(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "pendingLookbackEvents":
+			out.Values[i] = ec._Stats_pendingLookbackEvents(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "oldestWaitingDeadline":
+			out.Values[i] = ec._Stats_oldestWaitingDeadline(ctx, field, obj)
+			if out.Values[i] == graphql.RequiredNull {
 				out.Invalids++
 			}
 		default:
@@ -5079,6 +5680,54 @@ func (ec *executionContext) _Waiter(ctx context.Context, sel ast.SelectionSet, o
 			}
 		case "createdAt":
 			out.Values[i] = ec._Waiter_createdAt(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		default:
+			panic("unknown field " + strconv.Quote(field.Name))
+		}
+	}
+	out.Dispatch(ctx)
+	if out.Invalids > 0 {
+		return graphql.Null
+	}
+
+	if n := len(deferred.Defers); n > 0 {
+		atomic.AddInt32(&ec.Deferred, int32(min(n, math.MaxInt32)))
+		ec.ProcessDeferredGroup(deferred)
+	}
+
+	return out
+}
+
+var waiterStatsImplementors = []string{"WaiterStats"}
+
+func (ec *executionContext) _WaiterStats(ctx context.Context, sel ast.SelectionSet, obj *models.WaiterStats) graphql.Marshaler {
+	fields := graphql.CollectFields(ec.OperationContext, sel, waiterStatsImplementors)
+
+	out := graphql.NewFieldSet(fields)
+	deferred := graphql.NewDeferredGroup(ctx)
+	for i, field := range fields {
+		switch field.Name {
+		case "__typename":
+			out.Values[i] = graphql.MarshalString("WaiterStats")
+		case "waiting":
+			out.Values[i] = ec._WaiterStats_waiting(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "notified":
+			out.Values[i] = ec._WaiterStats_notified(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "timedOut":
+			out.Values[i] = ec._WaiterStats_timedOut(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "canceled":
+			out.Values[i] = ec._WaiterStats_canceled(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
 				out.Invalids++
 			}
@@ -5608,6 +6257,20 @@ func (ec *executionContext) marshalNID2string(ctx context.Context, sel ast.Selec
 	return res
 }
 
+func (ec *executionContext) unmarshalNInt2int(ctx context.Context, v any) (int, error) {
+	res, err := scalar.UnmarshalInt(v)
+	return res, graphql.ErrorOnPath(ctx, err)
+}
+
+func (ec *executionContext) marshalNInt2int(ctx context.Context, sel ast.SelectionSet, v int) graphql.Marshaler {
+	_ = sel
+	res := scalar.MarshalInt(v)
+	if res == graphql.Null {
+		graphql.AddInvalidNullFromMarshaler(ctx, "Int!")
+	}
+	return res
+}
+
 func (ec *executionContext) marshalNLookbackEvent2ᚕᚖrendezvousᚋmodelsᚐLookbackEventᚄ(ctx context.Context, sel ast.SelectionSet, v []*models.LookbackEvent) graphql.Marshaler {
 	ret := graphql.MarshalSliceConcurrently(ctx, len(v), 0, false, func(ctx context.Context, i int) graphql.Marshaler {
 		fc := graphql.GetFieldContext(ctx)
@@ -5680,6 +6343,22 @@ func (ec *executionContext) unmarshalNRunState2rendezvousᚋmodelsᚐRunState(ct
 
 func (ec *executionContext) marshalNRunState2rendezvousᚋmodelsᚐRunState(ctx context.Context, sel ast.SelectionSet, v models.RunState) graphql.Marshaler {
 	return v
+}
+
+func (ec *executionContext) marshalNRunStats2ᚖrendezvousᚋmodelsᚐRunStats(ctx context.Context, sel ast.SelectionSet, v *models.RunStats) graphql.Marshaler {
+	if v == nil {
+		graphql.AddInvalidNullError(ctx, "RunStats!")
+		return graphql.Null
+	}
+	return ec._RunStats(ctx, sel, v)
+}
+
+func (ec *executionContext) marshalNStats2ᚖrendezvousᚋmodelsᚐStats(ctx context.Context, sel ast.SelectionSet, v *models.Stats) graphql.Marshaler {
+	if v == nil {
+		graphql.AddInvalidNullError(ctx, "Stats!")
+		return graphql.Null
+	}
+	return ec._Stats(ctx, sel, v)
 }
 
 func (ec *executionContext) marshalNStep2ᚕᚖrendezvousᚋmodelsᚐStepᚄ(ctx context.Context, sel ast.SelectionSet, v []*models.Step) graphql.Marshaler {
@@ -5792,6 +6471,14 @@ func (ec *executionContext) unmarshalNWaiterState2rendezvousᚋmodelsᚐWaiterSt
 
 func (ec *executionContext) marshalNWaiterState2rendezvousᚋmodelsᚐWaiterState(ctx context.Context, sel ast.SelectionSet, v models.WaiterState) graphql.Marshaler {
 	return v
+}
+
+func (ec *executionContext) marshalNWaiterStats2ᚖrendezvousᚋmodelsᚐWaiterStats(ctx context.Context, sel ast.SelectionSet, v *models.WaiterStats) graphql.Marshaler {
+	if v == nil {
+		graphql.AddInvalidNullError(ctx, "WaiterStats!")
+		return graphql.Null
+	}
+	return ec._WaiterStats(ctx, sel, v)
 }
 
 func (ec *executionContext) marshalNWorkflowRun2ᚕᚖrendezvousᚋmodelsᚐWorkflowRunᚄ(ctx context.Context, sel ast.SelectionSet, v []*models.WorkflowRun) graphql.Marshaler {

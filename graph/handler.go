@@ -20,6 +20,7 @@ import (
 
 	"rendezvous/auth"
 	"rendezvous/engine"
+	"rendezvous/internal/requestid"
 )
 
 // HandlerConfig tunes the HTTP side. Zero fields take the defaults.
@@ -55,8 +56,17 @@ type HandlerConfig struct {
 	// Streams, when done, ends every websocket and SSE request (graceful
 	// shutdown) while plain requests run to completion.
 	Streams context.Context
-	Now     func() time.Time
-	Logger  *slog.Logger
+	// Recorder hears errors, operation times, connections and deliveries
+	// (metrics); nil: nobody.
+	Recorder Recorder
+	// Metrics, when set, is served at GET /metrics (Prometheus text
+	// format), behind a server token when MetricsTokenRequired.
+	Metrics              http.Handler
+	MetricsTokenRequired bool
+	Now                  func() time.Time
+	// Logger: log lines written with a request's context carry its
+	// request_id (the handler is wrapped with requestid.LogHandler).
+	Logger *slog.Logger
 }
 
 // Defaults of HandlerConfig.
@@ -73,6 +83,10 @@ const (
 func (c HandlerConfig) withDefaults(eng *engine.Engine) HandlerConfig {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	c.Logger = slog.New(requestid.LogHandler(c.Logger.Handler()))
+	if c.Recorder == nil {
+		c.Recorder = nopRecorder{}
 	}
 	if c.Now == nil {
 		c.Now = time.Now
@@ -111,7 +125,8 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	present := errorPresenter(log)
 	limiter := newRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.Now)
 
-	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log}}))
+	rec := cfg.Recorder
+	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
 	readLimit := cfg.MaxBodyBytes
 	srv.AddTransport(transport.Websocket{
 		KeepAlivePingInterval: cfg.KeepAlive, // graphql-ws "ka"
@@ -141,13 +156,22 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	}
 	srv.SetErrorPresenter(present)
 	srv.SetRecoverFunc(recoverFunc(log))
+	// First, so that it sees what every other middleware answers.
+	srv.AroundOperations(operationObserver{rec: rec, log: log}.around)
 	srv.AroundOperations(authorize)
 	srv.AroundOperations(limiter.limitMutations)
 	srv.AroundOperations(withSubscriptionErrorSlot)
 	srv.AroundResponses(subscriptionErrorResponses(present))
 
 	mux := http.NewServeMux()
-	mux.Handle("/query", limitBody(cfg.MaxBodyBytes, authenticate(cfg.Auth, cfg.Now, endStreamsWith(cfg.Streams, srv))))
+	mux.Handle("/query", limitBody(cfg.MaxBodyBytes, authenticate(cfg.Auth, cfg.Now, endStreamsWith(cfg.Streams, rec, srv))))
+	if cfg.Metrics != nil {
+		metrics := cfg.Metrics
+		if cfg.MetricsTokenRequired {
+			metrics = RequireServerToken(cfg.Auth, cfg.Now, metrics)
+		}
+		mux.Handle("GET /metrics", metrics)
+	}
 	if cfg.Playground {
 		mux.Handle("GET /{$}", playground.Handler("Rendezvous", "/query", playgroundAssets(cfg.PlaygroundAssets)...))
 	}
@@ -169,7 +193,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		}
 		writeStatus(w, http.StatusOK, body)
 	})
-	return withRequestID(withClientIP(newOrigins(cfg.AllowedOrigins).middleware(mux)))
+	return withRequestID(rec, withClientIP(newOrigins(cfg.AllowedOrigins).middleware(mux)))
 }
 
 func writeStatus(w http.ResponseWriter, status int, body any) {
@@ -181,13 +205,20 @@ func writeStatus(w http.ResponseWriter, status int, body any) {
 
 // endStreamsWith serves long-lived requests (websocket upgrades and SSE):
 // it lifts the server's read and write timeouts, which are for plain
-// requests, and cancels the stream when streams is done (graceful shutdown).
-func endStreamsWith(streams context.Context, next http.Handler) http.Handler {
+// requests, cancels the stream when streams is done (graceful shutdown),
+// and counts the open streams.
+func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !isUpgrade(r) && !strings.Contains(r.Header.Get("Accept"), "text/event-stream") {
 			next.ServeHTTP(w, r)
 			return
 		}
+		transport := TransportSSE
+		if isUpgrade(r) {
+			transport = TransportWebsocket
+		}
+		rec.ConnectionOpened(transport)
+		defer rec.ConnectionClosed(transport)
 		rc := http.NewResponseController(w)
 		rc.SetReadDeadline(time.Time{})
 		rc.SetWriteDeadline(time.Time{})
@@ -232,14 +263,14 @@ func limitBody(n int64, next http.Handler) http.Handler {
 			return
 		}
 		if r.ContentLength > n {
-			writeError(w, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE", "the request body is larger than the limit of %d bytes", n)
+			writeError(w, r, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE", "the request body is larger than the limit of %d bytes", n)
 			return
 		}
 		r.Body = http.MaxBytesReader(w, r.Body, n)
 		if strings.Contains(r.Header.Get("Accept"), "text/event-stream") {
 			body, err := io.ReadAll(r.Body)
 			if err != nil {
-				writeError(w, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE", "the request body is larger than the limit of %d bytes", n)
+				writeError(w, r, http.StatusRequestEntityTooLarge, "PAYLOAD_TOO_LARGE", "the request body is larger than the limit of %d bytes", n)
 				return
 			}
 			r.Body = io.NopCloser(bytes.NewReader(body))

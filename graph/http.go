@@ -77,7 +77,7 @@ func (t httpTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.G
 		status, code, msg = t.readPOST(w, r, &rb)
 	}
 	if status != 0 {
-		writeError(w, status, code, "%s", msg)
+		writeError(w, r, status, code, "%s", msg)
 		return
 	}
 	params := &graphql.RawParams{
@@ -88,7 +88,7 @@ func (t httpTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.G
 	}
 	var err error
 	if params.Variables, err = t.variables(ctx, rb); err != nil {
-		writeError(w, http.StatusBadRequest, codeBadRequest, "variables: %s", err.Error())
+		writeError(w, r, http.StatusBadRequest, codeBadRequest, "variables: %s", err.Error())
 		return
 	}
 	params.ReadTime = graphql.TraceTiming{Start: start, End: graphql.Now()}
@@ -101,11 +101,11 @@ func (t httpTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.G
 	}
 	switch op := rc.Operation.Operation; {
 	case op == ast.Subscription:
-		writeError(w, http.StatusBadRequest, codeBadRequest,
+		writeError(w, r, http.StatusBadRequest, codeBadRequest,
 			"subscriptions need a websocket (graphql-transport-ws or graphql-ws) or SSE (Accept: text/event-stream)")
 		return
 	case op != ast.Query && r.Method == http.MethodGet:
-		writeError(w, http.StatusMethodNotAllowed, codeBadRequest, "GET only runs queries; send mutations as POST")
+		writeError(w, r, http.StatusMethodNotAllowed, codeBadRequest, "GET only runs queries; send mutations as POST")
 		return
 	}
 	responses, ctx := exec.DispatchOperation(ctx, rc)
@@ -178,12 +178,12 @@ func (unsupported) Supports(*http.Request) bool { return true }
 
 func (unsupported) Do(w http.ResponseWriter, r *http.Request, _ graphql.GraphExecutor) {
 	if r.Method == http.MethodPost {
-		writeError(w, http.StatusUnsupportedMediaType, codeBadRequest,
+		writeError(w, r, http.StatusUnsupportedMediaType, codeBadRequest,
 			"POST needs Content-Type: application/json (or a websocket upgrade, or Accept: text/event-stream)")
 		return
 	}
 	w.Header().Set("Allow", "GET, POST, OPTIONS")
-	writeError(w, http.StatusMethodNotAllowed, codeBadRequest, "%s is not supported; use GET, POST or a websocket", r.Method)
+	writeError(w, r, http.StatusMethodNotAllowed, codeBadRequest, "%s is not supported; use GET, POST or a websocket", r.Method)
 }
 
 // variables decodes each variable; JSON-typed ones stay raw.
@@ -248,11 +248,11 @@ func writeJSON(w io.Writer, resp *graphql.Response) {
 }
 
 // writeError answers a request that never reached GraphQL execution.
-func writeError(w http.ResponseWriter, status int, code, format string, args ...any) {
+func writeError(w http.ResponseWriter, r *http.Request, status int, code, format string, args ...any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	writeJSON(w, &graphql.Response{Errors: gqlerror.List{{
 		Message:    sprintf(format, args...),
-		Extensions: map[string]any{"code": code},
+		Extensions: errorExtensions(r.Context(), code),
 	}}})
 }

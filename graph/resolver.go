@@ -20,6 +20,7 @@ type Resolver struct {
 	Auth   *auth.Authenticator
 	Now    func() time.Time
 	Log    *slog.Logger
+	Rec    Recorder
 }
 
 // runToken signs a token for the run, or returns nil when the server has no

@@ -52,13 +52,14 @@ func (r *queryResolver) Waiters(ctx context.Context, eventID string) ([]*models.
 	return r.Engine.ActiveWaiters(ctx, eventID)
 }
 
+// Stats is the resolver for the stats field.
+func (r *queryResolver) Stats(ctx context.Context) (*models.Stats, error) {
+	return r.Engine.Stats(ctx)
+}
+
 // WaitForEvent is the resolver for the waitForEvent field.
 func (r *subscriptionResolver) WaitForEvent(ctx context.Context, eventID string, workflowRunID *string, stepName *string, timeout *time.Duration) (<-chan *models.WaitResult, error) {
-	w, err := r.Engine.Wait(ctx, engine.WaitParams{EventID: eventID, RunID: workflowRunID, StepName: stepName, Timeout: timeout})
-	if err != nil {
-		return nil, err
-	}
-	return streamWait(ctx, w), nil
+	return r.waitForEvent(ctx, engine.WaitParams{EventID: eventID, RunID: workflowRunID, StepName: stepName, Timeout: timeout})
 }
 
 // RunToken is the resolver for the runToken field.

@@ -61,7 +61,7 @@ func authenticate(a *auth.Authenticator, now func() time.Time, next http.Handler
 		p, err := a.Authenticate(header, now())
 		if err != nil {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="rendezvous"`)
-			writeError(w, http.StatusUnauthorized, codeUnauthenticated, "a valid token is required (Authorization: Bearer <token>)")
+			writeError(w, r, http.StatusUnauthorized, codeUnauthenticated, "a valid token is required (Authorization: Bearer <token>)")
 			return
 		}
 		ctx := withPrincipal(r.Context(), p)
@@ -77,6 +77,28 @@ func authenticate(a *auth.Authenticator, now func() time.Time, next http.Handler
 }
 
 func isUpgrade(r *http.Request) bool { return r.Header.Get("Upgrade") != "" }
+
+// RequireServerToken lets through requests with a server token (or any
+// request on a server running open) and refuses the rest: 401 without a
+// valid token, 403 with a run token. It guards /metrics.
+func RequireServerToken(a *auth.Authenticator, now func() time.Time, next http.Handler) http.Handler {
+	if now == nil {
+		now = time.Now
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p, err := a.Authenticate(r.Header.Get("Authorization"), now())
+		if err != nil {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="rendezvous"`)
+			writeError(w, r, http.StatusUnauthorized, codeUnauthenticated, "a server token is required (Authorization: Bearer <token>)")
+			return
+		}
+		if !p.FullAccess() {
+			writeError(w, r, http.StatusForbidden, codeForbidden, "a run token may not read %s", r.URL.Path)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
 
 // wsInit authenticates a websocket from its connection_init payload
 // ("Authorization" or "authToken"), unless the upgrade request already did.
@@ -119,7 +141,7 @@ func authorize(ctx context.Context, next graphql.OperationHandler) graphql.Respo
 			return graphql.OneShot(&graphql.Response{Errors: gqlerror.List{{
 				Message:    err.Error(),
 				Path:       ast.Path{ast.PathName(f.Alias)},
-				Extensions: map[string]any{"code": codeForbidden},
+				Extensions: errorExtensions(ctx, codeForbidden),
 			}}})
 		}
 	}
@@ -331,9 +353,11 @@ func (l *rateLimiter) limitMutations(ctx context.Context, next graphql.Operation
 		return next(ctx)
 	}
 	secs := int(wait/time.Second) + 1
+	ext := errorExtensions(ctx, codeRateLimited)
+	ext["retryAfter"] = secs
 	return graphql.OneShot(&graphql.Response{Errors: gqlerror.List{{
 		Message:    fmt.Sprintf("too many mutations; retry after %d s", secs),
-		Extensions: map[string]any{"code": codeRateLimited, "retryAfter": secs},
+		Extensions: ext,
 	}}})
 }
 
@@ -389,7 +413,7 @@ func (o origins) middleware(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		origin := r.Header.Get("Origin")
 		if !o.ok(r) {
-			writeError(w, http.StatusForbidden, codeForbidden, "origin %s is not allowed (RENDEZVOUS_ALLOWED_ORIGINS)", strconv.Quote(origin))
+			writeError(w, r, http.StatusForbidden, codeForbidden, "origin %s is not allowed (RENDEZVOUS_ALLOWED_ORIGINS)", strconv.Quote(origin))
 			return
 		}
 		if origin != "" {

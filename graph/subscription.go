@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/99designs/gqlgen/graphql"
 	"github.com/vektah/gqlparser/v2/ast"
@@ -74,17 +75,50 @@ func subscriptionErrorResponses(present graphql.ErrorPresenterFunc) graphql.Resp
 	}
 }
 
+// waitForEvent registers the wait and streams its result. It logs the
+// subscription's start and its end with the reason (notified, timeout,
+// canceled, client_gone, error), never the event data.
+func (r *Resolver) waitForEvent(ctx context.Context, p engine.WaitParams) (<-chan *models.WaitResult, error) {
+	start := time.Now()
+	w, err := r.Engine.Wait(ctx, p)
+	if err != nil {
+		r.Log.InfoContext(ctx, "subscription ended", "event_id", p.EventID, "reason", "error", "code", codeOf(err), "duration_ms", millis(time.Since(start)))
+		return nil, err
+	}
+	r.Log.InfoContext(ctx, "subscription started", "event_id", p.EventID, "waiter", w.WaiterID())
+	return r.streamWait(ctx, w, start), nil
+}
+
+// codeOf is the code a client gets for err.
+func codeOf(err error) string {
+	if code := engine.ErrorCode(err); code != "" {
+		return string(code)
+	}
+	return codeInternal
+}
+
 // streamWait owns the channel of one waitForEvent: it sends the single
 // result (the buffer of one means the send never blocks) or parks the error,
 // then closes the channel.
-func streamWait(ctx context.Context, w *engine.Wait) <-chan *models.WaitResult {
+func (r *Resolver) streamWait(ctx context.Context, w *engine.Wait, start time.Time) <-chan *models.WaitResult {
 	ch := make(chan *models.WaitResult, 1)
+	r.Rec.SubscriptionStarted()
 	go func() {
 		defer close(ch)
+		reason, code := "error", ""
+		defer func() {
+			r.Rec.SubscriptionEnded()
+			attrs := []any{"waiter", w.WaiterID(), "reason", reason}
+			if code != "" {
+				attrs = append(attrs, "code", code)
+			}
+			r.Log.InfoContext(ctx, "subscription ended", append(attrs, "duration_ms", millis(time.Since(start)))...)
+		}()
 		defer func() {
 			// A panic here would kill the process: no gqlgen recover covers
 			// this goroutine. Answer the subscriber as for any internal error.
 			if p := recover(); p != nil {
+				reason, code = "error", codeInternal
 				if slot, _ := ctx.Value(subscriptionErrorKey{}).(*subscriptionErrorSlot); slot != nil {
 					slot.set(fmt.Errorf("panic in waitForEvent: %v", p))
 				}
@@ -92,15 +126,38 @@ func streamWait(ctx context.Context, w *engine.Wait) <-chan *models.WaitResult {
 		}()
 		res, err := w.Result(ctx)
 		if ctx.Err() != nil {
-			return // the subscriber left; nobody to tell
+			reason = "client_gone" // nobody to tell
+			return
 		}
+		r.delivered(w)
 		if err != nil {
+			if reason, code = "error", codeOf(err); engine.ErrorCode(err) == engine.CodeRunNotActive {
+				reason = "canceled"
+			}
 			if slot, _ := ctx.Value(subscriptionErrorKey{}).(*subscriptionErrorSlot); slot != nil {
 				slot.set(err)
 			}
 			return
 		}
+		reason = "notified"
+		if res.Timeout {
+			reason = "timeout"
+		}
 		ch <- res
 	}()
 	return ch
+}
+
+// delivered observes how long after its waiter ended a result is handed to
+// the transport, on the engine's clock (the one that stamped the end).
+func (r *Resolver) delivered(w *engine.Wait) {
+	ended := w.EndedAt()
+	if ended.IsZero() {
+		return
+	}
+	now := time.Now
+	if r.Now != nil {
+		now = r.Now
+	}
+	r.Rec.Delivered(max(0, now().Sub(ended)))
 }

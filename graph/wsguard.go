@@ -2,6 +2,7 @@ package graph
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -44,11 +45,12 @@ func (g guardedWebsockets) Accept(w http.ResponseWriter, r *http.Request, opts t
 	if err != nil {
 		return nil, err
 	}
-	return &guardedConn{WebsocketConn: c, max: g.maxSubs, running: map[string]string{}, ending: map[string]string{}}, nil
+	return &guardedConn{WebsocketConn: c, ctx: r.Context(), max: g.maxSubs, running: map[string]string{}, ending: map[string]string{}}, nil
 }
 
 type guardedConn struct {
 	transport.WebsocketConn
+	ctx context.Context // the upgrade request's: its request id, its recorder
 	max int
 
 	mu sync.Mutex
@@ -111,7 +113,7 @@ func (c *guardedConn) NextReader() (int, io.Reader, error) {
 			case full:
 				c.WebsocketConn.WriteJSON(map[string]any{"id": env.ID, "type": "error", "payload": []map[string]any{{
 					"message":    fmt.Sprintf("at most %d operations may run on one connection", c.max),
-					"extensions": map[string]any{"code": "TOO_MANY_SUBSCRIPTIONS"},
+					"extensions": errorExtensions(c.ctx, "TOO_MANY_SUBSCRIPTIONS"),
 				}}})
 				continue
 			}

@@ -10,6 +10,7 @@ package hub
 import (
 	"hash/maphash"
 	"sync"
+	"time"
 
 	"rendezvous/models"
 )
@@ -22,6 +23,9 @@ const shardCount = 64
 type Wake struct {
 	Result *models.WaitResult
 	Err    error
+	// EndedAt is when the waiter ended, with Result or Err (for the
+	// delivery latency).
+	EndedAt time.Time
 }
 
 // Listener receives at most one pending Wake at a time on C; a second wake

@@ -123,3 +123,25 @@ type StepRef struct {
 	WorkflowRunID string
 	StepName      string
 }
+
+// Stats is the operator's view of the database: runs and waiters by state,
+// lookback events waiting to be consumed, and the nearest deadline.
+type Stats struct {
+	Runs                  *RunStats
+	Waiters               *WaiterStats
+	PendingLookbackEvents int
+	// OldestWaitingDeadline is the earliest deadline of a waiter still
+	// WAITING; nil when none is.
+	OldestWaitingDeadline *time.Time
+}
+
+// RunStats counts runs by state.
+type RunStats struct {
+	Started, Success, Failed, Canceled int
+}
+
+// WaiterStats counts waiters by state; a waiter WAITING past its deadline
+// counts as timed out.
+type WaiterStats struct {
+	Waiting, Notified, TimedOut, Canceled int
+}

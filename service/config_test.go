@@ -23,6 +23,8 @@ func TestConfigFromEnvDefaults(t *testing.T) {
 	require.False(t, cfg.Auth.RequireTokens)
 	require.Equal(t, float64(DefaultRateLimit), cfg.HTTP.RateLimit)
 	require.Equal(t, 2*DefaultRateLimit, cfg.HTTP.RateBurst)
+	require.Empty(t, cfg.MetricsAddr, "/metrics on the main port")
+	require.Nil(t, cfg.MetricsTokenRequired, "token requirement decided from the tokens")
 }
 
 func TestConfigFromEnvSetsEverything(t *testing.T) {
@@ -56,6 +58,9 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 		"RENDEZVOUS_SWEEP_INTERVAL":                   "3s",
 		"RENDEZVOUS_PLAYGROUND_ASSETS":                "https://assets.example/npm",
 		"RENDEZVOUS_MAX_SUBSCRIPTIONS_PER_CONNECTION": "10",
+		"RENDEZVOUS_METRICS_ADDR":                     ":9090",
+		"RENDEZVOUS_METRICS_TOKEN_REQUIRED":           "true",
+		"RENDEZVOUS_METRICS_INTERVAL":                 "30s",
 	}))
 	require.NoError(t, err)
 	require.Equal(t, ":9090", cfg.Addr)
@@ -79,6 +84,10 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 	require.Equal(t, 500*time.Millisecond, cfg.Engine.CatchUpInterval)
 	require.Equal(t, 10, cfg.HTTP.MaxSubscriptionsPerConnection)
 	require.Equal(t, "https://assets.example/npm", cfg.PlaygroundAssets)
+	require.Equal(t, ":9090", cfg.MetricsAddr)
+	require.NotNil(t, cfg.MetricsTokenRequired)
+	require.True(t, *cfg.MetricsTokenRequired)
+	require.Equal(t, 30*time.Second, cfg.Engine.GaugeInterval)
 }
 
 func TestConfigFromEnvRejectsNonsense(t *testing.T) {
@@ -92,6 +101,9 @@ func TestConfigFromEnvRejectsNonsense(t *testing.T) {
 		"rate":      {"RENDEZVOUS_RATE_LIMIT": "fast"},
 		"require":   {"RENDEZVOUS_REQUIRE_TOKENS": "yes please"},
 		"tokenfile": {"RENDEZVOUS_TOKENS_FILE": "/nonexistent/tokens"},
+		"metrics":   {"RENDEZVOUS_METRICS_ADDR": "9090"},
+		"mtoken":    {"RENDEZVOUS_METRICS_TOKEN_REQUIRED": "sometimes"},
+		"minterval": {"RENDEZVOUS_METRICS_INTERVAL": "often"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := ConfigFromEnv(envOf(env))

@@ -15,6 +15,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode"
 
@@ -24,8 +25,12 @@ import (
 	"rendezvous/graph"
 	"rendezvous/graph/scalar"
 	"rendezvous/hub"
+	"rendezvous/internal/requestid"
+	"rendezvous/metrics"
 	"rendezvous/storage"
 )
+
+var _ graph.Recorder = (*metrics.Metrics)(nil)
 
 // Config is everything an operator can set.
 type Config struct {
@@ -44,7 +49,20 @@ type Config struct {
 	HTTP graph.HandlerConfig
 	// ShutdownGrace bounds how long a graceful stop waits for requests.
 	ShutdownGrace time.Duration
-	Logger        *slog.Logger
+	// MetricsAddr, when set (":9090"), serves /metrics on a listener of its
+	// own; when empty, /metrics is on Addr with the API.
+	MetricsAddr string
+	// MetricsTokenRequired: whether /metrics needs a server token. nil: it
+	// does on the main port when server tokens are configured, and does
+	// not on MetricsAddr (keep that port private). true with no server
+	// tokens configured is refused.
+	MetricsTokenRequired *bool
+	// Metrics, when set, is the service's metrics (tests may share or read
+	// it); nil: New makes them.
+	Metrics *metrics.Metrics
+	// Logger: New wraps its handler so that lines logged with a request's
+	// context carry its request_id.
+	Logger *slog.Logger
 }
 
 // DefaultRateLimit is mutations per second per caller when
@@ -96,6 +114,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	dur("RENDEZVOUS_SWEEP_INTERVAL", &cfg.Engine.SweepInterval)
 	dur("RENDEZVOUS_CATCHUP_INTERVAL", &cfg.Engine.CatchUpInterval)
 	dur("RENDEZVOUS_LEASE_TTL", &cfg.Engine.LeaseTTL)
+	dur("RENDEZVOUS_METRICS_INTERVAL", &cfg.Engine.GaugeInterval)
 	num("RENDEZVOUS_MAX_PAYLOAD_BYTES", &cfg.Engine.MaxPayloadBytes)
 	num("RENDEZVOUS_MAX_EVENT_ID_BYTES", &cfg.Engine.MaxIDBytes)
 	cfg.PlaygroundAssets = getenv("RENDEZVOUS_PLAYGROUND_ASSETS")
@@ -157,18 +176,38 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	num("RENDEZVOUS_MAX_SUBSCRIPTIONS_PER_CONNECTION", &cfg.HTTP.MaxSubscriptionsPerConnection)
 	dur("RENDEZVOUS_KEEPALIVE", &cfg.HTTP.KeepAlive)
 	dur("RENDEZVOUS_INIT_TIMEOUT", &cfg.HTTP.InitTimeout)
+
+	// Metrics.
+	if v := getenv("RENDEZVOUS_METRICS_ADDR"); v != "" {
+		if _, port, err := net.SplitHostPort(v); err != nil || port == "" {
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_METRICS_ADDR %q: want host:port or :port, e.g. :9090", v))
+		}
+		cfg.MetricsAddr = v
+	}
+	if v := getenv("RENDEZVOUS_METRICS_TOKEN_REQUIRED"); v != "" {
+		var b bool
+		boolean("RENDEZVOUS_METRICS_TOKEN_REQUIRED", &b)
+		cfg.MetricsTokenRequired = &b
+	}
 	return cfg, errors.Join(errs...)
 }
 
 // Service is a wired Rendezvous.
 type Service struct {
-	cfg        Config
-	Store      storage.Store
-	Engine     *engine.Engine
-	Handler    http.Handler
-	bus        *bus.Redis
-	endStreams context.CancelFunc
-	log        *slog.Logger
+	cfg     Config
+	Store   storage.Store
+	Engine  *engine.Engine
+	Handler http.Handler
+	Metrics *metrics.Metrics
+	// MetricsHandler serves /metrics on MetricsAddr; nil when /metrics is
+	// part of Handler.
+	MetricsHandler http.Handler
+	bus            *bus.Redis
+	endStreams     context.CancelFunc
+	log            *slog.Logger
+
+	metricsAddrMu sync.Mutex
+	metricsAddr   string
 }
 
 // New opens the database (applying migrations) and builds the handler. Start
@@ -178,7 +217,14 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	log = slog.New(requestid.LogHandler(log.Handler()))
+	cfg.Logger = log
 	cfg.Engine.Logger = log
+	m := cfg.Metrics
+	if m == nil {
+		m = metrics.New()
+	}
+	cfg.Engine.Recorder = m
 	if len(cfg.Auth.Secrets) == 0 {
 		// Run tokens still work, on this process until it restarts.
 		var b [32]byte
@@ -193,7 +239,16 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	if authn.Open() {
 		log.Warn("NO TOKENS CONFIGURED: the API is open to anyone who can reach it; set RENDEZVOUS_TOKENS and RENDEZVOUS_REQUIRE_TOKENS=true in production")
 	}
-	store, err := storage.Open(ctx, cfg.DatabaseURL, storage.Options{Logger: log})
+	// /metrics wants a server token on the main port when there are tokens;
+	// a separate metrics port is expected to be private.
+	metricsToken := cfg.MetricsAddr == "" && !authn.Open()
+	if cfg.MetricsTokenRequired != nil {
+		metricsToken = *cfg.MetricsTokenRequired
+		if metricsToken && authn.Open() {
+			return nil, fmt.Errorf("RENDEZVOUS_METRICS_TOKEN_REQUIRED=true but no server token is configured (RENDEZVOUS_TOKENS or RENDEZVOUS_TOKENS_FILE)")
+		}
+	}
+	store, err := storage.Open(ctx, cfg.DatabaseURL, storage.Options{Logger: log, Observer: m})
 	if err != nil {
 		return nil, err
 	}
@@ -220,8 +275,30 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	streams, endStreams := context.WithCancel(context.Background())
 	hc := cfg.HTTP
 	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, cfg.Engine.Now
+	hc.Recorder = m
+	var metricsHandler http.Handler
+	if cfg.MetricsAddr == "" {
+		hc.Metrics, hc.MetricsTokenRequired = m.Handler(), metricsToken
+	} else {
+		h := m.Handler()
+		if metricsToken {
+			h = graph.RequireServerToken(authn, cfg.Engine.Now, h)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", h)
+		metricsHandler = mux
+	}
 	handler := graph.NewHandler(eng, hc)
-	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, bus: rb, endStreams: endStreams, log: log}, nil
+	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, Metrics: m, MetricsHandler: metricsHandler,
+		bus: rb, endStreams: endStreams, log: log}, nil
+}
+
+// MetricsAddr is the address /metrics is served on when Config.MetricsAddr
+// is set, once Serve has opened it; "" before.
+func (s *Service) MetricsAddr() string {
+	s.metricsAddrMu.Lock()
+	defer s.metricsAddrMu.Unlock()
+	return s.metricsAddr
 }
 
 // Start runs the engine's background loops.
@@ -256,6 +333,35 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 		IdleTimeout:  2 * time.Minute,
 		ErrorLog:     slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
+	var (
+		msrv  *http.Server
+		mdone = make(chan error, 1)
+	)
+	if s.MetricsHandler != nil {
+		mln, err := net.Listen("tcp", s.cfg.MetricsAddr)
+		if err != nil {
+			s.Close()
+			return fmt.Errorf("listen for /metrics on %s: %w", s.cfg.MetricsAddr, err)
+		}
+		msrv = &http.Server{
+			Handler:           s.MetricsHandler,
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       time.Minute,
+			WriteTimeout:      time.Minute,
+			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		}
+		s.metricsAddrMu.Lock()
+		s.metricsAddr = mln.Addr().String()
+		s.metricsAddrMu.Unlock()
+		go func() { mdone <- msrv.Serve(mln) }()
+		s.log.Info("metrics listening", "addr", mln.Addr().String())
+	}
+	stopMetrics := func(ctx context.Context) {
+		if msrv != nil {
+			msrv.Shutdown(ctx)
+			<-mdone
+		}
+	}
 	s.Start(ctx)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -263,6 +369,7 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 
 	select {
 	case err := <-errc:
+		stopMetrics(context.Background())
 		s.Close()
 		return err
 	case <-ctx.Done():
@@ -276,6 +383,7 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	err := srv.Shutdown(sctx)
+	stopMetrics(sctx)
 	if cerr := s.Close(); err == nil {
 		err = cerr
 	}

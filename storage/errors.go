@@ -26,6 +26,37 @@ const (
 // errRetryable marks an error after which the whole transaction may run again.
 var errRetryable = errors.New("retryable conflict")
 
+// Causes of the database trouble an Observer hears about.
+const (
+	// CauseDeadlock: MySQL rolled the transaction back (1213); it runs again.
+	CauseDeadlock = "deadlock"
+	// CauseLockWait: a statement gave up waiting for a row lock (1205); the
+	// transaction is rolled back and runs again.
+	CauseLockWait = "lock_wait"
+	// CauseBusy: SQLite's database was busy or locked; the transaction runs again.
+	CauseBusy = "busy"
+	// CauseConnection: a statement failed because the database could not
+	// be reached; the caller (or its client) tries again.
+	CauseConnection = "connection"
+)
+
+// conflict is a retryable error that remembers its cause.
+type conflict struct{ cause string }
+
+func (c conflict) Error() string { return errRetryable.Error() }
+
+// Is makes every conflict an errRetryable.
+func (c conflict) Is(target error) bool { return target == errRetryable }
+
+// conflictCause returns the cause of a retryable error, or "".
+func conflictCause(err error) string {
+	var c conflict
+	if errors.As(err, &c) {
+		return c.cause
+	}
+	return ""
+}
+
 // classify translates driver errors into this package's sentinels at the
 // edge, so callers compare with errors.Is and never see driver types.
 func classify(err error) error {
@@ -40,8 +71,10 @@ func classify(err error) error {
 		switch me.Number {
 		case mysqlDuplicateEntry:
 			return fmt.Errorf("%w: %v", ErrDuplicate, err)
-		case mysqlDeadlock, mysqlLockWaitTimeout:
-			return fmt.Errorf("%w: %v", errRetryable, err)
+		case mysqlDeadlock:
+			return fmt.Errorf("%w: %v", conflict{CauseDeadlock}, err)
+		case mysqlLockWaitTimeout:
+			return fmt.Errorf("%w: %v", conflict{CauseLockWait}, err)
 		}
 		return err
 	}
@@ -49,7 +82,7 @@ func classify(err error) error {
 	if errors.As(err, &se) {
 		switch se.Code() & 0xff { // the primary result code
 		case sqliteBusy, sqliteLocked:
-			return fmt.Errorf("%w: %v", errRetryable, err)
+			return fmt.Errorf("%w: %v", conflict{CauseBusy}, err)
 		case sqliteConstraint:
 			if se.Code() == sqliteConstraintUnique || se.Code() == sqliteConstraintPrimaryKey {
 				return fmt.Errorf("%w: %v", ErrDuplicate, err)

@@ -31,11 +31,22 @@ var _ Store = (*gormStore)(nil)
 type gormExecutor struct {
 	db      *gorm.DB
 	dialect string
+	obs     Observer
+}
+
+// classify classifies a driver error (see the package function) and tells
+// the observer when the database could not be reached.
+func (e *gormExecutor) classify(err error) error {
+	c := classify(err)
+	if c != nil && errors.Is(c, ErrUnavailable) {
+		e.obs.DBRetry(CauseConnection)
+	}
+	return c
 }
 
 func (s *gormStore) Dialect() string { return s.dialect }
 
-func (s *gormStore) Ping(ctx context.Context) error { return classify(s.sqlDB.PingContext(ctx)) }
+func (s *gormStore) Ping(ctx context.Context) error { return s.classify(s.sqlDB.PingContext(ctx)) }
 
 func (s *gormStore) Close() error { return s.sqlDB.Close() }
 
@@ -48,6 +59,7 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 		if attempt >= s.maxAttempts {
 			return fmt.Errorf("%w: transaction gave up after %d attempts: %v", ErrUnavailable, attempt, err)
 		}
+		s.obs.DBRetry(conflictCause(err))
 		s.log.DebugContext(ctx, "transaction conflict, retrying", "attempt", attempt, "err", err)
 		if err := backoff(ctx, attempt); err != nil {
 			return err
@@ -62,7 +74,7 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err error) {
 	tx := s.db.WithContext(ctx).Begin()
 	if tx.Error != nil {
-		return classify(tx.Error)
+		return s.classify(tx.Error)
 	}
 	defer func() {
 		if p := recover(); p != nil {
@@ -70,13 +82,16 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs}); err != nil {
 		tx.Rollback()
 		return err
 	}
 	if err := tx.Commit().Error; err != nil {
 		if c := classify(err); errors.Is(c, errRetryable) {
 			return c // a deadlock reported at commit: rolled back, safe to rerun
+		}
+		if c := classify(err); errors.Is(c, ErrUnavailable) {
+			s.obs.DBRetry(CauseConnection)
 		}
 		return fmt.Errorf("%w: %v", ErrCommitUnknown, err)
 	}
@@ -94,11 +109,11 @@ func (e *gormExecutor) lock(q *gorm.DB, forUpdate bool) *gorm.DB {
 	return q
 }
 
-func notFound(err error) error {
+func (e *gormExecutor) notFound(err error) error {
 	if errors.Is(err, gorm.ErrRecordNotFound) {
 		return ErrNotFound
 	}
-	return classify(err)
+	return e.classify(err)
 }
 
 // ---- runs
@@ -106,7 +121,7 @@ func notFound(err error) error {
 func (e *gormExecutor) RunGet(ctx context.Context, runID string, forUpdate bool) (*models.WorkflowRun, error) {
 	var row runRow
 	if err := e.lock(e.q(ctx).Where("id = ?", runID), forUpdate).Take(&row).Error; err != nil {
-		return nil, notFound(err)
+		return nil, e.notFound(err)
 	}
 	return row.model(), nil
 }
@@ -121,7 +136,7 @@ func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) e
 		CreatedAt: newDBTime(run.CreatedAt),
 		UpdatedAt: newDBTime(run.UpdatedAt),
 	}
-	return classify(e.q(ctx).Create(&row).Error)
+	return e.classify(e.q(ctx).Create(&row).Error)
 }
 
 func (e *gormExecutor) RunEnd(ctx context.Context, p *RunEndParams) error {
@@ -131,7 +146,7 @@ func (e *gormExecutor) RunEnd(ctx context.Context, p *RunEndParams) error {
 		"updated_at": newDBTime(p.UpdatedAt),
 	})
 	if res.Error != nil {
-		return classify(res.Error)
+		return e.classify(res.Error)
 	}
 	if res.RowsAffected != 1 {
 		return fmt.Errorf("end run %s: %w", p.RunID, ErrNotStarted)
@@ -150,17 +165,29 @@ func (e *gormExecutor) RunList(ctx context.Context, p *RunListParams) ([]*models
 	if p.AfterRunID != "" {
 		var after runRow
 		if err := e.q(ctx).Select("seq").Where("id = ?", p.AfterRunID).Take(&after).Error; err != nil {
-			return nil, notFound(err)
+			return nil, e.notFound(err)
 		}
 		q = q.Where("seq < ?", after.Seq)
 	}
 	var rows []runRow
 	if err := q.Order("seq DESC").Limit(p.Limit).Find(&rows).Error; err != nil {
-		return nil, classify(err)
+		return nil, e.classify(err)
 	}
 	out := make([]*models.WorkflowRun, len(rows))
 	for i := range rows {
 		out[i] = rows[i].model()
+	}
+	return out, nil
+}
+
+func (e *gormExecutor) RunCountByState(ctx context.Context) (map[models.RunState]int64, error) {
+	var rows []stateCount
+	if err := e.q(ctx).Model(&runRow{}).Select("state, COUNT(*) AS n").Group("state").Scan(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	out := make(map[models.RunState]int64, len(rows))
+	for _, r := range rows {
+		out[models.RunState(r.State)] = r.N
 	}
 	return out, nil
 }
@@ -185,7 +212,7 @@ func (e *gormExecutor) WaiterInsert(ctx context.Context, w *models.Waiter) error
 		row.EndedAt = newDBTime(*w.EndedAt)
 	}
 	if err := e.q(ctx).Create(&row).Error; err != nil {
-		return classify(err)
+		return e.classify(err)
 	}
 	w.ID = waiterID(row.Seq)
 	return nil
@@ -198,7 +225,7 @@ func (e *gormExecutor) WaiterGet(ctx context.Context, id string) (*models.Waiter
 	}
 	var row waiterRow
 	if err := e.q(ctx).Where("seq = ?", seq).Take(&row).Error; err != nil {
-		return nil, notFound(err)
+		return nil, e.notFound(err)
 	}
 	w := row.model()
 	if w.EventData == nil && w.MessageID != nil {
@@ -207,7 +234,7 @@ func (e *gormExecutor) WaiterGet(ctx context.Context, id string) (*models.Waiter
 		var n notificationRow
 		err := e.q(ctx).Select("event_data").Where("message_id = ?", *w.MessageID).Take(&n).Error
 		if err != nil && !errors.Is(err, gorm.ErrRecordNotFound) {
-			return nil, classify(err)
+			return nil, e.classify(err)
 		}
 		w.EventData = n.EventData
 	}
@@ -225,7 +252,7 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 		Where("(replica_id IS NULL OR replica_id = ? OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = waiters.replica_id AND r.lease_until > ?))", p.Self, newDBTime(p.Now))
 	var rows []waiterRow
 	if err := e.lock(q.Order("seq"), p.ForUpdate).Find(&rows).Error; err != nil {
-		return nil, classify(err)
+		return nil, e.classify(err)
 	}
 	return waiterModels(rows), nil
 }
@@ -235,7 +262,7 @@ func (e *gormExecutor) WaiterListByRun(ctx context.Context, runID string) ([]*mo
 	// Without event_data: listings never show it, and ended waiters of a
 	// long run could carry a lot of it.
 	if err := e.q(ctx).Omit("event_data").Where("run_id = ?", runID).Order("seq").Find(&rows).Error; err != nil {
-		return nil, classify(err)
+		return nil, e.classify(err)
 	}
 	return waiterModels(rows), nil
 }
@@ -272,7 +299,7 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 			// One waiter: the compare-and-set's row count says who won.
 			res := waiting(e.q(ctx).Model(&waiterRow{}).Where("seq = ?", chunk[0])).Updates(set)
 			if res.Error != nil {
-				return nil, classify(res.Error)
+				return nil, e.classify(res.Error)
 			}
 			if res.RowsAffected == 1 {
 				ended = append(ended, waiterID(chunk[0]))
@@ -284,14 +311,14 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 		var still []int64
 		if err := e.lock(waiting(e.q(ctx).Model(&waiterRow{}).Where("seq IN ?", chunk)), true).
 			Order("seq").Pluck("seq", &still).Error; err != nil {
-			return nil, classify(err)
+			return nil, e.classify(err)
 		}
 		if len(still) == 0 {
 			continue
 		}
 		res := waiting(e.q(ctx).Model(&waiterRow{}).Where("seq IN ?", still)).Updates(set)
 		if res.Error != nil {
-			return nil, classify(res.Error)
+			return nil, e.classify(res.Error)
 		}
 		if res.RowsAffected != int64(len(still)) {
 			// The rows were locked above, so this only happens outside a
@@ -306,13 +333,13 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 		row := notificationRow{MessageID: *p.MessageID, EventID: p.EventID, EventData: p.EventData, CreatedAt: newDBTime(p.EndedAt)}
 		if row.EventID == "" {
 			if err := e.q(ctx).Model(&waiterRow{}).Select("event_id").Where("seq = ?", mustSeq(ended[0])).Take(&row).Error; err != nil {
-				return nil, classify(err)
+				return nil, e.classify(err)
 			}
 		}
 		// A second call for the same message (more waiters of the same
 		// notify) finds the row there already.
 		if err := e.q(ctx).Clauses(clause.OnConflict{DoNothing: true}).Create(&row).Error; err != nil {
-			return nil, classify(err)
+			return nil, e.classify(err)
 		}
 	}
 	return ended, nil
@@ -330,7 +357,7 @@ func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, id string) (bool
 	}
 	res := e.q(ctx).Where("seq = ? AND state = ?", seq, string(models.WaiterWaiting)).Delete(&waiterRow{})
 	if res.Error != nil {
-		return false, classify(res.Error)
+		return false, e.classify(res.Error)
 	}
 	return res.RowsAffected == 1, nil
 }
@@ -347,7 +374,7 @@ func (e *gormExecutor) WaiterListEnded(ctx context.Context, ids []string) ([]str
 		var got []int64
 		if err := e.q(ctx).Model(&waiterRow{}).Where("seq IN ? AND state <> ?", chunk, string(models.WaiterWaiting)).
 			Pluck("seq", &got).Error; err != nil {
-			return nil, classify(err)
+			return nil, e.classify(err)
 		}
 		for _, seq := range got {
 			ended = append(ended, waiterID(seq))
@@ -360,9 +387,58 @@ func (e *gormExecutor) WaiterListExpired(ctx context.Context, now time.Time, lim
 	var rows []waiterRow
 	if err := e.q(ctx).Where("state = ? AND deadline <= ?", string(models.WaiterWaiting), newDBTime(now)).
 		Order("deadline").Limit(limit).Find(&rows).Error; err != nil {
-		return nil, classify(err)
+		return nil, e.classify(err)
 	}
 	return waiterModels(rows), nil
+}
+
+func (e *gormExecutor) WaiterCountWaiting(ctx context.Context, now time.Time) (int64, error) {
+	var n int64
+	err := e.q(ctx).Model(&waiterRow{}).Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(now)).Count(&n).Error
+	return n, e.classify(err)
+}
+
+type stateCount struct {
+	State string `gorm:"column:state"`
+	N     int64  `gorm:"column:n"`
+}
+
+func (e *gormExecutor) WaiterCountByState(ctx context.Context, now time.Time) (map[models.WaiterState]int64, error) {
+	var rows []stateCount
+	if err := e.q(ctx).Model(&waiterRow{}).Select("state, COUNT(*) AS n").Group("state").Scan(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	out := make(map[models.WaiterState]int64, len(rows))
+	for _, r := range rows {
+		out[models.WaiterState(r.State)] = r.N
+	}
+	if out[models.WaiterWaiting] == 0 {
+		return out, nil
+	}
+	// Waiting past the deadline is timed out, written by the sweeper or not.
+	var overdue int64
+	if err := e.q(ctx).Model(&waiterRow{}).Where("state = ? AND deadline <= ?", string(models.WaiterWaiting), newDBTime(now)).
+		Count(&overdue).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	if overdue > 0 {
+		out[models.WaiterWaiting] -= overdue
+		out[models.WaiterTimedOut] += overdue
+		if out[models.WaiterWaiting] <= 0 {
+			delete(out, models.WaiterWaiting) // a waiter ended between the two counts
+		}
+	}
+	return out, nil
+}
+
+func (e *gormExecutor) WaiterOldestDeadline(ctx context.Context, now time.Time) (*time.Time, error) {
+	var oldest dbTime
+	row := e.q(ctx).Model(&waiterRow{}).Select("MIN(deadline)").
+		Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(now)).Row()
+	if err := row.Scan(&oldest); err != nil {
+		return nil, e.classify(err)
+	}
+	return oldest.ptr(), nil
 }
 
 // ---- replica leases
@@ -370,7 +446,7 @@ func (e *gormExecutor) WaiterListExpired(ctx context.Context, now time.Time, lim
 func (e *gormExecutor) ReplicaRenew(ctx context.Context, replicaID string, leaseUntil time.Time) error {
 	res := e.q(ctx).Model(&replicaRow{}).Where("id = ?", replicaID).Update("lease_until", newDBTime(leaseUntil))
 	if res.Error != nil {
-		return classify(res.Error)
+		return e.classify(res.Error)
 	}
 	if res.RowsAffected == 1 {
 		return nil
@@ -379,29 +455,29 @@ func (e *gormExecutor) ReplicaRenew(ctx context.Context, replicaID string, lease
 		Columns:   []clause.Column{{Name: "id"}},
 		DoUpdates: clause.Assignments(map[string]any{"lease_until": newDBTime(leaseUntil)}),
 	}).Create(&replicaRow{ID: replicaID, LeaseUntil: newDBTime(leaseUntil)}).Error
-	return classify(err)
+	return e.classify(err)
 }
 
 func (e *gormExecutor) ReplicaRelease(ctx context.Context, replicaID string) error {
-	return classify(e.q(ctx).Where("id = ?", replicaID).Delete(&replicaRow{}).Error)
+	return e.classify(e.q(ctx).Where("id = ?", replicaID).Delete(&replicaRow{}).Error)
 }
 
 func (e *gormExecutor) WaiterReapOrphans(ctx context.Context, now time.Time) (int64, error) {
 	var dead []string
 	if err := e.q(ctx).Model(&replicaRow{}).Where("lease_until <= ?", newDBTime(now)).Pluck("id", &dead).Error; err != nil {
-		return 0, classify(err)
+		return 0, e.classify(err)
 	}
 	if len(dead) == 0 {
 		return 0, nil
 	}
 	res := e.q(ctx).Where("replica_id IN ? AND state = ?", dead, string(models.WaiterWaiting)).Delete(&waiterRow{})
 	if res.Error != nil {
-		return 0, classify(res.Error)
+		return 0, e.classify(res.Error)
 	}
 	// A replica that was only cut off renews (re-creates) its lease when it
 	// is back; its waiters are gone by then and its subscribers are told so.
 	if err := e.q(ctx).Where("id IN ? AND lease_until <= ?", dead, newDBTime(now)).Delete(&replicaRow{}).Error; err != nil {
-		return 0, classify(err)
+		return 0, e.classify(err)
 	}
 	return res.RowsAffected, nil
 }
@@ -418,7 +494,7 @@ func (e *gormExecutor) LookbackEventInsert(ctx context.Context, ev *models.Lookb
 		ExpiresAt: newDBTime(ev.ExpiresAt),
 	}
 	if err := e.q(ctx).Create(&row).Error; err != nil {
-		return classify(err)
+		return e.classify(err)
 	}
 	ev.ID = lookbackID(row.Seq)
 	return nil
@@ -432,12 +508,12 @@ func (e *gormExecutor) LookbackEventConsume(ctx context.Context, runID, eventID 
 		return nil, nil
 	}
 	if err != nil {
-		return nil, classify(err)
+		return nil, e.classify(err)
 	}
 	res := e.q(ctx).Model(&lookbackRow{}).Where("seq = ? AND consumed = ?", row.Seq, false).
 		Updates(map[string]any{"consumed": true, "consumed_at": newDBTime(now)})
 	if res.Error != nil {
-		return nil, classify(res.Error)
+		return nil, e.classify(res.Error)
 	}
 	if res.RowsAffected != 1 {
 		// Only possible without the run lock the contract asks for.
@@ -450,7 +526,7 @@ func (e *gormExecutor) LookbackEventListByRun(ctx context.Context, runID string,
 	var rows []lookbackRow
 	if err := e.q(ctx).Where("run_id = ? AND consumed = ? AND expires_at > ?", runID, false, newDBTime(now)).
 		Order("seq").Find(&rows).Error; err != nil {
-		return nil, classify(err)
+		return nil, e.classify(err)
 	}
 	out := make([]*models.LookbackEvent, len(rows))
 	for i := range rows {
@@ -461,20 +537,35 @@ func (e *gormExecutor) LookbackEventListByRun(ctx context.Context, runID string,
 
 func (e *gormExecutor) LookbackEventDeleteByRun(ctx context.Context, runID string) (int64, error) {
 	res := e.q(ctx).Where("run_id = ? AND consumed = ?", runID, false).Delete(&lookbackRow{})
-	return res.RowsAffected, classify(res.Error)
+	return res.RowsAffected, e.classify(res.Error)
 }
 
-func (e *gormExecutor) LookbackEventPurge(ctx context.Context, now time.Time, limit int) (int64, error) {
+func (e *gormExecutor) LookbackEventPurge(ctx context.Context, now time.Time, limit int) (int64, int64, error) {
 	var seqs []int64
 	if err := e.q(ctx).Model(&lookbackRow{}).Where("expires_at <= ?", newDBTime(now)).
 		Order("expires_at").Limit(limit).Pluck("seq", &seqs).Error; err != nil {
-		return 0, classify(err)
+		return 0, 0, e.classify(err)
 	}
 	if len(seqs) == 0 {
-		return 0, nil
+		return 0, 0, nil
 	}
-	res := e.q(ctx).Where("seq IN ?", seqs).Delete(&lookbackRow{})
-	return res.RowsAffected, classify(res.Error)
+	// The unconsumed ones first, to count them: an expired event can no
+	// longer be consumed, so the split cannot race a waiter.
+	unconsumed := e.q(ctx).Where("seq IN ? AND consumed = ?", seqs, false).Delete(&lookbackRow{})
+	if unconsumed.Error != nil {
+		return 0, 0, e.classify(unconsumed.Error)
+	}
+	rest := e.q(ctx).Where("seq IN ?", seqs).Delete(&lookbackRow{})
+	if rest.Error != nil {
+		return unconsumed.RowsAffected, unconsumed.RowsAffected, e.classify(rest.Error)
+	}
+	return unconsumed.RowsAffected + rest.RowsAffected, unconsumed.RowsAffected, nil
+}
+
+func (e *gormExecutor) LookbackEventCountPending(ctx context.Context, now time.Time) (int64, error) {
+	var n int64
+	err := e.q(ctx).Model(&lookbackRow{}).Where("consumed = ? AND expires_at > ?", false, newDBTime(now)).Count(&n).Error
+	return n, e.classify(err)
 }
 
 // ---- steps
@@ -482,7 +573,7 @@ func (e *gormExecutor) LookbackEventPurge(ctx context.Context, now time.Time, li
 func (e *gormExecutor) StepGet(ctx context.Context, runID, stepName string) (*StepRecord, error) {
 	var row stepRow
 	if err := e.q(ctx).Where("run_id = ? AND step_name = ?", runID, stepName).Take(&row).Error; err != nil {
-		return nil, notFound(err)
+		return nil, e.notFound(err)
 	}
 	return row.record(), nil
 }
@@ -506,13 +597,13 @@ func (e *gormExecutor) StepInsert(ctx context.Context, s *StepRecord) error {
 	if s.CompletedAt != nil {
 		row.CompletedAt = newDBTime(*s.CompletedAt)
 	}
-	return classify(e.q(ctx).Create(&row).Error)
+	return e.classify(e.q(ctx).Create(&row).Error)
 }
 
 func (e *gormExecutor) StepListByRun(ctx context.Context, runID string) ([]*StepRecord, error) {
 	var rows []stepRow
 	if err := e.q(ctx).Where("run_id = ?", runID).Order("seq").Find(&rows).Error; err != nil {
-		return nil, classify(err)
+		return nil, e.classify(err)
 	}
 	out := make([]*StepRecord, len(rows))
 	for i := range rows {

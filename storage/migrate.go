@@ -22,9 +22,11 @@ type migration struct {
 //	runs            (state, seq), (label, seq)         workflowRuns filtered by state / label, newest first
 //	waiters         (event_id, state, deadline)        broadcast notify, waiters(eventId)
 //	waiters         (run_id, event_id, state)          targeted notify; its prefix (run_id) serves run.waiters and cancel
-//	waiters         (state, deadline)                  the timeout sweeper and the oldest waiting deadline
+//	waiters         (state, deadline)                  the timeout sweeper, the oldest waiting deadline, counting waiters by state
+//	runs            (state, seq)                       also: counting runs by state (stats)
 //	lookback_events (run_id, event_id, consumed, seq)  waitForEvent consuming the oldest lookback event; run.lookbackEvents
 //	lookback_events (expires_at)                       the retention purge
+//	lookback_events (consumed, expires_at)             counting pending lookback events (metrics, stats)
 //	steps           UNIQUE(run_id, step_name)          durable steps: re-attach (run, step) and notify dedup; run.steps
 //	notifications   UNIQUE(message_id)                 a notified waiter's event data (one row per notify, not per waiter)
 //	waiters         (replica_id, state)                reaping waiters whose replica died
@@ -189,6 +191,16 @@ var migrations = []migration{
 			)`,
 			`ALTER TABLE waiters ADD COLUMN replica_id TEXT NULL`,
 			`CREATE INDEX waiters_replica_state ON waiters (replica_id, state)`,
+		},
+	},
+	{
+		version: 3,
+		name:    "index for counting pending lookback events",
+		mysql: []string{
+			`CREATE INDEX lookback_consumed_expires ON lookback_events (consumed, expires_at)`,
+		},
+		sqlite: []string{
+			`CREATE INDEX lookback_consumed_expires ON lookback_events (consumed, expires_at)`,
 		},
 	},
 }

@@ -29,7 +29,10 @@ type Options struct {
 	// MaxTxAttempts bounds how often a transaction that hit a deadlock or a
 	// lock-wait timeout is run again.
 	MaxTxAttempts int
-	Logger        *slog.Logger
+	// Observer hears about retried transactions and connection failures;
+	// nil: nobody.
+	Observer Observer
+	Logger   *slog.Logger
 }
 
 // Open connects to the database named by a URL, mysql://user:pass@host:port/db?params
@@ -44,6 +47,9 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
+	}
+	if opts.Observer == nil {
+		opts.Observer = nopObserver{}
 	}
 	scheme, rest, ok := strings.Cut(databaseURL, "://")
 	if !ok {
@@ -96,7 +102,7 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		return nil, err
 	}
 	return &gormStore{
-		gormExecutor: gormExecutor{db: db, dialect: dialect},
+		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer},
 		sqlDB:        sqlDB,
 		maxAttempts:  opts.MaxTxAttempts,
 		log:          opts.Logger,

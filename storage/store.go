@@ -34,6 +34,18 @@ var ErrCommitUnknown = errors.New("commit outcome unknown")
 // hold the run's lock, so this means a bug, not a race).
 var ErrNotStarted = errors.New("run is not started")
 
+// Observer hears about the database trouble the store deals with itself, for
+// metrics: every rerun of a transaction after a conflict (CauseDeadlock,
+// CauseLockWait, CauseBusy) and every statement that failed because the
+// database could not be reached (CauseConnection). It must not block.
+type Observer interface {
+	DBRetry(cause string)
+}
+
+type nopObserver struct{}
+
+func (nopObserver) DBRetry(string) {}
+
 // Store is a database holding Rendezvous' tables.
 type Store interface {
 	Executor
@@ -59,6 +71,9 @@ type Executor interface {
 	// RunEnd moves a started run to its final state (compare and set).
 	RunEnd(ctx context.Context, p *RunEndParams) error
 	RunList(ctx context.Context, p *RunListParams) ([]*models.WorkflowRun, error)
+	// RunCountByState counts the runs in each state; states without runs
+	// are absent.
+	RunCountByState(ctx context.Context) (map[models.RunState]int64, error)
 
 	// WaiterInsert inserts the waiter and sets its ID.
 	WaiterInsert(ctx context.Context, w *models.Waiter) error
@@ -80,6 +95,15 @@ type Executor interface {
 	WaiterListEnded(ctx context.Context, waiterIDs []string) ([]string, error)
 	// WaiterListExpired lists WAITING waiters whose deadline is at or before now.
 	WaiterListExpired(ctx context.Context, now time.Time, limit int) ([]*models.Waiter, error)
+	// WaiterCountWaiting counts the waiters WAITING whose deadline is after now.
+	WaiterCountWaiting(ctx context.Context, now time.Time) (int64, error)
+	// WaiterCountByState counts the waiters in each state, with deadlines
+	// applied: a WAITING waiter whose deadline is at or before now counts
+	// as TIMED_OUT. States without waiters are absent.
+	WaiterCountByState(ctx context.Context, now time.Time) (map[models.WaiterState]int64, error)
+	// WaiterOldestDeadline is the earliest deadline after now of a WAITING
+	// waiter; nil when none is waiting.
+	WaiterOldestDeadline(ctx context.Context, now time.Time) (*time.Time, error)
 
 	// ReplicaRenew creates or extends a replica's lease. Waiters whose
 	// Owner has no live lease are treated as gone: notifies skip them and
@@ -98,8 +122,13 @@ type Executor interface {
 	LookbackEventConsume(ctx context.Context, runID, eventID string, now time.Time) (*models.LookbackEvent, error)
 	LookbackEventListByRun(ctx context.Context, runID string, now time.Time) ([]*models.LookbackEvent, error)
 	LookbackEventDeleteByRun(ctx context.Context, runID string) (int64, error)
-	// LookbackEventPurge deletes up to limit expired lookback events.
-	LookbackEventPurge(ctx context.Context, now time.Time, limit int) (int64, error)
+	// LookbackEventPurge deletes up to limit expired lookback events and
+	// returns how many it deleted and, of those, how many had never been
+	// consumed (they expired unheard).
+	LookbackEventPurge(ctx context.Context, now time.Time, limit int) (purged, unconsumed int64, err error)
+	// LookbackEventCountPending counts the lookback events not consumed
+	// and not expired at now.
+	LookbackEventCountPending(ctx context.Context, now time.Time) (int64, error)
 
 	StepGet(ctx context.Context, runID, stepName string) (*StepRecord, error)
 	// StepInsert inserts a step; ErrDuplicate if (run, step name) exists.

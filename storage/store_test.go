@@ -779,10 +779,11 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Zero(t, n)
 
 		// The consumed one is still there: a purge far in the future finds it
-		// along with the other run's event.
-		n, err = b.store.LookbackEventPurge(b.ctx, b.now.Add(24*time.Hour), 100)
+		// along with the other run's event, which alone expired unconsumed.
+		n, unconsumed, err := b.store.LookbackEventPurge(b.ctx, b.now.Add(24*time.Hour), 100)
 		require.NoError(t, err)
 		require.EqualValues(t, 2, n)
+		require.EqualValues(t, 1, unconsumed)
 	})
 
 	t.Run("LookbackEventPurge", func(t *testing.T) {
@@ -794,20 +795,78 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		insertLookback(t, b, "wfr_P", "ev", `"at-now"`, b.now)
 		live := insertLookback(t, b, "wfr_P", "ev", `"live"`, b.now.Add(time.Microsecond))
 
-		n, err := b.store.LookbackEventPurge(b.ctx, b.now, 4)
+		n, unconsumed, err := b.store.LookbackEventPurge(b.ctx, b.now, 4)
 		require.NoError(t, err)
 		require.EqualValues(t, 4, n, "bounded by limit")
-		n, err = b.store.LookbackEventPurge(b.ctx, b.now, 100)
+		require.EqualValues(t, 4, unconsumed, "none was consumed")
+		n, _, err = b.store.LookbackEventPurge(b.ctx, b.now, 100)
 		require.NoError(t, err)
 		require.EqualValues(t, 2, n)
-		n, err = b.store.LookbackEventPurge(b.ctx, b.now, 100)
+		n, unconsumed, err = b.store.LookbackEventPurge(b.ctx, b.now, 100)
 		require.NoError(t, err)
 		require.Zero(t, n)
+		require.Zero(t, unconsumed)
 
 		e, err := b.store.LookbackEventConsume(b.ctx, "wfr_P", "ev", b.now)
 		require.NoError(t, err)
 		require.NotNil(t, e)
 		require.Equal(t, live.ID, e.ID)
+	})
+
+	t.Run("Counts", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		// Empty: nothing anywhere.
+		runs, err := b.store.RunCountByState(b.ctx)
+		require.NoError(t, err)
+		require.Empty(t, runs)
+		waiters, err := b.store.WaiterCountByState(b.ctx, b.now)
+		require.NoError(t, err)
+		require.Empty(t, waiters)
+		oldest, err := b.store.WaiterOldestDeadline(b.ctx, b.now)
+		require.NoError(t, err)
+		require.Nil(t, oldest)
+		n, err := b.store.WaiterCountWaiting(b.ctx, b.now)
+		require.NoError(t, err)
+		require.Zero(t, n)
+		n, err = b.store.LookbackEventCountPending(b.ctx, b.now)
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		insertRun(t, b, "wfr_c1")
+		insertRun(t, b, "wfr_c2")
+		insertRun(t, b, "wfr_c3")
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_c3", State: models.RunFailed, UpdatedAt: b.now}))
+		runs, err = b.store.RunCountByState(b.ctx)
+		require.NoError(t, err)
+		require.Equal(t, map[models.RunState]int64{models.RunStarted: 2, models.RunFailed: 1}, runs)
+
+		soon := b.now.Add(time.Minute)
+		insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		insertWaiter(t, b, "ev", nil, soon)
+		insertWaiter(t, b, "ev", nil, b.now.Add(-time.Second)) // overdue: timed out, swept or not
+		notified := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		_, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{notified.ID}, State: models.WaiterNotified, EndedAt: b.now, MessageID: ptr("msg_c"), EventID: "ev"})
+		require.NoError(t, err)
+		waiters, err = b.store.WaiterCountByState(b.ctx, b.now)
+		require.NoError(t, err)
+		require.Equal(t, map[models.WaiterState]int64{models.WaiterWaiting: 2, models.WaiterTimedOut: 1, models.WaiterNotified: 1}, waiters)
+		n, err = b.store.WaiterCountWaiting(b.ctx, b.now)
+		require.NoError(t, err)
+		require.EqualValues(t, 2, n)
+		oldest, err = b.store.WaiterOldestDeadline(b.ctx, b.now)
+		require.NoError(t, err)
+		require.NotNil(t, oldest)
+		require.Equal(t, soon.Truncate(time.Microsecond), *oldest)
+
+		insertLookback(t, b, "wfr_c1", "ev", `1`, b.now.Add(time.Hour))
+		insertLookback(t, b, "wfr_c1", "ev", `2`, b.now.Add(time.Hour))
+		insertLookback(t, b, "wfr_c1", "ev", `3`, b.now.Add(-time.Hour)) // expired
+		_, err = b.store.LookbackEventConsume(b.ctx, "wfr_c1", "ev", b.now)
+		require.NoError(t, err)
+		n, err = b.store.LookbackEventCountPending(b.ctx, b.now)
+		require.NoError(t, err)
+		require.EqualValues(t, 1, n)
 	})
 
 	t.Run("Steps", func(t *testing.T) {
@@ -1202,9 +1261,49 @@ func TestDeadlockStressMySQL(t *testing.T) {
 	t.Logf("%d transactions took %d attempts", workers*rounds, attempts.Load())
 }
 
+// retryLog is an Observer that remembers what it heard.
+type retryLog struct {
+	mu     sync.Mutex
+	causes map[string]int
+}
+
+func (r *retryLog) DBRetry(cause string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.causes == nil {
+		r.causes = map[string]int{}
+	}
+	r.causes[cause]++
+}
+
+func (r *retryLog) count(cause string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.causes[cause]
+}
+
+// A statement that cannot reach the database is reported as a connection
+// error, once.
+func TestConnectionErrorsAreObserved(t *testing.T) {
+	t.Parallel()
+	retries := &retryLog{}
+	store, err := storage.Open(t.Context(), testdb.SQLite(t), storage.Options{Observer: retries})
+	require.NoError(t, err)
+	require.NoError(t, store.Close())
+	_, err = store.RunGet(t.Context(), "wfr_x", false)
+	require.ErrorIs(t, err, storage.ErrUnavailable)
+	err = store.InTx(t.Context(), func(tx storage.Executor) error { return nil })
+	require.ErrorIs(t, err, storage.ErrUnavailable)
+	require.Equal(t, 2, retries.count(storage.CauseConnection), "%v", retries.causes)
+	require.Zero(t, retries.count(storage.CauseDeadlock))
+}
+
 func TestDeadlockIsRetriedMySQL(t *testing.T) {
 	t.Parallel()
-	store := openStore(t, testdb.MySQL(t))
+	retries := &retryLog{}
+	store, err := storage.Open(t.Context(), testdb.MySQL(t), storage.Options{Observer: retries})
+	require.NoError(t, err)
+	t.Cleanup(func() { store.Close() })
 	ctx := t.Context()
 	now := time.Now().UTC()
 	for _, id := range []string{"wfr_A", "wfr_B"} {
@@ -1241,6 +1340,7 @@ func TestDeadlockIsRetriedMySQL(t *testing.T) {
 	require.NoError(t, errs[0])
 	require.NoError(t, errs[1])
 	require.EqualValues(t, 3, attempts.Load(), "exactly one transaction was the deadlock victim and ran again")
+	require.Equal(t, 1, retries.count(storage.CauseDeadlock), "the observer heard of the retry: %v", retries.causes)
 	require.Equal(t, 2, readCounter(t, store, "wfr_A"))
 	require.Equal(t, 2, readCounter(t, store, "wfr_B"))
 }
@@ -1249,7 +1349,10 @@ func TestLockWaitTimeoutIsRetriedMySQL(t *testing.T) {
 	t.Parallel()
 	databaseURL := testdb.MySQL(t)
 	// A one-second lock wait, so the test does not sit out the default 50s.
-	store := openStore(t, databaseURL+"?innodb_lock_wait_timeout=1")
+	retries := &retryLog{}
+	store, err := storage.Open(t.Context(), databaseURL+"?innodb_lock_wait_timeout=1", storage.Options{Observer: retries})
+	require.NoError(t, err)
+	t.Cleanup(func() { store.Close() })
 	ctx := t.Context()
 	now := time.Now().UTC()
 	require.NoError(t, store.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_held", State: models.RunStarted, Result: []byte(`0`), CreatedAt: now, UpdatedAt: now}))
@@ -1283,6 +1386,7 @@ func TestLockWaitTimeoutIsRetriedMySQL(t *testing.T) {
 	require.NoError(t, hold.Rollback())
 	require.NoError(t, <-done)
 	require.GreaterOrEqual(t, attempts.Load(), int64(2))
+	require.EqualValues(t, attempts.Load()-1, retries.count(storage.CauseLockWait), "every retry was heard: %v", retries.causes)
 	require.Equal(t, 1, readCounter(t, store, "wfr_held"))
 }
 
