@@ -55,6 +55,11 @@ type Engine struct {
 	replicaID  string
 	leaseMu    sync.Mutex
 	leaseUntil time.Time
+
+	// unreleased: waiters without a step whose subscription ended but
+	// whose removal failed; the sweep loop retries them.
+	unreleasedMu sync.Mutex
+	unreleased   map[string]struct{}
 	// healthySince is when lease renewals last started succeeding after a
 	// failure; only the loop goroutine touches it.
 	healthySince time.Time

@@ -84,6 +84,7 @@ func (e *Engine) renewAndReap(ctx context.Context) bool {
 // their own timers; this covers durable waiters nobody watches and waiters
 // of subscribers on a replica that died) and purges expired lookback events.
 func (e *Engine) sweep(ctx context.Context) {
+	e.releaseRetries(ctx)
 	for range maxBatchRuns {
 		n, err := e.expireDue(ctx)
 		if err != nil {

@@ -350,9 +350,48 @@ func (w *Wait) release() {
 	defer cancel()
 	removed, err := w.e.store.WaiterDeleteWaiting(ctx, w.waiter.ID)
 	if err != nil {
-		w.e.log.Warn("remove waiter of a closed subscription", "waiter", w.waiter.ID, "err", err)
+		// Left WAITING it would count for notifies (its owner, this
+		// replica, is alive): the sweep loop tries again until it is gone.
+		w.e.log.Warn("remove waiter of a closed subscription, will retry", "waiter", w.waiter.ID, "err", err)
+		w.e.retryRelease(w.waiter.ID)
 	}
 	if removed {
 		w.e.record(tally{removed: 1})
+	}
+}
+
+// retryRelease queues a waiter whose removal failed.
+func (e *Engine) retryRelease(id string) {
+	e.unreleasedMu.Lock()
+	defer e.unreleasedMu.Unlock()
+	if e.unreleased == nil {
+		e.unreleased = map[string]struct{}{}
+	}
+	e.unreleased[id] = struct{}{}
+}
+
+// releaseRetries removes queued waiters, a bounded number per call.
+func (e *Engine) releaseRetries(ctx context.Context) {
+	const perRound = 2000
+	e.unreleasedMu.Lock()
+	ids := make([]string, 0, min(len(e.unreleased), perRound))
+	for id := range e.unreleased {
+		if len(ids) == perRound {
+			break
+		}
+		ids = append(ids, id)
+	}
+	e.unreleasedMu.Unlock()
+	for _, id := range ids {
+		removed, err := e.store.WaiterDeleteWaiting(ctx, id)
+		if err != nil {
+			return // the database is still struggling; next round
+		}
+		if removed {
+			e.record(tally{removed: 1})
+		}
+		e.unreleasedMu.Lock()
+		delete(e.unreleased, id)
+		e.unreleasedMu.Unlock()
 	}
 }
