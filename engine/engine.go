@@ -222,6 +222,15 @@ func effective(w *models.Waiter, now time.Time) *models.Waiter {
 	return w
 }
 
+// wakeEnded is the wake-up for the listeners of a waiter this engine has
+// just ended in state, at endedAt.
+func wakeEnded(w *models.Waiter, state models.WaiterState, endedAt time.Time) hub.Wake {
+	c := *w
+	c.State = state
+	res, err := resultOf(&c)
+	return hub.Wake{Result: res, Err: err, EndedAt: endedAt}
+}
+
 // resultOf is what a subscriber of an ended waiter receives.
 func resultOf(w *models.Waiter) (*models.WaitResult, error) {
 	res := &models.WaitResult{

@@ -139,10 +139,7 @@ func (e *Engine) expireDue(ctx context.Context) (int, error) {
 			return err
 		}
 		for _, id := range ended {
-			c := *byID[id]
-			c.State = models.WaiterTimedOut
-			res, _ := resultOf(&c)
-			wakes[id] = hub.Wake{Result: res, EndedAt: now}
+			wakes[id] = wakeEnded(byID[id], models.WaiterTimedOut, now)
 		}
 		return nil
 	})

@@ -128,16 +128,10 @@ func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState
 			return err
 		}
 		for _, wid := range canceled {
-			c := *byID[wid]
-			c.State = models.WaiterCanceled
-			_, werr := resultOf(&c)
-			wakes[wid] = hub.Wake{Err: werr, EndedAt: now}
+			wakes[wid] = wakeEnded(byID[wid], models.WaiterCanceled, now)
 		}
 		for _, wid := range timedOut {
-			c := *byID[wid]
-			c.State = models.WaiterTimedOut
-			res, _ := resultOf(&c)
-			wakes[wid] = hub.Wake{Result: res, EndedAt: now}
+			wakes[wid] = wakeEnded(byID[wid], models.WaiterTimedOut, now)
 		}
 		t.canceled, t.timedOut = len(canceled), len(timedOut)
 		dropped, err := tx.LookbackEventDeleteByRun(ctx, id)

@@ -319,12 +319,10 @@ func (w *Wait) expire(ctx context.Context) (*models.WaitResult, error, bool) {
 	}
 	if len(ended) == 1 {
 		e.record(tally{timedOut: 1})
-		c := *w.waiter
-		c.State = models.WaiterTimedOut
-		res, _ := resultOf(&c)
+		wk := wakeEnded(w.waiter, models.WaiterTimedOut, now)
 		w.endedAt = now
-		e.wake(ctx, map[string]hub.Wake{c.ID: {Result: res, EndedAt: now}}) // other subscribers of the same step
-		return res, nil, true
+		e.wake(ctx, map[string]hub.Wake{w.waiter.ID: wk}) // other subscribers of the same step
+		return wk.Result, nil, true
 	}
 	cur, err := e.store.WaiterGet(ctx, w.waiter.ID)
 	if err != nil {

@@ -118,13 +118,6 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	num("RENDEZVOUS_MAX_PAYLOAD_BYTES", &cfg.Engine.MaxPayloadBytes)
 	num("RENDEZVOUS_MAX_EVENT_ID_BYTES", &cfg.Engine.MaxIDBytes)
 	cfg.PlaygroundAssets = getenv("RENDEZVOUS_PLAYGROUND_ASSETS")
-	if v := getenv("RENDEZVOUS_PLAYGROUND"); v != "" {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("RENDEZVOUS_PLAYGROUND %q: want true or false", v))
-		}
-		cfg.Playground = b
-	}
 	if v := getenv("RENDEZVOUS_MAX_EVENT_ID_BYTES"); v != "" && cfg.Engine.MaxIDBytes > 256 {
 		errs = append(errs, fmt.Errorf("RENDEZVOUS_MAX_EVENT_ID_BYTES %q: at most 256", v))
 	}
@@ -137,6 +130,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 			*dst = b
 		}
 	}
+	boolean("RENDEZVOUS_PLAYGROUND", &cfg.Playground)
 	list := func(v string) []string {
 		return strings.FieldsFunc(v, func(r rune) bool { return r == ',' || unicode.IsSpace(r) })
 	}
