@@ -102,9 +102,15 @@ func codeOf(err error) string {
 // then closes the channel.
 func (r *Resolver) streamWait(ctx context.Context, w *engine.Wait, start time.Time) <-chan *models.WaitResult {
 	ch := make(chan *models.WaitResult, 1)
+	ready := armStreamReady(ctx)
 	r.Rec.SubscriptionStarted()
 	go func() {
-		defer close(ch)
+		defer func() {
+			close(ch)
+			if ready != nil {
+				ready()
+			}
+		}()
 		reason, code := "error", ""
 		defer func() {
 			r.Rec.SubscriptionEnded()
