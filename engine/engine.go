@@ -56,6 +56,9 @@ type Engine struct {
 	leaseMu    sync.Mutex
 	leaseUntil time.Time
 
+	// releases removes the waiters without a step of ended subscriptions,
+	// in batches (see release.go).
+	releases releaseQueue
 	// unreleased: waiters without a step whose subscription ended but
 	// whose removal failed; the sweep loop retries them.
 	unreleasedMu sync.Mutex

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"rendezvous/hub"
@@ -23,16 +24,38 @@ type WaitParams struct {
 	Timeout  *time.Duration
 }
 
-// Wait is one registered waitForEvent. Call Result exactly once.
+// Wait is one registered waitForEvent. Call Watch (or Result) exactly once.
+//
+// A live wait owns no goroutine: the hub calls it when its waiter ends, a
+// timer when its deadline passes, the context when its subscriber leaves,
+// and only then does a short-lived goroutine do database work. Tens of
+// thousands of idle subscriptions cost memory for their state, not stacks.
 type Wait struct {
-	e        *Engine
-	waiter   *models.Waiter // nil when the result was known at once
-	result   *models.WaitResult
-	durable  bool
+	e       *Engine
+	waiter  *models.Waiter // nil when the result was known at once
+	result  *models.WaitResult
+	durable bool
+	// fresh: this registration inserted the waiter and listened on the hub
+	// before committing, so no end can have slipped by unseen; a waiter
+	// found (a durable step attached to) may have ended before the listener
+	// was there, so Watch looks in the database first.
+	fresh    bool
 	listener *hub.Listener
-	// endedAt is when the waiter ended, once Result knows it (zero for a
-	// durable step that had ended before this subscriber came).
+	// endedAt is when the waiter ended, once known (zero for a durable
+	// step that had ended before this subscriber came).
 	endedAt time.Time
+
+	mu        sync.Mutex
+	ctx       context.Context
+	deliver   func(*models.WaitResult, error) // set by Watch
+	done      bool                            // deliver has been claimed
+	early     *hub.Wake                       // a final wake that came before Watch
+	lookEarly bool                            // a "look" wake that came before Watch
+	timer     *time.Timer                     // the deadline, then expire retries
+	stopCtx   func() bool
+	looking   bool // a lookup goroutine runs
+	lookAgain bool // a wake came while it ran
+	failures  int  // database errors in a row, for the retry delay
 }
 
 // Wait registers a waiter, or attaches to the waiter of a durable step, or
@@ -92,8 +115,19 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 		endedNow    bool // ended by this registration, not before it
 		t           tally
 	)
+	w := &Wait{e: e, durable: stepName != nil}
+	// A waiter this registration inserts is listened for before the
+	// transaction commits: nobody can end it before then, so every wake for
+	// it reaches w and Watch need not look in the database.
+	unlisten := func() {
+		if w.listener != nil {
+			e.hub.Unlisten(w.listener)
+			w.listener = nil
+		}
+	}
 	err = e.store.InTx(ctx, func(tx storage.Executor) error {
-		live, ended, endedNow, t = nil, nil, false, tally{}
+		unlisten() // a retried attempt inserts another waiter
+		live, ended, endedNow, t, w.fresh = nil, nil, false, tally{}, false
 		now := e.now()
 		if runID != nil {
 			run, err := e.lockRun(ctx, tx, *runID)
@@ -101,15 +135,15 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 				return err
 			}
 			if stepName != nil {
-				w, err := e.attachStep(ctx, tx, *runID, *stepName, p.EventID, now, &t)
+				step, err := e.attachStep(ctx, tx, *runID, *stepName, p.EventID, now, &t)
 				if err != nil {
 					return err
 				}
-				if w != nil {
-					if w.State == models.WaiterWaiting {
-						live = w
+				if step != nil {
+					if step.State == models.WaiterWaiting {
+						live = step
 					} else {
-						ended = w
+						ended = step
 					}
 					return nil
 				}
@@ -123,30 +157,36 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 			}
 			if ev != nil {
 				// The event arrived first: this waiter is born notified.
-				w := &models.Waiter{
+				born := &models.Waiter{
 					EventID: p.EventID, WorkflowRunID: runID, StepName: stepName,
 					State: models.WaiterNotified, Deadline: now.Add(timeout), CreatedAt: now,
 					EndedAt: &now, MessageID: &ev.MessageID, EventData: ev.EventData,
 				}
-				if err := e.insertWaiter(ctx, tx, w); err != nil {
+				if err := e.insertWaiter(ctx, tx, born); err != nil {
 					return err
 				}
-				ended, endedNow = w, true
+				ended, endedNow = born, true
 				t.consumed, t.notified = 1, 1
 				return nil
 			}
 		}
-		w := &models.Waiter{
+		nw := &models.Waiter{
 			EventID: p.EventID, WorkflowRunID: runID, StepName: stepName,
 			State: models.WaiterWaiting, Deadline: now.Add(timeout), CreatedAt: now, Owner: owner,
 		}
-		if err := e.insertWaiter(ctx, tx, w); err != nil {
+		if err := e.insertWaiter(ctx, tx, nw); err != nil {
 			return err
 		}
-		live = w
+		live, w.fresh = nw, true
+		w.listener = e.hub.ListenFunc(nw.ID, w.onWake)
 		return nil
 	})
 	if err != nil {
+		unlisten()
+		if errors.Is(err, storage.ErrCommitUnknown) && live != nil && w.fresh && !w.durable {
+			// The waiter may exist, with nobody left to receive its event.
+			e.retryRelease(live.ID)
+		}
 		return nil, storageErr("wait for "+p.EventID, err)
 	}
 	e.record(t)
@@ -155,13 +195,17 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 		if err != nil {
 			return nil, err
 		}
-		w := &Wait{e: e, result: res}
+		w.result = res
 		if endedNow && ended.EndedAt != nil {
 			w.endedAt = *ended.EndedAt
 		}
 		return w, nil
 	}
-	return &Wait{e: e, waiter: live, durable: stepName != nil, listener: e.hub.Listen(live.ID)}, nil
+	w.waiter = live
+	if !w.fresh {
+		w.listener = e.hub.ListenFunc(live.ID, w.onWake)
+	}
+	return w, nil
 }
 
 // attachStep finds the waiter of an existing durable step, ending it
@@ -208,10 +252,14 @@ func (e *Engine) insertWaiter(ctx context.Context, tx storage.Executor, w *model
 	})
 }
 
-// EndedAt is when the waiter ended, known once Result has returned; zero
-// when it is not known or not meaningful (a durable step that had ended
-// before this subscriber came).
-func (w *Wait) EndedAt() time.Time { return w.endedAt }
+// EndedAt is when the waiter ended, known once the result was delivered;
+// zero when it is not known or not meaningful (a durable step that had
+// ended before this subscriber came).
+func (w *Wait) EndedAt() time.Time {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.endedAt
+}
 
 // WaiterID is the id of the waiter this wait is for.
 func (w *Wait) WaiterID() string {
@@ -221,61 +269,186 @@ func (w *Wait) WaiterID() string {
 	return w.result.WaiterID
 }
 
-// Result blocks until the waiter ends (notified, timed out, or canceled with
-// its run, which is an error with CodeRunNotActive) or ctx ends. When ctx
-// ends first, a waiter without a step is removed; a durable one stays.
-// Database trouble while waiting is retried, not returned: the subscriber
-// keeps waiting and gets its result once the database is back.
-func (w *Wait) Result(ctx context.Context) (*models.WaitResult, error) {
+// Watch calls deliver exactly once, when the waiter ends (notified, timed
+// out, or canceled with its run, which is an error with CodeRunNotActive)
+// or ctx ends first (with ctx's error, after a waiter without a step was
+// removed; a durable one stays). deliver runs on some goroutine that is not
+// the caller's, or on the caller's before Watch returns when the result was
+// known at once; it may block only briefly. Database trouble while waiting
+// is retried, not delivered: the subscriber keeps waiting and gets its
+// result once the database is back.
+func (w *Wait) Watch(ctx context.Context, deliver func(*models.WaitResult, error)) {
 	if w.waiter == nil {
-		return w.result, nil
+		deliver(w.result, nil)
+		return
 	}
-	e := w.e
-	defer e.endWait()
-	defer e.hub.Unlisten(w.listener)
+	w.mu.Lock()
+	w.ctx, w.deliver = ctx, deliver
+	early, look := w.early, w.lookEarly || !w.fresh
+	w.timer = time.AfterFunc(w.waiter.Deadline.Sub(w.e.now()), w.onDeadline)
+	w.stopCtx = context.AfterFunc(ctx, w.onLeave)
+	w.mu.Unlock()
+	switch {
+	case early != nil:
+		w.finish(early.Result, early.Err, early.EndedAt)
+	case look:
+		w.look()
+	}
+}
 
-	deadline := time.NewTimer(w.waiter.Deadline.Sub(e.now()))
-	defer deadline.Stop()
-	var retry <-chan time.Time
-	failures := 0
-	look := true // register, then read: the first look covers ends before Listen
-	for {
-		if look {
-			look = false
-			res, err, done := w.lookup(ctx)
-			if done {
-				return res, err
-			}
-			if err != nil && ctx.Err() == nil {
-				failures++
-				e.log.WarnContext(ctx, "read waiter, will retry", "waiter", w.waiter.ID, "err", err)
-				retry = time.After(retryDelay(failures))
-			}
-		}
-		select {
-		case wk := <-w.listener.C:
-			if wk.Result != nil || wk.Err != nil {
-				w.endedAt = wk.EndedAt
-				return wk.Result, wk.Err
-			}
-			look = true
-		case <-deadline.C:
-			res, err, done := w.expire(ctx)
-			if done {
-				return res, err
-			}
-			if ctx.Err() == nil {
-				failures++
-				e.log.WarnContext(ctx, "time out waiter, will retry", "waiter", w.waiter.ID, "err", err)
-				deadline.Reset(retryDelay(failures))
-			}
-		case <-retry:
-			look = true
-		case <-ctx.Done():
-			w.release()
-			return nil, ctx.Err()
-		}
+// Result blocks until Watch delivers.
+func (w *Wait) Result(ctx context.Context) (*models.WaitResult, error) {
+	type outcome struct {
+		res *models.WaitResult
+		err error
 	}
+	ch := make(chan outcome, 1)
+	w.Watch(ctx, func(res *models.WaitResult, err error) { ch <- outcome{res, err} })
+	o := <-ch
+	return o.res, o.err
+}
+
+// onWake is the hub's call: the waiter ended (with its result when it
+// ended in this process) or may have ("look in the database"). It runs on
+// the publisher's goroutine, so it hands the work to another.
+func (w *Wait) onWake(wk hub.Wake) {
+	final := wk.Result != nil || wk.Err != nil
+	w.mu.Lock()
+	if w.done {
+		w.mu.Unlock()
+		return
+	}
+	if w.deliver == nil { // before Watch: keep it for Watch
+		if final {
+			w.early = &wk
+		} else {
+			w.lookEarly = true
+		}
+		w.mu.Unlock()
+		return
+	}
+	w.mu.Unlock()
+	if final {
+		go w.finish(wk.Result, wk.Err, wk.EndedAt)
+		return
+	}
+	w.look()
+}
+
+// look reads the waiter in a goroutine, one at a time; a wake while it
+// runs makes it read once more.
+func (w *Wait) look() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done {
+		return
+	}
+	if w.looking {
+		w.lookAgain = true
+		return
+	}
+	w.looking = true
+	go w.lookLoop()
+}
+
+func (w *Wait) lookLoop() {
+	for {
+		res, endedAt, err, done := w.lookup(w.ctx)
+		if done {
+			w.finish(res, err, endedAt)
+			return
+		}
+		w.mu.Lock()
+		if err != nil && w.ctx.Err() == nil {
+			w.failures++
+			w.e.log.WarnContext(w.ctx, "read waiter, will retry", "waiter", w.waiter.ID, "err", err)
+			time.AfterFunc(retryDelay(w.failures), w.look)
+			w.looking, w.lookAgain = false, false
+			w.mu.Unlock()
+			return
+		}
+		if err == nil {
+			w.failures = 0
+		}
+		if !w.lookAgain || w.done {
+			w.looking = false
+			w.mu.Unlock()
+			return
+		}
+		w.lookAgain = false
+		w.mu.Unlock()
+	}
+}
+
+// onDeadline is the deadline timer's call: it ends the waiter TIMED_OUT
+// unless something else ended it first.
+func (w *Wait) onDeadline() {
+	w.mu.Lock()
+	done := w.done
+	w.mu.Unlock()
+	if done {
+		return
+	}
+	res, endedAt, err, ok := w.expire(w.ctx)
+	if ok {
+		w.finish(res, err, endedAt)
+		return
+	}
+	if w.ctx.Err() != nil {
+		return // onLeave ends it
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.failures++
+	w.e.log.WarnContext(w.ctx, "time out waiter, will retry", "waiter", w.waiter.ID, "err", err)
+	if !w.done {
+		w.timer.Reset(retryDelay(w.failures))
+	}
+}
+
+// onLeave is the context's call when the subscriber left first.
+func (w *Wait) onLeave() {
+	if !w.claim() {
+		return
+	}
+	deliver := func() {
+		w.e.endWait()
+		w.deliver(nil, w.ctx.Err())
+	}
+	if w.durable {
+		deliver()
+		return
+	}
+	// The removal is a compare-and-set: a waiter that ended meanwhile stays.
+	w.e.releaseWaiter(w.waiter.ID, deliver)
+}
+
+// finish delivers an end, unless another end was delivered first.
+func (w *Wait) finish(res *models.WaitResult, err error, endedAt time.Time) {
+	if !w.claim() {
+		return
+	}
+	w.mu.Lock()
+	w.endedAt = endedAt
+	w.mu.Unlock()
+	w.e.endWait()
+	w.deliver(res, err)
+}
+
+// claim makes the caller the one that delivers, stopping the timer, the
+// context watch and the hub listener; false if another came first.
+func (w *Wait) claim() bool {
+	w.mu.Lock()
+	if w.done {
+		w.mu.Unlock()
+		return false
+	}
+	w.done = true
+	w.timer.Stop()
+	w.stopCtx()
+	w.mu.Unlock()
+	w.e.hub.Unlisten(w.listener)
+	return true
 }
 
 func retryDelay(failures int) time.Duration {
@@ -283,113 +456,57 @@ func retryDelay(failures int) time.Duration {
 }
 
 // lookup reads the waiter; done is true when it has ended.
-func (w *Wait) lookup(ctx context.Context) (res *models.WaitResult, err error, done bool) {
+func (w *Wait) lookup(ctx context.Context) (res *models.WaitResult, endedAt time.Time, err error, done bool) {
 	cur, err := w.e.store.WaiterGet(ctx, w.waiter.ID)
 	if errors.Is(err, storage.ErrNotFound) {
 		// Reaped: this replica lost its lease (cut off from the database
 		// for longer than LeaseTTL), so other replicas took it for dead.
-		return nil, errorf(CodeUnavailable, "this subscription's waiter was dropped while the server was cut off from the database; subscribe again"), true
+		return nil, time.Time{}, errorf(CodeUnavailable, "this subscription's waiter was dropped while the server was cut off from the database; subscribe again"), true
 	}
 	if err != nil {
-		return nil, err, false
+		return nil, time.Time{}, err, false
 	}
 	if cur.State == models.WaiterWaiting {
 		if !cur.Deadline.After(w.e.now()) {
 			return w.expire(ctx)
 		}
-		return nil, nil, false
+		return nil, time.Time{}, nil, false
 	}
 	if cur.EndedAt != nil {
-		w.endedAt = *cur.EndedAt
+		endedAt = *cur.EndedAt
 	}
 	res, err = resultOf(cur)
-	return res, err, true
+	return res, endedAt, err, true
 }
 
 // expire ends the waiter TIMED_OUT, unless something else ended it first, in
 // which case the winner's result is returned.
-func (w *Wait) expire(ctx context.Context) (*models.WaitResult, error, bool) {
+func (w *Wait) expire(ctx context.Context) (*models.WaitResult, time.Time, error, bool) {
 	e := w.e
 	now := e.now()
 	ended, err := e.store.WaiterEnd(ctx, &storage.WaiterEndParams{
 		WaiterIDs: []string{w.waiter.ID}, State: models.WaiterTimedOut, EndedAt: now,
 	})
 	if err != nil {
-		return nil, err, false
+		return nil, time.Time{}, err, false
 	}
 	if len(ended) == 1 {
 		e.record(tally{timedOut: 1})
 		wk := wakeEnded(w.waiter, models.WaiterTimedOut, now)
-		w.endedAt = now
 		e.wake(ctx, map[string]hub.Wake{w.waiter.ID: wk}) // other subscribers of the same step
-		return wk.Result, nil, true
+		return wk.Result, now, nil, true
 	}
 	cur, err := e.store.WaiterGet(ctx, w.waiter.ID)
 	if err != nil {
-		return nil, err, false
+		return nil, time.Time{}, err, false
 	}
 	if cur.State == models.WaiterWaiting {
-		return nil, fmt.Errorf("waiter %s: timeout lost to nobody", cur.ID), false
+		return nil, time.Time{}, fmt.Errorf("waiter %s: timeout lost to nobody", cur.ID), false
 	}
+	var endedAt time.Time
 	if cur.EndedAt != nil {
-		w.endedAt = *cur.EndedAt
+		endedAt = *cur.EndedAt
 	}
 	res, err := resultOf(cur)
-	return res, err, true
-}
-
-// release removes a waiter without a step when its subscriber leaves. The
-// delete is a compare-and-set too: a waiter that ended meanwhile stays.
-func (w *Wait) release() {
-	if w.durable {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	removed, err := w.e.store.WaiterDeleteWaiting(ctx, w.waiter.ID)
-	if err != nil {
-		// Left WAITING it would count for notifies (its owner, this
-		// replica, is alive): the sweep loop tries again until it is gone.
-		w.e.log.Warn("remove waiter of a closed subscription, will retry", "waiter", w.waiter.ID, "err", err)
-		w.e.retryRelease(w.waiter.ID)
-	}
-	if removed {
-		w.e.record(tally{removed: 1})
-	}
-}
-
-// retryRelease queues a waiter whose removal failed.
-func (e *Engine) retryRelease(id string) {
-	e.unreleasedMu.Lock()
-	defer e.unreleasedMu.Unlock()
-	if e.unreleased == nil {
-		e.unreleased = map[string]struct{}{}
-	}
-	e.unreleased[id] = struct{}{}
-}
-
-// releaseRetries removes queued waiters, a bounded number per call.
-func (e *Engine) releaseRetries(ctx context.Context) {
-	const perRound = 2000
-	e.unreleasedMu.Lock()
-	ids := make([]string, 0, min(len(e.unreleased), perRound))
-	for id := range e.unreleased {
-		if len(ids) == perRound {
-			break
-		}
-		ids = append(ids, id)
-	}
-	e.unreleasedMu.Unlock()
-	for _, id := range ids {
-		removed, err := e.store.WaiterDeleteWaiting(ctx, id)
-		if err != nil {
-			return // the database is still struggling; next round
-		}
-		if removed {
-			e.record(tally{removed: 1})
-		}
-		e.unreleasedMu.Lock()
-		delete(e.unreleased, id)
-		e.unreleasedMu.Unlock()
-	}
+	return res, endedAt, err, true
 }

@@ -97,21 +97,23 @@ func codeOf(err error) string {
 	return codeInternal
 }
 
-// streamWait owns the channel of one waitForEvent: it sends the single
-// result (the buffer of one means the send never blocks) or parks the error,
-// then closes the channel.
+// streamWait owns the channel of one waitForEvent: the wait delivers its
+// single result once (the buffer of one means the send never blocks) or
+// parks the error, then the channel is closed and the transport told. No
+// goroutine waits meanwhile: the wait is driven by the hub, a timer and the
+// context.
 func (r *Resolver) streamWait(ctx context.Context, w *engine.Wait, start time.Time) <-chan *models.WaitResult {
 	ch := make(chan *models.WaitResult, 1)
 	ready := armStreamReady(ctx)
 	r.Rec.SubscriptionStarted()
-	go func() {
+	w.Watch(ctx, func(res *models.WaitResult, err error) {
+		reason, code := "error", ""
 		defer func() {
 			close(ch)
 			if ready != nil {
 				ready()
 			}
 		}()
-		reason, code := "error", ""
 		defer func() {
 			r.Rec.SubscriptionEnded()
 			attrs := []any{"waiter", w.WaiterID(), "reason", reason}
@@ -121,8 +123,9 @@ func (r *Resolver) streamWait(ctx context.Context, w *engine.Wait, start time.Ti
 			r.Log.InfoContext(ctx, "subscription ended", append(attrs, "duration_ms", millis(time.Since(start)))...)
 		}()
 		defer func() {
-			// A panic here would kill the process: no gqlgen recover covers
-			// this goroutine. Answer the subscriber as for any internal error.
+			// A panic here would kill the process: this runs on a timer's,
+			// the hub's or the context's goroutine, which no gqlgen recover
+			// covers. Answer the subscriber as for any internal error.
 			if p := recover(); p != nil {
 				reason, code = "error", codeInternal
 				if slot, _ := ctx.Value(subscriptionErrorKey{}).(*subscriptionErrorSlot); slot != nil {
@@ -130,7 +133,6 @@ func (r *Resolver) streamWait(ctx context.Context, w *engine.Wait, start time.Ti
 				}
 			}
 		}()
-		res, err := w.Result(ctx)
 		if ctx.Err() != nil {
 			reason = "client_gone" // nobody to tell
 			return
@@ -150,7 +152,7 @@ func (r *Resolver) streamWait(ctx context.Context, w *engine.Wait, start time.Ti
 			reason = "timeout"
 		}
 		ch <- res
-	}()
+	})
 	return ch
 }
 

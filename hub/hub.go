@@ -28,11 +28,14 @@ type Wake struct {
 	EndedAt time.Time
 }
 
-// Listener receives at most one pending Wake at a time on C; a second wake
-// before the first is read is dropped, which is harmless because either one
-// sends the reader to the same final state.
+// Listener hears the wakes of one waiter. One made by Listen receives at
+// most one pending Wake at a time on C; a second wake before the first is
+// read is dropped, which is harmless because either one sends the reader to
+// the same final state. One made by ListenFunc has C nil: its function is
+// called instead.
 type Listener struct {
 	C        chan Wake
+	fn       func(Wake)
 	waiterID string
 }
 
@@ -62,12 +65,32 @@ func (h *Hub) shard(waiterID string) *shard {
 
 // Listen registers a listener for the waiter. Call Unlisten when done.
 func (h *Hub) Listen(waiterID string) *Listener {
-	l := &Listener{C: make(chan Wake, 1), waiterID: waiterID}
+	c := make(chan Wake, 1)
+	l := &Listener{C: c, fn: func(w Wake) {
+		select {
+		case c <- w:
+		default:
+		}
+	}, waiterID: waiterID}
+	h.add(l)
+	return l
+}
+
+// ListenFunc registers fn to be called with each wake of the waiter, on the
+// publisher's goroutine: fn must not block (a subscription without a
+// goroutine of its own hands real work to one). Call Unlisten when done.
+func (h *Hub) ListenFunc(waiterID string, fn func(Wake)) *Listener {
+	l := &Listener{fn: fn, waiterID: waiterID}
+	h.add(l)
+	return l
+}
+
+func (h *Hub) add(l *Listener) {
+	waiterID := l.waiterID
 	s := h.shard(waiterID)
 	s.mu.Lock()
 	s.listeners[waiterID] = append(s.listeners[waiterID], l)
 	s.mu.Unlock()
-	return l
 }
 
 // Unlisten removes the listener; calling it twice is harmless.
@@ -89,16 +112,17 @@ func (h *Hub) Unlisten(l *Listener) {
 	}
 }
 
-// Publish wakes every listener of the waiter without blocking.
+// Publish wakes every listener of the waiter. The listeners are called
+// outside the shard's lock, so one may Unlisten (or Listen) from its
+// function.
 func (h *Hub) Publish(waiterID string, w Wake) {
 	s := h.shard(waiterID)
+	var buf [4]*Listener
 	s.mu.RLock()
-	defer s.mu.RUnlock()
-	for _, l := range s.listeners[waiterID] {
-		select {
-		case l.C <- w:
-		default:
-		}
+	ls := append(buf[:0], s.listeners[waiterID]...)
+	s.mu.RUnlock()
+	for _, l := range ls {
+		l.fn(w)
 	}
 }
 

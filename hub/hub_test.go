@@ -271,3 +271,28 @@ func TestConcurrentUse(t *testing.T) {
 	}
 	require.Zero(t, h.Len())
 }
+
+func TestListenFunc(t *testing.T) {
+	t.Parallel()
+	h := hub.New()
+	var got []hub.Wake
+	var l *hub.Listener
+	l = h.ListenFunc("wtr_1", func(w hub.Wake) {
+		got = append(got, w)
+		h.Unlisten(l) // from inside the call: Publish holds no lock by then
+	})
+	other := h.Listen("wtr_1")
+
+	want := hub.Wake{Result: result("wtr_1")}
+	h.Publish("wtr_1", want)
+	require.Len(t, got, 1, "called once, on the publisher's goroutine")
+	require.Same(t, want.Result, got[0].Result)
+	w, ok := received(other)
+	require.True(t, ok, "the channel listener of the same waiter gets it too")
+	require.Same(t, want.Result, w.Result)
+
+	h.Publish("wtr_1", want)
+	require.Len(t, got, 1, "unlistened: not called again")
+	h.Unlisten(other)
+	require.Zero(t, h.Len())
+}

@@ -350,16 +350,28 @@ func mustSeq(id string) int64 {
 	return seq
 }
 
-func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, id string) (bool, error) {
-	seq, ok := parseSeq(id, waiterIDPrefix)
-	if !ok {
-		return false, nil
+func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, ids []string) (int64, error) {
+	seqs := make([]int64, 0, len(ids))
+	for _, id := range ids {
+		if seq, ok := parseSeq(id, waiterIDPrefix); ok {
+			seqs = append(seqs, seq)
+		}
 	}
-	res := e.q(ctx).Where("seq = ? AND state = ?", seq, string(models.WaiterWaiting)).Delete(&waiterRow{})
-	if res.Error != nil {
-		return false, e.classify(res.Error)
+	var deleted int64
+	for chunk := range chunks(seqs) {
+		q := e.q(ctx)
+		if len(chunk) == 1 {
+			q = q.Where("seq = ?", chunk[0])
+		} else {
+			q = q.Where("seq IN ?", chunk)
+		}
+		res := q.Where("state = ?", string(models.WaiterWaiting)).Delete(&waiterRow{})
+		if res.Error != nil {
+			return deleted, e.classify(res.Error)
+		}
+		deleted += res.RowsAffected
 	}
-	return res.RowsAffected == 1, nil
+	return deleted, nil
 }
 
 func (e *gormExecutor) WaiterListEnded(ctx context.Context, ids []string) ([]string, error) {

@@ -88,9 +88,10 @@ type Executor interface {
 	// set) and returns the IDs it moved; the others had already ended.
 	// With more than one id it must run inside InTx.
 	WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error)
-	// WaiterDeleteWaiting deletes a waiter if it is still WAITING; false if
-	// it had already ended.
-	WaiterDeleteWaiting(ctx context.Context, waiterID string) (bool, error)
+	// WaiterDeleteWaiting deletes those of the waiters that are still
+	// WAITING (an ended one keeps its result) and returns how many it
+	// deleted. Unknown ids are ignored.
+	WaiterDeleteWaiting(ctx context.Context, waiterIDs []string) (int64, error)
 	// WaiterListEnded returns which of the given waiters are no longer WAITING.
 	WaiterListEnded(ctx context.Context, waiterIDs []string) ([]string, error)
 	// WaiterListExpired lists WAITING waiters whose deadline is at or before now.

@@ -472,9 +472,9 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		deleted := insertWaiter(t, b, "ev", nil, future)
 		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{already.ID}, State: models.WaiterCanceled, EndedAt: b.now})
 		require.NoError(t, err)
-		ok, err := b.store.WaiterDeleteWaiting(b.ctx, deleted.ID)
+		n, err := b.store.WaiterDeleteWaiting(b.ctx, []string{deleted.ID})
 		require.NoError(t, err)
-		require.True(t, ok)
+		require.EqualValues(t, 1, n)
 
 		var moved []string
 		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
@@ -619,28 +619,46 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{ended.ID}, State: models.WaiterNotified, EndedAt: b.now, MessageID: ptr("m"), EventData: []byte(`1`)})
 		require.NoError(t, err)
 
-		ok, err := b.store.WaiterDeleteWaiting(b.ctx, waiting.ID)
+		n, err := b.store.WaiterDeleteWaiting(b.ctx, []string{waiting.ID})
 		require.NoError(t, err)
-		require.True(t, ok)
+		require.EqualValues(t, 1, n)
 		_, err = b.store.WaiterGet(b.ctx, waiting.ID)
 		require.ErrorIs(t, err, storage.ErrNotFound)
 
-		ok, err = b.store.WaiterDeleteWaiting(b.ctx, waiting.ID)
+		n, err = b.store.WaiterDeleteWaiting(b.ctx, []string{waiting.ID})
 		require.NoError(t, err)
-		require.False(t, ok, "already deleted")
+		require.Zero(t, n, "already deleted")
 
-		ok, err = b.store.WaiterDeleteWaiting(b.ctx, ended.ID)
+		n, err = b.store.WaiterDeleteWaiting(b.ctx, []string{ended.ID})
 		require.NoError(t, err)
-		require.False(t, ok, "an ended waiter keeps its result")
+		require.Zero(t, n, "an ended waiter keeps its result")
 		got, err := b.store.WaiterGet(b.ctx, ended.ID)
 		require.NoError(t, err)
 		require.Equal(t, models.WaiterNotified, got.State)
 
-		for _, bad := range []string{"", "nope", "wtr_99999999"} {
-			ok, err = b.store.WaiterDeleteWaiting(b.ctx, bad)
-			require.NoError(t, err)
-			require.False(t, ok)
+		n, err = b.store.WaiterDeleteWaiting(b.ctx, []string{"", "nope", "wtr_99999999"})
+		require.NoError(t, err)
+		require.Zero(t, n)
+		n, err = b.store.WaiterDeleteWaiting(b.ctx, nil)
+		require.NoError(t, err)
+		require.Zero(t, n)
+
+		// Many at once (more than one IN list): only the waiting ones go.
+		var batch []string
+		for i := range 1100 {
+			w := insertWaiter(t, b, "ev-many", nil, b.now.Add(time.Hour))
+			batch = append(batch, w.ID)
+			if i%100 == 0 {
+				_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+				require.NoError(t, err)
+			}
 		}
+		n, err = b.store.WaiterDeleteWaiting(b.ctx, append(batch, ended.ID))
+		require.NoError(t, err)
+		require.EqualValues(t, 1100-11, n)
+		left, err := b.store.WaiterListEnded(b.ctx, batch)
+		require.NoError(t, err)
+		require.Len(t, left, 11, "the ended ones stay")
 	})
 
 	t.Run("WaiterListEnded", func(t *testing.T) {
