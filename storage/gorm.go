@@ -306,6 +306,28 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 			}
 			continue
 		}
+		if p.MessageID != nil {
+			// Several, for a notify: move them in one statement, then tell
+			// which moved by the notify's message id (unique to this call;
+			// the moved rows stay locked until commit). Usually all did,
+			// and the second statement is not needed.
+			res := waiting(e.q(ctx).Model(&waiterRow{}).Where("seq IN ?", chunk)).Updates(set)
+			if res.Error != nil {
+				return nil, e.classify(res.Error)
+			}
+			moved := chunk
+			if res.RowsAffected != int64(len(chunk)) {
+				moved = nil
+				if err := e.q(ctx).Model(&waiterRow{}).Where("seq IN ? AND message_id = ?", chunk, *p.MessageID).
+					Order("seq").Pluck("seq", &moved).Error; err != nil {
+					return nil, e.classify(err)
+				}
+			}
+			for _, seq := range moved {
+				ended = append(ended, waiterID(seq))
+			}
+			continue
+		}
 		// Several: lock the ones still waiting, then move exactly those, so
 		// the ids returned are the ones this call ended.
 		var still []int64

@@ -185,7 +185,8 @@ type WaiterEndParams struct {
 	DeadlineAfter *time.Time
 	// MessageID and EventData (NOTIFIED only) name the notification. Its
 	// data is stored once per message, not once per waiter, so a broadcast
-	// to many waiters writes a large payload one time.
+	// to many waiters writes a large payload one time. A message id is
+	// unique to one notify: no waiter given may have ended with it before.
 	MessageID *string
 	EventID   string
 	EventData []byte

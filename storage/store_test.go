@@ -543,24 +543,28 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 			all = append(all, insertWaiter(t, b, "broadcast", nil, b.now.Add(time.Hour)).ID)
 		}
 		data := []byte(`{"one":"payload","for":["many","waiters"]}`)
-		end := func(ids []string, eventID string) []string {
+		end := func(ids []string, eventID string, messageID string) []string {
 			t.Helper()
 			var moved []string
 			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
 				var err error
 				moved, err = tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{
 					WaiterIDs: ids, State: models.WaiterNotified, EndedAt: b.now, DeadlineAfter: &b.now,
-					MessageID: ptr("msg_broadcast"), EventID: eventID, EventData: data,
+					MessageID: ptr(messageID), EventID: eventID, EventData: data,
 				})
 				return err
 			}))
 			return moved
 		}
 		// One notify ending its waiters in two calls (as in chunks), the
-		// second without naming the event id; then a repeat that ends nobody.
-		require.ElementsMatch(t, all[:3], end(all[:3], "broadcast"))
-		require.Equal(t, all[3:], end(all[3:], ""))
-		require.Empty(t, end(all, "broadcast"))
+		// second without naming the event id; then another notify that
+		// ends nobody, and one that ends only the waiter added since.
+		require.ElementsMatch(t, all[:3], end(all[:3], "broadcast", "msg_broadcast"))
+		require.Equal(t, all[3:], end(all[3:], "", "msg_broadcast"))
+		require.Empty(t, end(all, "broadcast", "msg_later"))
+		late := insertWaiter(t, b, "broadcast", nil, b.now.Add(time.Hour)).ID
+		require.Equal(t, []string{late}, end(append([]string{late}, all...), "broadcast", "msg_late"),
+			"only the waiter this notify moved, not those an earlier one did")
 
 		for _, id := range all {
 			w, err := b.store.WaiterGet(b.ctx, id)
