@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -127,15 +128,15 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 
 	rec := cfg.Recorder
 	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
-	readLimit := cfg.MaxBodyBytes
-	srv.AddTransport(transport.Websocket{
-		KeepAlivePingInterval: cfg.KeepAlive, // graphql-ws "ka"
-		PingPongInterval:      cfg.KeepAlive, // graphql-transport-ws ping, pong awaited 2x as long
-		InitTimeout:           cfg.InitTimeout,
-		InitFunc:              wsInit(cfg.Auth, cfg.Now),
-		PayloadReadLimit:      &readLimit,
-		// The origin was checked by the origins middleware already.
-		Implementation: guardedWebsockets{maxSubs: cfg.MaxSubscriptionsPerConnection, pingEvery: cfg.KeepAlive},
+	srv.AddTransport(&wsTransport{
+		keepAlive:   cfg.KeepAlive,
+		initTimeout: cfg.InitTimeout,
+		readLimit:   cfg.MaxBodyBytes,
+		maxOps:      cfg.MaxSubscriptionsPerConnection,
+		init:        wsInit(cfg.Auth, cfg.Now),
+		present:     present,
+		recover:     recoverFunc(log),
+		log:         log,
 	})
 	srv.AddTransport(transport.Options{})
 	// SSE before POST: both take application/json POSTs; SSE only those
@@ -203,6 +204,10 @@ func writeStatus(w http.ResponseWriter, status int, body any) {
 	json.NewEncoder(w).Encode(body)
 }
 
+// errShuttingDown is the cause of a stream's context that a graceful
+// shutdown ended.
+var errShuttingDown = errors.New("server shutting down")
+
 // endStreamsWith serves long-lived requests (websocket upgrades and SSE):
 // it lifts the server's read and write timeouts, which are for plain
 // requests, cancels the stream when streams is done (graceful shutdown),
@@ -226,9 +231,9 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 			next.ServeHTTP(w, r)
 			return
 		}
-		ctx, cancel := context.WithCancel(r.Context())
-		defer cancel()
-		stop := context.AfterFunc(streams, cancel)
+		ctx, cancel := context.WithCancelCause(r.Context())
+		defer cancel(nil)
+		stop := context.AfterFunc(streams, func() { cancel(errShuttingDown) })
 		defer stop()
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
