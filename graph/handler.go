@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/99designs/gqlgen/graphql"
@@ -227,6 +228,11 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		rc := http.NewResponseController(w)
 		rc.SetReadDeadline(time.Time{})
 		rc.SetWriteDeadline(time.Time{})
+		if transport == TransportSSE {
+			sw := &sseWriter{ResponseWriter: w}
+			defer sw.finish()
+			w = sw
+		}
 		if streams == nil {
 			next.ServeHTTP(w, r)
 			return
@@ -237,6 +243,48 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		defer stop()
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
+}
+
+// sseWriter drops what gqlgen's SSE transport writes once its Do has
+// returned: its keep-alive goroutine stops only when the request's context
+// ends, and a tick in between wrote to a finished response (a data race).
+type sseWriter struct {
+	http.ResponseWriter
+	mu       sync.Mutex
+	finished bool
+}
+
+func (w *sseWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.finished {
+		return 0, http.ErrHandlerTimeout
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *sseWriter) WriteHeader(status int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.finished {
+		w.ResponseWriter.WriteHeader(status)
+	}
+}
+
+func (w *sseWriter) Flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.finished {
+		http.NewResponseController(w.ResponseWriter).Flush()
+	}
+}
+
+func (w *sseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *sseWriter) finish() {
+	w.mu.Lock()
+	w.finished = true
+	w.mu.Unlock()
 }
 
 // playgroundAssets points Playground at self-hosted copies of its scripts.
