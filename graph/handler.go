@@ -42,8 +42,8 @@ type HandlerConfig struct {
 	RateLimit float64
 	RateBurst int
 	// KeepAlive is the interval of keep-alive and ping messages on
-	// websockets and SSE; a graphql-transport-ws client that does not
-	// answer a ping within twice this is disconnected.
+	// websockets and SSE; a websocket client that leaves two pings in a
+	// row unanswered is disconnected.
 	KeepAlive time.Duration
 	// InitTimeout is how long a websocket may take to send connection_init.
 	InitTimeout time.Duration
