@@ -106,10 +106,14 @@ type wsFixture struct {
 }
 
 func newWSFixture(t *testing.T, maxOps int) *wsFixture {
+	return newWSFixtureTimed(t, maxOps, time.Minute, time.Minute)
+}
+
+func newWSFixtureTimed(t *testing.T, maxOps int, keepAlive, initTimeout time.Duration) *wsFixture {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	tr := &wsTransport{
-		keepAlive:   time.Minute,
-		initTimeout: time.Minute,
+		keepAlive:   keepAlive,
+		initTimeout: initTimeout,
 		readLimit:   1 << 20,
 		maxOps:      maxOps,
 		init:        func(ctx context.Context, _ transport.InitPayload) (context.Context, error) { return ctx, nil },
@@ -271,6 +275,17 @@ type rawWS struct {
 
 // raw dials and initialises a connection.
 func (f *wsFixture) raw(proto string) *rawWS {
+	c := f.rawDial(proto)
+	c.send(`{"type":"connection_init"}`)
+	require.Equal(f.t, `{"type":"connection_ack"}`, c.next())
+	if proto == "graphql-ws" {
+		require.Equal(f.t, `{"type":"ka"}`, c.next())
+	}
+	return c
+}
+
+// rawDial dials without connection_init.
+func (f *wsFixture) rawDial(proto string) *rawWS {
 	ws, _, err := coderws.Dial(wsCtx(f.t), strings.Replace(f.url, "http", "ws", 1), &coderws.DialOptions{Subprotocols: []string{proto}})
 	require.NoError(f.t, err)
 	c := &rawWS{t: f.t, ws: ws, in: make(chan string, 100)}
@@ -288,11 +303,6 @@ func (f *wsFixture) raw(proto string) *rawWS {
 		}
 	}()
 	f.t.Cleanup(func() { ws.CloseNow(); <-done })
-	c.send(`{"type":"connection_init"}`)
-	require.Equal(f.t, `{"type":"connection_ack"}`, c.next())
-	if proto == "graphql-ws" {
-		require.Equal(f.t, `{"type":"ka"}`, c.next())
-	}
 	return c
 }
 
@@ -370,6 +380,62 @@ func TestWSRefusals(t *testing.T) {
 			require.Equal(t, `{"type":"connection_error","payload":{"message":"Subscriber for x already exists"}}`, r.next())
 		}
 		require.Equal(t, "closed 4409", r.next(), proto)
+	}
+}
+
+// Protocol violations close the connection with graphql-transport-ws's
+// codes, on both protocols; graphql-ws clients hear why first.
+func TestWSProtocolViolations(t *testing.T) {
+	f := newWSFixture(t, 10)
+	for _, tc := range []struct {
+		what   string
+		init   bool
+		send   string
+		closed string
+	}{
+		{"malformed JSON", true, `{"type":`, "closed 4400"},
+		{"an unknown type", true, `{"type":"nope"}`, "closed 4400"},
+		{"connection_init payload not an object", false, `{"type":"connection_init","payload":[1]}`, "closed 4400"},
+		{"a subscribe before connection_init", false, `{"id":"1","type":"subscribe","payload":{"query":"armed:1"}}`, "closed 4401"},
+		{"a second connection_init", true, `{"type":"connection_init"}`, "closed 4429"},
+	} {
+		for _, proto := range []string{"graphql-transport-ws", "graphql-ws"} {
+			c := f.rawDial(proto)
+			if tc.init {
+				c = f.raw(proto)
+			}
+			c.send(strings.Replace(tc.send, `"subscribe"`, map[string]string{"graphql-transport-ws": `"subscribe"`, "graphql-ws": `"start"`}[proto], 1))
+			got := c.next()
+			if proto == "graphql-ws" {
+				require.Contains(t, got, `"type":"connection_error"`, "%s %s", proto, tc.what)
+				got = c.next()
+			}
+			require.Equal(t, tc.closed, got, "%s: %s", proto, tc.what)
+		}
+	}
+	// graphql-transport-ws pings are answered, with their payload.
+	c := f.raw("graphql-transport-ws")
+	c.send(`{"type":"ping","payload":{"n":1}}`)
+	require.Equal(t, `{"type":"pong","payload":{"n":1}}`, c.next())
+}
+
+// connection_init must come within the init timeout (4408); then a client
+// that leaves two pings unanswered is dropped, one that answers stays.
+func TestWSTimers(t *testing.T) {
+	const every = 50 * time.Millisecond
+	f := newWSFixtureTimed(t, 10, every, 4*every)
+	silent := f.rawDial("graphql-transport-ws")
+	require.Equal(t, "closed 4408", silent.next())
+
+	mute := f.raw("graphql-transport-ws")
+	require.Equal(t, `{"type":"ping"}`, mute.next())
+	require.Equal(t, `{"type":"ping"}`, mute.next())
+	require.Equal(t, "closed -1", mute.next(), "dropped without a close handshake")
+
+	live := f.raw("graphql-transport-ws")
+	for range 6 {
+		require.Equal(t, `{"type":"ping"}`, live.next())
+		live.send(`{"type":"pong"}`)
 	}
 }
 
