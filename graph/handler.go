@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/99designs/gqlgen/graphql"
@@ -40,8 +42,8 @@ type HandlerConfig struct {
 	RateLimit float64
 	RateBurst int
 	// KeepAlive is the interval of keep-alive and ping messages on
-	// websockets and SSE; a graphql-transport-ws client that does not
-	// answer a ping within twice this is disconnected.
+	// websockets and SSE; a websocket client that leaves two pings in a
+	// row unanswered is disconnected.
 	KeepAlive time.Duration
 	// InitTimeout is how long a websocket may take to send connection_init.
 	InitTimeout time.Duration
@@ -127,15 +129,15 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 
 	rec := cfg.Recorder
 	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
-	readLimit := cfg.MaxBodyBytes
-	srv.AddTransport(transport.Websocket{
-		KeepAlivePingInterval: cfg.KeepAlive, // graphql-ws "ka"
-		PingPongInterval:      cfg.KeepAlive, // graphql-transport-ws ping, pong awaited 2x as long
-		InitTimeout:           cfg.InitTimeout,
-		InitFunc:              wsInit(cfg.Auth, cfg.Now),
-		PayloadReadLimit:      &readLimit,
-		// The origin was checked by the origins middleware already.
-		Implementation: guardedWebsockets{maxSubs: cfg.MaxSubscriptionsPerConnection, pingEvery: cfg.KeepAlive},
+	srv.AddTransport(&wsTransport{
+		keepAlive:   cfg.KeepAlive,
+		initTimeout: cfg.InitTimeout,
+		readLimit:   cfg.MaxBodyBytes,
+		maxOps:      cfg.MaxSubscriptionsPerConnection,
+		init:        wsInit(cfg.Auth, cfg.Now),
+		present:     present,
+		recover:     recoverFunc(log),
+		log:         log,
 	})
 	srv.AddTransport(transport.Options{})
 	// SSE before POST: both take application/json POSTs; SSE only those
@@ -203,6 +205,10 @@ func writeStatus(w http.ResponseWriter, status int, body any) {
 	json.NewEncoder(w).Encode(body)
 }
 
+// errShuttingDown is the cause of a stream's context that a graceful
+// shutdown ended.
+var errShuttingDown = errors.New("server shutting down")
+
 // endStreamsWith serves long-lived requests (websocket upgrades and SSE):
 // it lifts the server's read and write timeouts, which are for plain
 // requests, cancels the stream when streams is done (graceful shutdown),
@@ -222,16 +228,63 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		rc := http.NewResponseController(w)
 		rc.SetReadDeadline(time.Time{})
 		rc.SetWriteDeadline(time.Time{})
+		if transport == TransportSSE {
+			sw := &sseWriter{ResponseWriter: w}
+			defer sw.finish()
+			w = sw
+		}
 		if streams == nil {
 			next.ServeHTTP(w, r)
 			return
 		}
-		ctx, cancel := context.WithCancel(r.Context())
-		defer cancel()
-		stop := context.AfterFunc(streams, cancel)
+		ctx, cancel := context.WithCancelCause(r.Context())
+		defer cancel(nil)
+		stop := context.AfterFunc(streams, func() { cancel(errShuttingDown) })
 		defer stop()
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
+}
+
+// sseWriter drops what gqlgen's SSE transport writes once its Do has
+// returned: its keep-alive goroutine stops only when the request's context
+// ends, and a tick in between wrote to a finished response (a data race).
+type sseWriter struct {
+	http.ResponseWriter
+	mu       sync.Mutex
+	finished bool
+}
+
+func (w *sseWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.finished {
+		return 0, http.ErrHandlerTimeout
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *sseWriter) WriteHeader(status int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.finished {
+		w.ResponseWriter.WriteHeader(status)
+	}
+}
+
+func (w *sseWriter) Flush() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.finished {
+		http.NewResponseController(w.ResponseWriter).Flush()
+	}
+}
+
+func (w *sseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *sseWriter) finish() {
+	w.mu.Lock()
+	w.finished = true
+	w.mu.Unlock()
 }
 
 // playgroundAssets points Playground at self-hosted copies of its scripts.

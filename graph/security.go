@@ -29,11 +29,9 @@ const (
 	codeTooComplex      = "COMPLEXITY_LIMIT_EXCEEDED"
 )
 
-// Websocket close codes (graphql-transport-ws uses 44xx like HTTP statuses).
-const (
-	closeUnauthorized = 4401
-	closeForbidden    = 4403
-)
+// closeUnauthorized is graphql-transport-ws's close code for a connection
+// that may not run operations (44xx codes mirror HTTP statuses).
+const closeUnauthorized = 4401
 
 type principalKey struct{}
 
@@ -69,7 +67,7 @@ func authenticate(a *auth.Authenticator, now func() time.Time, next http.Handler
 			// An SSE stream (or a websocket authenticated by header) ends
 			// when its run token does.
 			var cancel context.CancelFunc
-			ctx, cancel = context.WithDeadline(ctx, p.Expires)
+			ctx, cancel = context.WithDeadlineCause(ctx, p.Expires, errTokenExpired)
 			defer cancel()
 		}
 		next.ServeHTTP(w, r.WithContext(ctx))
@@ -100,11 +98,15 @@ func RequireServerToken(a *auth.Authenticator, now func() time.Time, next http.H
 	})
 }
 
+// errTokenExpired is the cause of a context that ended with its run token.
+var errTokenExpired = errors.New("run token expired")
+
 // wsInit authenticates a websocket from its connection_init payload
 // ("Authorization" or "authToken"), unless the upgrade request already did.
-// A connection opened with a run token ends when the token expires.
-func wsInit(a *auth.Authenticator, now func() time.Time) transport.WebsocketInitFunc {
-	return func(ctx context.Context, payload transport.InitPayload) (context.Context, *transport.InitPayload, error) {
+// A connection opened with a run token ends when the token expires (its
+// context's cause is errTokenExpired).
+func wsInit(a *auth.Authenticator, now func() time.Time) wsInitFunc {
+	return func(ctx context.Context, payload transport.InitPayload) (context.Context, error) {
 		p := principal(ctx)
 		if p == nil {
 			token := payload.Authorization()
@@ -113,18 +115,16 @@ func wsInit(a *auth.Authenticator, now func() time.Time) transport.WebsocketInit
 			}
 			var err error
 			if p, err = a.Authenticate(token, now()); err != nil {
-				ctx = transport.WithWebsocketCloseCode(ctx, closeUnauthorized)
-				return transport.AppendCloseReason(ctx, "unauthenticated"), nil, errors.New("unauthenticated")
+				return ctx, errors.New("unauthenticated")
 			}
 			ctx = withPrincipal(ctx, p)
 		}
 		if !p.Expires.IsZero() {
 			var cancel context.CancelFunc
-			ctx, cancel = context.WithDeadline(ctx, p.Expires)
+			ctx, cancel = context.WithDeadlineCause(ctx, p.Expires, errTokenExpired)
 			context.AfterFunc(ctx, cancel) // release the timer with the connection
-			ctx = transport.AppendCloseReason(ctx, "token expired")
 		}
-		return ctx, nil, nil
+		return ctx, nil
 	}
 }
 
