@@ -1,11 +1,13 @@
 package storage
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -124,6 +126,78 @@ func (e *gormExecutor) RunGet(ctx context.Context, runID string, forUpdate bool)
 		return nil, e.notFound(err)
 	}
 	return row.model(), nil
+}
+
+// liveOwner is the condition on a waiter (of the table or alias w) that its
+// owner counts: no owner (a durable step), the calling replica, or a replica
+// whose lease runs past now. Its parameters: self, now.
+func liveOwner(w string) string {
+	return "(" + w + ".replica_id IS NULL OR " + w + ".replica_id = ? OR EXISTS (SELECT 1 FROM replicas rp WHERE rp.id = " + w + ".replica_id AND rp.lease_until > ?))"
+}
+
+// runLockListWaitingSQL is one statement for the run lock and the waiters a
+// targeted notify resolves. Why its shape:
+//   - The waiters are joined, not read in a subquery: under FOR UPDATE every
+//     table of the join is read with a locking read, which sees the latest
+//     committed rows once the run lock is granted; a subquery is a
+//     consistent read, whose snapshot could date from before the wait.
+//   - The lease check is a subquery under an OR, so the optimizer cannot
+//     flatten it into a join: it stays a non-locking read, and the replica's
+//     row is not locked (which would serialise every notify on the replica's
+//     waiters and block its lease renewal). The lock tests check both.
+//   - runs is a const table (unique id): the optimizer reads and locks it
+//     before it reads any waiter, and a missing run returns no row.
+//   - No ORDER BY: it costs a temporary table and a filesort; rows come in
+//     index order (run_id, event_id, state, seq) and are sorted by seq after.
+//
+// The run's state is repeated on every row; with no waiter there is one row
+// with NULL waiter columns.
+const runLockListWaitingSQL = `SELECT r.state, w.seq, w.event_id, w.run_id, w.step_name, w.state, w.deadline,
+	w.created_at, w.ended_at, w.message_id, w.event_data, w.replica_id
+FROM runs r LEFT JOIN waiters w ON w.run_id = r.id AND w.event_id = ? AND w.state = ? AND w.deadline > ? AND `
+
+func (e *gormExecutor) RunLockListWaiting(ctx context.Context, p *RunLockListWaitingParams) (models.RunState, []*models.Waiter, error) {
+	query := runLockListWaitingSQL + liveOwner("w") + " WHERE r.id = ?"
+	if e.dialect == DialectMySQL {
+		// SQLite has no row locks: its single connection makes the
+		// transaction serial, as for lock().
+		query += " FOR UPDATE"
+	}
+	now := newDBTime(p.Now)
+	rows, err := e.q(ctx).Raw(query, p.EventID, string(models.WaiterWaiting), now, p.Self, now, p.RunID).Rows()
+	if err != nil {
+		return "", nil, e.classify(err)
+	}
+	defer rows.Close()
+	var (
+		state   string
+		found   bool
+		waiters []waiterRow
+	)
+	for rows.Next() {
+		var (
+			seq             sql.NullInt64
+			eventID, wState sql.NullString
+			w               waiterRow
+		)
+		if err := rows.Scan(&state, &seq, &eventID, &w.RunID, &w.StepName, &wState, &w.Deadline,
+			&w.CreatedAt, &w.EndedAt, &w.MessageID, &w.EventData, &w.ReplicaID); err != nil {
+			return "", nil, e.classify(err)
+		}
+		found = true
+		if seq.Valid {
+			w.Seq, w.EventID, w.State = seq.Int64, eventID.String, wState.String
+			waiters = append(waiters, w)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return "", nil, e.classify(err)
+	}
+	if !found {
+		return "", nil, ErrNotFound
+	}
+	slices.SortFunc(waiters, func(a, b waiterRow) int { return cmp.Compare(a.Seq, b.Seq) })
+	return models.RunState(state), waiterModels(waiters), nil
 }
 
 func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) error {
@@ -249,7 +323,7 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 		q = q.Where("event_id = ?", p.EventID)
 	}
 	q = q.Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(p.Now)).
-		Where("(replica_id IS NULL OR replica_id = ? OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = waiters.replica_id AND r.lease_until > ?))", p.Self, newDBTime(p.Now))
+		Where(liveOwner("waiters"), p.Self, newDBTime(p.Now))
 	var rows []waiterRow
 	if err := e.lock(q.Order("seq"), p.ForUpdate).Find(&rows).Error; err != nil {
 		return nil, e.classify(err)
