@@ -74,9 +74,9 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 // engine error naming caller-chosen ids) must not be mistaken for one. A
 // failed COMMIT is ErrCommitUnknown: the write may have landed.
 func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err error) {
-	tx := s.db.WithContext(ctx).Begin()
-	if tx.Error != nil {
-		return s.classify(tx.Error)
+	tx, err := s.begin(ctx)
+	if err != nil {
+		return s.classify(err)
 	}
 	defer func() {
 		if p := recover(); p != nil {
@@ -98,6 +98,24 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 		return fmt.Errorf("%w: %v", ErrCommitUnknown, err)
 	}
 	return nil
+}
+
+// begin starts a transaction. On MySQL nothing is sent yet: START
+// TRANSACTION goes with the first statement (lazyTx). SQLite's BEGIN costs
+// no round trip.
+func (s *gormStore) begin(ctx context.Context) (*gorm.DB, error) {
+	if s.dialect != DialectMySQL {
+		tx := s.db.WithContext(ctx).Begin()
+		return tx, tx.Error
+	}
+	pool, err := beginLazy(ctx, s.sqlDB)
+	if err != nil {
+		return nil, err
+	}
+	// What Begin does, with lazyTx in place of a *sql.Tx.
+	tx := s.db.Session(&gorm.Session{Context: ctx, NewDB: true})
+	tx.Statement.ConnPool = pool
+	return tx, nil
 }
 
 func (e *gormExecutor) q(ctx context.Context) *gorm.DB { return e.db.WithContext(ctx) }

@@ -1,0 +1,252 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"testing"
+	"time"
+
+	mysqldriver "github.com/go-sql-driver/mysql"
+	"github.com/stretchr/testify/require"
+	"gorm.io/driver/mysql"
+	"gorm.io/gorm"
+
+	"rendezvous/internal/testdb"
+	"rendezvous/models"
+)
+
+// lazyTx on MySQL: START TRANSACTION travels with the first statement.
+
+// oneConnDB opens the store's DSN with a single connection, so that what a
+// transaction left on its connection shows in the next use of the pool.
+func oneConnDB(t *testing.T) *sql.DB {
+	t.Helper()
+	databaseURL := testdb.MySQL(t)
+	s, err := Open(t.Context(), databaseURL, Options{}) // migrates
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	dsn, err := mysqlDSN(t.Context(), databaseURL)
+	require.NoError(t, err)
+	db, err := sql.Open("mysql", dsn)
+	require.NoError(t, err)
+	db.SetMaxOpenConns(1)
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func connectionID(t *testing.T, db *sql.DB) int64 {
+	t.Helper()
+	var id int64
+	require.NoError(t, db.QueryRowContext(t.Context(), `SELECT CONNECTION_ID()`).Scan(&id))
+	return id
+}
+
+func inTransaction(t *testing.T, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}) int {
+	t.Helper()
+	var n int
+	require.NoError(t, q.QueryRowContext(t.Context(), `SELECT @@in_transaction`).Scan(&n))
+	return n
+}
+
+func TestLazyTxFirstStatementMySQL(t *testing.T) {
+	t.Parallel()
+	db := oneConnDB(t)
+	ctx := t.Context()
+	conn := connectionID(t, db)
+	now := newDBTime(time.Now())
+
+	t.Run("QueryRowFirst", func(t *testing.T) {
+		tx, err := beginLazy(ctx, db)
+		require.NoError(t, err)
+		require.Equal(t, 1, inTransaction(t, tx), "the first statement runs inside the transaction")
+		require.NoError(t, tx.Commit())
+		require.Equal(t, 0, inTransaction(t, db))
+	})
+
+	t.Run("ExecFirstReportsItsOwnResult", func(t *testing.T) {
+		tx, err := beginLazy(ctx, db)
+		require.NoError(t, err)
+		res, err := tx.ExecContext(ctx, `INSERT INTO notifications (message_id, event_id, created_at) VALUES (?, ?, ?), (?, ?, ?)`,
+			"m1", "ev", now, "m2", "ev", now)
+		require.NoError(t, err)
+		n, err := res.RowsAffected()
+		require.NoError(t, err)
+		require.EqualValues(t, 2, n, "the INSERT's row count, not START TRANSACTION's")
+		id, err := res.LastInsertId()
+		require.NoError(t, err)
+		var first int64
+		require.NoError(t, tx.QueryRowContext(ctx, `SELECT seq FROM notifications WHERE message_id = 'm1'`).Scan(&first))
+		require.Equal(t, first, id, "the INSERT's first auto-increment id")
+		require.Equal(t, 1, inTransaction(t, tx))
+		require.NoError(t, tx.Rollback())
+		var left int
+		require.NoError(t, db.QueryRowContext(ctx, `SELECT COUNT(*) FROM notifications`).Scan(&left))
+		require.Zero(t, left, "rolled back")
+	})
+
+	t.Run("QueryFirstReadsItsRows", func(t *testing.T) {
+		tx, err := beginLazy(ctx, db)
+		require.NoError(t, err)
+		rows, err := tx.QueryContext(ctx, `SELECT ? UNION ALL SELECT ?`, "a", "b")
+		require.NoError(t, err)
+		var got []string
+		for rows.Next() {
+			var v string
+			require.NoError(t, rows.Scan(&v))
+			got = append(got, v)
+		}
+		require.NoError(t, rows.Err())
+		require.False(t, rows.NextResultSet())
+		require.NoError(t, rows.Close())
+		require.Equal(t, []string{"a", "b"}, got)
+		require.Equal(t, 1, inTransaction(t, tx))
+		require.NoError(t, tx.Commit())
+	})
+
+	t.Run("FirstStatementFailsAfterBegin", func(t *testing.T) {
+		_, err := db.ExecContext(ctx, `INSERT INTO replicas (id, lease_until) VALUES ('rep_x', ?)`, now)
+		require.NoError(t, err)
+		tx, err := beginLazy(ctx, db)
+		require.NoError(t, err)
+		_, err = tx.ExecContext(ctx, `INSERT INTO replicas (id, lease_until) VALUES ('rep_x', ?)`, now)
+		var me *mysqldriver.MySQLError
+		require.ErrorAs(t, err, &me)
+		require.EqualValues(t, mysqlDuplicateEntry, me.Number)
+		require.Equal(t, 1, inTransaction(t, tx), "START TRANSACTION ran before the INSERT failed")
+		require.NoError(t, tx.Rollback())
+		require.Equal(t, 0, inTransaction(t, db), "rolled back: the pooled connection has no transaction open")
+	})
+
+	t.Run("LargeFirstStatementBeginsAlone", func(t *testing.T) {
+		big := bytes.Repeat([]byte(`"x\'`), prefixLimit/2) // escaping makes it larger still
+		require.False(t, fitsPrefix("INSERT", []any{big}))
+		tx, err := beginLazy(ctx, db)
+		require.NoError(t, err)
+		_, err = tx.ExecContext(ctx, `INSERT INTO notifications (message_id, event_id, event_data, created_at) VALUES (?, ?, ?, ?)`, "m3", "ev", big, now)
+		require.NoError(t, err)
+		require.Equal(t, 1, inTransaction(t, tx))
+		require.NoError(t, tx.Commit())
+		var got []byte
+		require.NoError(t, db.QueryRowContext(ctx, `SELECT event_data FROM notifications WHERE message_id = 'm3'`).Scan(&got))
+		require.Equal(t, big, got)
+	})
+
+	t.Run("NothingSentNothingToEnd", func(t *testing.T) {
+		tx, err := beginLazy(ctx, db)
+		require.NoError(t, err)
+		require.NoError(t, tx.Commit())
+		require.ErrorIs(t, tx.Commit(), sql.ErrTxDone)
+		tx, err = beginLazy(ctx, db)
+		require.NoError(t, err)
+		require.NoError(t, tx.Rollback())
+	})
+
+	require.Equal(t, conn, connectionID(t, db), "every transaction ended cleanly: the one connection was kept")
+}
+
+// A transaction whose context ends between two statements is still rolled
+// back on its connection, which then goes on serving.
+func TestLazyTxRollbackAfterCancelMySQL(t *testing.T) {
+	t.Parallel()
+	db := oneConnDB(t)
+	conn := connectionID(t, db)
+	ctx, cancel := context.WithCancel(t.Context())
+	tx, err := beginLazy(ctx, db)
+	require.NoError(t, err)
+	_, err = tx.ExecContext(ctx, `INSERT INTO replicas (id, lease_until) VALUES ('rep_c', ?)`, newDBTime(time.Now()))
+	require.NoError(t, err)
+	cancel()
+	_, err = tx.ExecContext(ctx, `DELETE FROM replicas`)
+	require.ErrorIs(t, err, context.Canceled)
+	require.NoError(t, tx.Rollback())
+	require.Equal(t, conn, connectionID(t, db))
+	require.Equal(t, 0, inTransaction(t, db))
+	var n int
+	require.NoError(t, db.QueryRowContext(t.Context(), `SELECT COUNT(*) FROM replicas`).Scan(&n))
+	require.Zero(t, n)
+}
+
+// Through the store: a GORM Create as a transaction's first statement gets
+// its auto-increment id; a connection killed before COMMIT makes the outcome
+// unknown, is not reused, and the store goes on.
+func TestLazyTxInStoreMySQL(t *testing.T) {
+	t.Parallel()
+	databaseURL := testdb.MySQL(t)
+	s, err := Open(t.Context(), databaseURL, Options{MaxOpenConns: 1})
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	ctx := t.Context()
+	now := time.Now().UTC()
+
+	var ids []string
+	for range 3 {
+		require.NoError(t, s.InTx(ctx, func(tx Executor) error {
+			w := &models.Waiter{EventID: "ev", State: models.WaiterWaiting, Deadline: now.Add(time.Hour), CreatedAt: now}
+			if err := tx.WaiterInsert(ctx, w); err != nil {
+				return err
+			}
+			ids = append(ids, w.ID)
+			got, err := tx.WaiterGet(ctx, w.ID)
+			if err != nil {
+				return err
+			}
+			require.Equal(t, w.ID, got.ID)
+			return nil
+		}))
+	}
+	require.Equal(t, []string{"wtr_1", "wtr_2", "wtr_3"}, ids)
+
+	dsn, err := mysqlDSN(ctx, databaseURL)
+	require.NoError(t, err)
+	admin, err := sql.Open("mysql", dsn)
+	require.NoError(t, err)
+	t.Cleanup(func() { admin.Close() })
+	err = s.InTx(ctx, func(tx Executor) error {
+		if err := tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_lost", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}); err != nil {
+			return err
+		}
+		var id int64
+		if err := tx.(*gormExecutor).db.WithContext(ctx).Raw(`SELECT CONNECTION_ID()`).Row().Scan(&id); err != nil {
+			return err
+		}
+		_, err := admin.ExecContext(ctx, `KILL CONNECTION ?`, id)
+		return err
+	})
+	require.ErrorIs(t, err, ErrCommitUnknown)
+	_, err = s.RunGet(ctx, "wfr_lost", false)
+	require.ErrorIs(t, err, ErrNotFound, "the killed connection's transaction was rolled back by the server")
+	require.NoError(t, s.InTx(ctx, func(tx Executor) error {
+		return tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_after", State: models.RunStarted, CreatedAt: now, UpdatedAt: now})
+	}), "the store goes on on a new connection")
+	_, err = s.RunGet(ctx, "wfr_after", false)
+	require.NoError(t, err)
+}
+
+// GORM's Create as a transaction's first statement gets the row's
+// auto-increment id both ways it can ask: INSERT … RETURNING (MariaDB ≥ 10.5,
+// a query) and LastInsertId (MySQL, an exec).
+func TestLazyTxGormCreateMySQL(t *testing.T) {
+	t.Parallel()
+	db := oneConnDB(t)
+	ctx := t.Context()
+	for _, returning := range []bool{true, false} {
+		g, err := gorm.Open(mysql.New(mysql.Config{Conn: db, DisableWithReturning: !returning}), &gorm.Config{SkipDefaultTransaction: true})
+		require.NoError(t, err)
+		for range 2 {
+			var want int64
+			require.NoError(t, db.QueryRowContext(ctx, `SELECT COALESCE(MAX(seq), 0) + 1 FROM lookback_events`).Scan(&want))
+			pool, err := beginLazy(ctx, db)
+			require.NoError(t, err)
+			tx := g.Session(&gorm.Session{Context: ctx, NewDB: true})
+			tx.Statement.ConnPool = pool
+			row := lookbackRow{RunID: "wfr_g", EventID: "ev", MessageID: "m", CreatedAt: newDBTime(time.Now()), ExpiresAt: newDBTime(time.Now())}
+			require.NoError(t, tx.Create(&row).Error)
+			require.Equal(t, want, row.Seq, "returning=%v", returning)
+			require.Equal(t, 1, inTransaction(t, pool))
+			require.NoError(t, tx.Commit().Error)
+		}
+	}
+}
