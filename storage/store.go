@@ -73,7 +73,8 @@ type Executor interface {
 	// state; ErrNotFound if the run does not exist. The waiters are read
 	// after the lock is granted, so they include every waiter committed by
 	// a transaction that held the lock before (a waitForEvent registering
-	// on the run). On MySQL the listed waiters' rows are locked too.
+	// on the run). On MySQL the waiters' rows are locked too. Waiters owned
+	// by other replicas cost a second, non-locking read of their leases.
 	RunLockListWaiting(ctx context.Context, p *RunLockListWaitingParams) (models.RunState, []*models.Waiter, error)
 	// RunInsert inserts a run; ErrDuplicate if the id exists.
 	RunInsert(ctx context.Context, run *models.WorkflowRun) error
