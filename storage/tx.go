@@ -44,8 +44,8 @@ import (
 type lazyTx struct {
 	db   *sql.DB
 	conn *sql.Conn
-	// ctx is the transaction's context, for COMMIT (GORM's TxCommitter has
-	// no context parameter).
+	// ctx is the transaction's context, which COMMIT and ROLLBACK check
+	// (GORM's TxCommitter has no context parameter).
 	ctx   context.Context
 	begun bool // START TRANSACTION was sent (perhaps with the first statement)
 	ended bool // committed or rolled back; the connection is released
@@ -201,7 +201,15 @@ func (t *lazyTx) Commit() error {
 	if !t.begun {
 		return t.release()
 	}
-	if _, err := t.conn.ExecContext(t.ctx, "COMMIT"); err != nil {
+	if err := t.ctx.Err(); err != nil {
+		// Not sent: the transaction ends rolled back.
+		t.Rollback()
+		return err
+	}
+	// Once sent, COMMIT runs to its end whatever the context does, as
+	// database/sql's Tx.Commit does: a cancel could only cut the answer
+	// off and turn a commit that landed into an unknown one.
+	if _, err := t.conn.ExecContext(context.WithoutCancel(t.ctx), "COMMIT"); err != nil {
 		// Whatever happened (a deadlock reported at commit rolled back; a
 		// broken connection left it unknown), make sure no transaction
 		// stays open on the connection.

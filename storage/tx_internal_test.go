@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"strconv"
 	"testing"
 	"time"
 
@@ -248,5 +249,34 @@ func TestLazyTxGormCreateMySQL(t *testing.T) {
 			require.Equal(t, 1, inTransaction(t, pool))
 			require.NoError(t, tx.Commit().Error)
 		}
+	}
+}
+
+// A context canceled while COMMIT is on its way must not make the outcome
+// unknown: either COMMIT was not sent (the error says so and nothing
+// landed) or it was, and it completes. Races the cancel with the COMMIT
+// many times.
+func TestLazyTxCommitOutcomeKnownUnderCancelMySQL(t *testing.T) {
+	t.Parallel()
+	db := oneConnDB(t)
+	for i := range 200 {
+		ctx, cancel := context.WithCancel(t.Context())
+		tx, err := beginLazy(ctx, db)
+		require.NoError(t, err)
+		id := "rep_" + strconv.Itoa(i)
+		_, err = tx.ExecContext(ctx, `INSERT INTO replicas (id, lease_until) VALUES (?, ?)`, id, newDBTime(time.Now()))
+		require.NoError(t, err)
+		go cancel()
+		err = tx.Commit()
+		var n int
+		require.NoError(t, db.QueryRowContext(t.Context(), `SELECT COUNT(*) FROM replicas WHERE id = ?`, id).Scan(&n))
+		if err != nil {
+			require.ErrorIs(t, err, context.Canceled)
+			require.Zero(t, n, "round %d: COMMIT failed, yet it landed", i)
+		} else {
+			require.Equal(t, 1, n, "round %d", i)
+		}
+		require.Equal(t, 0, inTransaction(t, db))
+		cancel()
 	}
 }
