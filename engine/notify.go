@@ -133,7 +133,9 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 			}
 		}
 		var err error
-		if result, err = e.resolve(ctx, tx, p.EventID, data, target, waiting, messageID, now, wakes); err != nil {
+		// Without a step to record, a lookback event is the transaction's
+		// last write and may commit with it.
+		if result, err = e.resolve(ctx, tx, p.EventID, data, target, waiting, step == nil, messageID, now, wakes); err != nil {
 			return err
 		}
 		if step != nil {
@@ -192,9 +194,11 @@ func notifyOutcome(res *models.NotifyResult, err error) NotifyOutcome {
 // resolve ends the waiting waiters of the event id (of one run when target is
 // set), listed by the caller, NOTIFIED and, for a targeted notify that ended
 // none, stores a lookback event. Waiters past their deadline are not
-// resolved: they have timed out.
+// resolved: they have timed out. With last, the caller writes nothing after
+// resolve and returns its error unchanged, so storing the lookback event
+// may commit the transaction.
 func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID string, data json.RawMessage,
-	target string, waiting []*models.Waiter, messageID string, now time.Time, wakes map[string]hub.Wake) (*models.NotifyResult, error) {
+	target string, waiting []*models.Waiter, last bool, messageID string, now time.Time, wakes map[string]hub.Wake) (*models.NotifyResult, error) {
 	ids := make([]string, len(waiting))
 	for i, w := range waiting {
 		ids[i] = w.ID
@@ -227,7 +231,11 @@ func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID strin
 			WorkflowRunID: target, EventID: eventID, EventData: data, MessageID: messageID,
 			CreatedAt: now, ExpiresAt: now.Add(e.cfg.LookbackRetention),
 		}
-		if err := tx.LookbackEventInsert(ctx, ev); err != nil {
+		insert := tx.LookbackEventInsert
+		if last {
+			insert = tx.LookbackEventInsertCommit
+		}
+		if err := insert(ctx, ev); err != nil {
 			return nil, err
 		}
 		result.Lookback = ev

@@ -86,18 +86,33 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 	}()
 	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs}); err != nil {
 		tx.Rollback()
+		var cf commitFailed
+		if errors.As(err, &cf) {
+			return s.commitErr(cf.err) // LookbackEventInsertCommit's COMMIT
+		}
+		if pool, ok := tx.Statement.ConnPool.(*lazyTx); ok && pool.committed {
+			return fmt.Errorf("%w: bug: the transaction committed with LookbackEventInsertCommit, then failed: %v", ErrCommitUnknown, err)
+		}
 		return err
 	}
 	if err := tx.Commit().Error; err != nil {
-		if c := classify(err); errors.Is(c, errRetryable) {
-			return c // a deadlock reported at commit: rolled back, safe to rerun
-		}
-		if c := classify(err); errors.Is(c, ErrUnavailable) {
-			s.obs.DBRetry(CauseConnection)
-		}
-		return fmt.Errorf("%w: %v", ErrCommitUnknown, err)
+		return s.commitErr(err)
 	}
 	return nil
+}
+
+// commitErr is what a failed COMMIT means: a deadlock reported at commit
+// rolled the transaction back and it may run again; anything else leaves
+// its outcome unknown.
+func (s *gormStore) commitErr(err error) error {
+	c := classify(err)
+	if errors.Is(c, errRetryable) {
+		return c
+	}
+	if errors.Is(c, ErrUnavailable) {
+		s.obs.DBRetry(CauseConnection)
+	}
+	return fmt.Errorf("%w: %v", ErrCommitUnknown, err)
 }
 
 // begin starts a transaction. On MySQL nothing is sent yet: START
@@ -619,6 +634,31 @@ func (e *gormExecutor) LookbackEventInsert(ctx context.Context, ev *models.Lookb
 		return e.classify(err)
 	}
 	ev.ID = lookbackID(row.Seq)
+	return nil
+}
+
+// lookbackInsertSQL is LookbackEventInsert's statement, written out for
+// LookbackEventInsertCommit, which sends it with COMMIT.
+const lookbackInsertSQL = `INSERT INTO lookback_events (run_id, event_id, event_data, message_id, consumed, created_at, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)`
+
+func (e *gormExecutor) LookbackEventInsertCommit(ctx context.Context, ev *models.LookbackEvent) error {
+	pool, ok := e.db.Statement.ConnPool.(*lazyTx)
+	args := []any{ev.WorkflowRunID, ev.EventID, []byte(ev.EventData), ev.MessageID, false, newDBTime(ev.CreatedAt), newDBTime(ev.ExpiresAt)}
+	if !ok || !pool.canInsertCommit(lookbackInsertSQL, args) {
+		// SQLite (whose COMMIT costs no round trip), the pool, or an
+		// event too large to go with COMMIT: InTx commits as usual.
+		return e.LookbackEventInsert(ctx, ev)
+	}
+	seq, err := pool.insertCommit(ctx, lookbackInsertSQL, args)
+	if err != nil {
+		var cf commitFailed
+		if errors.As(err, &cf) {
+			return err // for InTx, as it is
+		}
+		return e.classify(err)
+	}
+	ev.ID = lookbackID(seq)
 	return nil
 }
 

@@ -126,6 +126,15 @@ type Executor interface {
 	WaiterReapOrphans(ctx context.Context, now time.Time) (int64, error)
 
 	LookbackEventInsert(ctx context.Context, e *models.LookbackEvent) error
+	// LookbackEventInsertCommit is LookbackEventInsert as the last statement
+	// of a transaction of InTx: on MySQL the INSERT and COMMIT go in one
+	// round trip. fn must return right after it: nil when it returned nil
+	// (the transaction has committed; any later statement fails), and its
+	// error unchanged otherwise, which InTx then reports as it reports a
+	// failed COMMIT when COMMIT was sent (ErrCommitUnknown, or a rerun after
+	// a deadlock) and as a failed statement when it was not. Elsewhere it
+	// is LookbackEventInsert, and InTx commits as usual.
+	LookbackEventInsertCommit(ctx context.Context, e *models.LookbackEvent) error
 	// LookbackEventConsume marks the oldest unconsumed, unexpired lookback
 	// event of (run, event id) consumed by the waiter and returns it, or
 	// returns nil if there is none. Call it holding the run's lock.

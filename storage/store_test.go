@@ -769,6 +769,44 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Empty(t, got)
 	})
 
+	t.Run("LookbackEventInsertCommit", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_C")
+		before := insertLookback(t, b, "wfr_C", "ev", `"before"`, b.now.Add(time.Hour))
+		var ev *models.LookbackEvent
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			if _, _, err := tx.RunLockListWaiting(b.ctx, &storage.RunLockListWaitingParams{RunID: "wfr_C", EventID: "ev", Now: b.now}); err != nil {
+				return err
+			}
+			ev = &models.LookbackEvent{WorkflowRunID: "wfr_C", EventID: "ev", EventData: []byte(`{"n":1}`), MessageID: "msg_c",
+				CreatedAt: b.now, ExpiresAt: b.now.Add(time.Hour)}
+			return tx.LookbackEventInsertCommit(b.ctx, ev)
+		}))
+		require.NotEmpty(t, ev.ID)
+		require.NotEqual(t, before.ID, ev.ID)
+		listed, err := b.store.LookbackEventListByRun(b.ctx, "wfr_C", b.now)
+		require.NoError(t, err)
+		require.Len(t, listed, 2)
+		want := *ev
+		want.CreatedAt, want.ExpiresAt = b.now.Truncate(time.Microsecond), b.now.Add(time.Hour).Truncate(time.Microsecond)
+		require.Equal(t, &want, listed[1], "stored as LookbackEventInsert stores it")
+
+		// As the first statement, and outside a transaction, too.
+		for _, ex := range []func(fn func(storage.Executor) error) error{
+			func(fn func(storage.Executor) error) error { return b.store.InTx(b.ctx, fn) },
+			func(fn func(storage.Executor) error) error { return fn(b.store) },
+		} {
+			require.NoError(t, ex(func(tx storage.Executor) error {
+				return tx.LookbackEventInsertCommit(b.ctx, &models.LookbackEvent{WorkflowRunID: "wfr_C", EventID: "ev", MessageID: "msg_d",
+					CreatedAt: b.now, ExpiresAt: b.now.Add(time.Hour)})
+			}))
+		}
+		listed, err = b.store.LookbackEventListByRun(b.ctx, "wfr_C", b.now)
+		require.NoError(t, err)
+		require.Len(t, listed, 4)
+	})
+
 	t.Run("LookbackEventConsume", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)

@@ -5,8 +5,10 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"errors"
+	"fmt"
 	"time"
 
+	mysqldriver "github.com/go-sql-driver/mysql"
 	"gorm.io/gorm"
 )
 
@@ -48,8 +50,22 @@ type lazyTx struct {
 	// (GORM's TxCommitter has no context parameter).
 	ctx   context.Context
 	begun bool // START TRANSACTION was sent (perhaps with the first statement)
-	ended bool // committed or rolled back; the connection is released
+	// committed: insertCommit sent COMMIT with its INSERT and it succeeded;
+	// nothing may run in this transaction any more.
+	committed bool
+	ended     bool // committed or rolled back; the connection is released
 }
+
+// errTxCommitted refuses a statement after the transaction committed with
+// insertCommit: it would run outside the transaction.
+var errTxCommitted = errors.New("transaction already committed with its last statement")
+
+// commitFailed is the error of an insertCommit whose INSERT ran and whose
+// COMMIT failed or was cut off: InTx treats it as a failed COMMIT.
+type commitFailed struct{ err error }
+
+func (c commitFailed) Error() string { return "commit: " + c.err.Error() }
+func (c commitFailed) Unwrap() error { return c.err }
 
 var (
 	_ gorm.ConnPool    = (*lazyTx)(nil)
@@ -147,6 +163,9 @@ func fitsPrefix(query string, args []any) bool {
 }
 
 func (t *lazyTx) ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	if t.committed {
+		return nil, errTxCommitted
+	}
 	if t.begun {
 		return t.conn.ExecContext(ctx, query, args...)
 	}
@@ -159,6 +178,9 @@ func (t *lazyTx) ExecContext(ctx context.Context, query string, args ...any) (sq
 }
 
 func (t *lazyTx) QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error) {
+	if t.committed {
+		return nil, errTxCommitted
+	}
 	if t.begun {
 		return t.conn.QueryContext(ctx, query, args...)
 	}
@@ -174,6 +196,11 @@ func (t *lazyTx) QueryContext(ctx context.Context, query string, args ...any) (*
 // *sql.Row can neither carry the error of a separate START TRANSACTION nor
 // be sent again. GORM uses it for Row(), whose queries carry no large values.
 func (t *lazyTx) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
+	if t.committed {
+		// A *sql.Row cannot carry errTxCommitted; running the query would
+		// run it outside the transaction. A bug in the caller.
+		panic(errTxCommitted)
+	}
 	if !t.begun {
 		t.begun = true
 		query = beginPrefix + query
@@ -184,6 +211,9 @@ func (t *lazyTx) QueryRowContext(ctx context.Context, query string, args ...any)
 // PrepareContext is for GORM's prepared-statement mode, which the store does
 // not use; START TRANSACTION goes first, on its own.
 func (t *lazyTx) PrepareContext(ctx context.Context, query string) (*sql.Stmt, error) {
+	if t.committed {
+		return nil, errTxCommitted
+	}
 	if !t.begun {
 		if err := t.first(ctx, false, func(string) error { return nil }); err != nil {
 			return nil, err
@@ -192,13 +222,78 @@ func (t *lazyTx) PrepareContext(ctx context.Context, query string) (*sql.Stmt, e
 	return t.conn.PrepareContext(ctx, query)
 }
 
+// insertCommitSuffix follows the INSERT of insertCommit: the id it made, then
+// the end of the transaction.
+const insertCommitSuffix = "; SELECT LAST_INSERT_ID(); COMMIT"
+
+// canInsertCommit says whether insertCommit can send insert with args in one
+// query (see fitsPrefix: a bigger one would be prepared, and fail).
+func (t *lazyTx) canInsertCommit(insert string, args []any) bool {
+	return !t.committed && fitsPrefix(insert+insertCommitSuffix, args)
+}
+
+// insertCommit runs insert (one single-row INSERT into a table with an
+// auto-increment key), reads the id it made and commits, in one round trip
+// ("INSERT …; SELECT LAST_INSERT_ID(); COMMIT", preceded by START TRANSACTION
+// when it is also the first statement). The server runs them in order and
+// stops at the first error, so:
+//   - an error answer (a MySQL error) to the first statement, or
+//     driver.ErrBadConn (nothing was written), means COMMIT did not run: it
+//     is returned as a statement error, and the caller rolls back;
+//   - any other failure (the connection broke while the query was on its
+//     way or its answer was being read), and an error after the INSERT's
+//     answer, is a COMMIT whose outcome is unknown or failed: commitFailed.
+//
+// Like COMMIT it runs to its end once sent, whatever ctx does.
+func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any) (int64, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	ctx = context.WithoutCancel(ctx)
+	query := insert + insertCommitSuffix
+	var (
+		rows *sql.Rows
+		err  error
+	)
+	if t.begun {
+		rows, err = t.conn.QueryContext(ctx, query, args...)
+	} else {
+		err = t.first(ctx, true, func(prefix string) (err error) {
+			rows, err = t.conn.QueryContext(ctx, prefix+query, args...)
+			return err
+		})
+	}
+	var me *mysqldriver.MySQLError
+	if err != nil && (errors.As(err, &me) || errors.Is(err, driver.ErrBadConn)) {
+		return 0, err
+	}
+	t.committed = true // COMMIT was sent: nothing more may run, whatever its answer
+	if err != nil {
+		return 0, commitFailed{err}
+	}
+	var id int64
+	if rows.Next() {
+		err = rows.Scan(&id)
+	}
+	for rows.NextResultSet() { // COMMIT's answer
+	}
+	err = errors.Join(err, rows.Err(), rows.Close())
+	if err == nil && id <= 0 {
+		err = fmt.Errorf("no id from %q", insert)
+	}
+	if err != nil {
+		return 0, commitFailed{err}
+	}
+	return id, nil
+}
+
 // Commit commits and releases the connection. A transaction that never sent
 // a statement has nothing to commit.
 func (t *lazyTx) Commit() error {
 	if t.ended {
 		return sql.ErrTxDone
 	}
-	if !t.begun {
+	if !t.begun || t.committed {
 		return t.release()
 	}
 	if err := t.ctx.Err(); err != nil {

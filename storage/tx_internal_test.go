@@ -4,7 +4,12 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"net"
+	"net/url"
 	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -279,4 +284,204 @@ func TestLazyTxCommitOutcomeKnownUnderCancelMySQL(t *testing.T) {
 		require.Equal(t, 0, inTransaction(t, db))
 		cancel()
 	}
+}
+
+// LookbackEventInsertCommit on MySQL: the INSERT and COMMIT in one round
+// trip, and every way it can end.
+func TestLookbackEventInsertCommitMySQL(t *testing.T) {
+	t.Parallel()
+	s, err := Open(t.Context(), testdb.MySQL(t), Options{MaxOpenConns: 1})
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	ctx := t.Context()
+	now := time.Now().UTC()
+	store := s.(*gormStore)
+	event := func(runID string, data []byte) *models.LookbackEvent {
+		return &models.LookbackEvent{WorkflowRunID: runID, EventID: "ev", EventData: data, MessageID: "msg",
+			CreatedAt: now, ExpiresAt: now.Add(time.Hour)}
+	}
+	count := func(runID string) int {
+		t.Helper()
+		ls, err := s.LookbackEventListByRun(ctx, runID, now)
+		require.NoError(t, err)
+		return len(ls)
+	}
+	noTransactionLeft := func() {
+		t.Helper()
+		require.Equal(t, 0, inTransaction(t, store.sqlDB), "the one pooled connection has no transaction open")
+	}
+
+	t.Run("Commits", func(t *testing.T) {
+		ev := event("wfr_ok", []byte(`"x"`))
+		require.NoError(t, s.InTx(ctx, func(tx Executor) error {
+			if err := tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_ok", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}); err != nil {
+				return err
+			}
+			if err := tx.LookbackEventInsertCommit(ctx, ev); err != nil {
+				return err
+			}
+			require.True(t, tx.(*gormExecutor).db.Statement.ConnPool.(*lazyTx).committed, "committed with the INSERT")
+			return nil
+		}))
+		require.Equal(t, 1, count("wfr_ok"))
+		ls, err := s.LookbackEventListByRun(ctx, "wfr_ok", now)
+		require.NoError(t, err)
+		require.Equal(t, ev.ID, ls[0].ID)
+		_, err = s.RunGet(ctx, "wfr_ok", false)
+		require.NoError(t, err)
+		noTransactionLeft()
+	})
+
+	t.Run("FailedInsertRollsBack", func(t *testing.T) {
+		tooLong := "wfr_" + strings.Repeat("x", 400) // run_id holds 300 bytes
+		err := s.InTx(ctx, func(tx Executor) error {
+			if err := tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_gone", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}); err != nil {
+				return err
+			}
+			return tx.LookbackEventInsertCommit(ctx, event(tooLong, nil))
+		})
+		require.Error(t, err)
+		require.NotErrorIs(t, err, ErrCommitUnknown, "COMMIT did not run: a plain statement error")
+		_, err = s.RunGet(ctx, "wfr_gone", false)
+		require.ErrorIs(t, err, ErrNotFound, "rolled back")
+		noTransactionLeft()
+	})
+
+	t.Run("NothingRunsAfterIt", func(t *testing.T) {
+		var after error
+		err := s.InTx(ctx, func(tx Executor) error {
+			if err := tx.LookbackEventInsertCommit(ctx, event("wfr_after", nil)); err != nil {
+				return err
+			}
+			_, after = tx.RunGet(ctx, "wfr_ok", false)
+			return after
+		})
+		require.ErrorIs(t, after, errTxCommitted)
+		require.ErrorIs(t, err, ErrCommitUnknown, "a caller that goes on after it is told the transaction committed")
+		require.Equal(t, 1, count("wfr_after"))
+		noTransactionLeft()
+	})
+
+	t.Run("LargeEventCommitsAsUsual", func(t *testing.T) {
+		big := []byte(`"` + strings.Repeat("y", prefixLimit/2) + `"`)
+		require.NoError(t, s.InTx(ctx, func(tx Executor) error {
+			if err := tx.LookbackEventInsertCommit(ctx, event("wfr_big", big)); err != nil {
+				return err
+			}
+			require.False(t, tx.(*gormExecutor).db.Statement.ConnPool.(*lazyTx).committed, "too large to go with COMMIT")
+			return nil
+		}))
+		ls, err := s.LookbackEventListByRun(ctx, "wfr_big", now)
+		require.NoError(t, err)
+		require.Len(t, ls, 1)
+		require.Equal(t, big, []byte(ls[0].EventData))
+		noTransactionLeft()
+	})
+}
+
+// A connection cut after the INSERT and COMMIT reached the server, before
+// the answer came back: the store cannot know whether COMMIT landed, and
+// must say so (ErrCommitUnknown), never that the notify failed.
+func TestLookbackEventInsertCommitCutMySQL(t *testing.T) {
+	t.Parallel()
+	databaseURL := testdb.MySQL(t)
+	u, err := url.Parse(databaseURL)
+	require.NoError(t, err)
+	proxy := newCuttingProxy(t, u.Host, []byte("LAST_INSERT_ID"))
+	u.Host = proxy
+	s, err := Open(t.Context(), u.String(), Options{MaxOpenConns: 1})
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	ctx := t.Context()
+	now := time.Now().UTC()
+	require.NoError(t, s.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_cut", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}))
+	err = s.InTx(ctx, func(tx Executor) error {
+		if _, err := tx.RunGet(ctx, "wfr_cut", true); err != nil {
+			return err
+		}
+		return tx.LookbackEventInsertCommit(ctx, &models.LookbackEvent{WorkflowRunID: "wfr_cut", EventID: "ev", MessageID: "msg",
+			CreatedAt: now, ExpiresAt: now.Add(time.Hour)})
+	})
+	require.ErrorIs(t, err, ErrCommitUnknown)
+	ls, err := s.LookbackEventListByRun(ctx, "wfr_cut", now)
+	require.NoError(t, err, "the store goes on on a new connection")
+	t.Logf("the cut COMMIT landed: %v", len(ls) == 1)
+}
+
+// newCuttingProxy forwards TCP connections to target and, once a client
+// sends bytes containing trigger, passes them on to the server, waits for
+// the server's first answer to them and closes both connections instead of
+// forwarding it. It returns its address.
+func newCuttingProxy(t *testing.T, target string, trigger []byte) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var (
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			client, err := l.Accept()
+			if err != nil {
+				return
+			}
+			server, err := net.Dial("tcp", target)
+			if err != nil {
+				client.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, client, server)
+			mu.Unlock()
+			var armed atomic.Bool
+			go func() { // client → server
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := client.Read(buf)
+					if n > 0 {
+						if bytes.Contains(buf[:n], trigger) {
+							armed.Store(true)
+						}
+						if _, err := server.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						server.Close()
+						return
+					}
+				}
+			}()
+			go func() { // server → client
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := server.Read(buf)
+					if n > 0 {
+						if armed.Load() {
+							client.Close()
+							server.Close()
+							return
+						}
+						if _, err := client.Write(buf[:n]); err != nil {
+							return
+						}
+					}
+					if err != nil {
+						client.Close()
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return l.Addr().String()
 }
