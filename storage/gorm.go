@@ -34,6 +34,8 @@ type gormExecutor struct {
 	db      *gorm.DB
 	dialect string
 	obs     Observer
+	// returning: the server knows INSERT … RETURNING (MariaDB ≥ 10.5).
+	returning bool
 }
 
 // classify classifies a driver error (see the package function) and tells
@@ -84,7 +86,7 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -650,7 +652,7 @@ func (e *gormExecutor) LookbackEventInsertCommit(ctx context.Context, ev *models
 		// event too large to go with COMMIT: InTx commits as usual.
 		return e.LookbackEventInsert(ctx, ev)
 	}
-	seq, err := pool.insertCommit(ctx, lookbackInsertSQL, args)
+	seq, err := pool.insertCommit(ctx, lookbackInsertSQL, args, e.returning)
 	if err != nil {
 		var cf commitFailed
 		if errors.As(err, &cf) {

@@ -101,8 +101,12 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		sqlDB.Close()
 		return nil, err
 	}
+	returning := false
+	if d, ok := dialector.(*mysql.Dialector); ok {
+		returning = mariaDBAtLeast(d.ServerVersion, 10, 5)
+	}
 	return &gormStore{
-		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer},
+		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning},
 		sqlDB:        sqlDB,
 		maxAttempts:  opts.MaxTxAttempts,
 		log:          opts.Logger,
@@ -191,4 +195,17 @@ func redactURL(s string) string {
 		u.User = url.UserPassword(u.User.Username(), "xxxxx")
 	}
 	return u.String()
+}
+
+// mariaDBAtLeast says whether a server version ("10.11.19-MariaDB-0+deb12u1")
+// is MariaDB major.minor or later.
+func mariaDBAtLeast(version string, major, minor int) bool {
+	if !strings.Contains(version, "MariaDB") {
+		return false
+	}
+	var ma, mi int
+	if _, err := fmt.Sscanf(version, "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
 }

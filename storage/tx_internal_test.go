@@ -312,39 +312,50 @@ func TestLookbackEventInsertCommitMySQL(t *testing.T) {
 	}
 
 	t.Run("Commits", func(t *testing.T) {
-		ev := event("wfr_ok", []byte(`"x"`))
-		require.NoError(t, s.InTx(ctx, func(tx Executor) error {
-			if err := tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_ok", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}); err != nil {
-				return err
-			}
-			if err := tx.LookbackEventInsertCommit(ctx, ev); err != nil {
-				return err
-			}
-			require.True(t, tx.(*gormExecutor).db.Statement.ConnPool.(*lazyTx).committed, "committed with the INSERT")
-			return nil
-		}))
-		require.Equal(t, 1, count("wfr_ok"))
-		ls, err := s.LookbackEventListByRun(ctx, "wfr_ok", now)
-		require.NoError(t, err)
-		require.Equal(t, ev.ID, ls[0].ID)
-		_, err = s.RunGet(ctx, "wfr_ok", false)
-		require.NoError(t, err)
-		noTransactionLeft()
+		require.True(t, store.returning, "MariaDB ≥ 10.5 here")
+		for _, returning := range []bool{true, false} { // the id from RETURNING, or from LAST_INSERT_ID()
+			runID := "wfr_ok" + strconv.FormatBool(returning)
+			ev := event(runID, []byte(`"x"`))
+			require.NoError(t, s.InTx(ctx, func(tx Executor) error {
+				if err := tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: runID, State: models.RunStarted, CreatedAt: now, UpdatedAt: now}); err != nil {
+					return err
+				}
+				ex := *tx.(*gormExecutor)
+				ex.returning = returning
+				if err := ex.LookbackEventInsertCommit(ctx, ev); err != nil {
+					return err
+				}
+				require.True(t, ex.db.Statement.ConnPool.(*lazyTx).committed, "committed with the INSERT")
+				return nil
+			}))
+			ls, err := s.LookbackEventListByRun(ctx, runID, now)
+			require.NoError(t, err)
+			require.Len(t, ls, 1)
+			require.Equal(t, ev.ID, ls[0].ID)
+			_, err = s.RunGet(ctx, runID, false)
+			require.NoError(t, err)
+			noTransactionLeft()
+		}
 	})
 
 	t.Run("FailedInsertRollsBack", func(t *testing.T) {
 		tooLong := "wfr_" + strings.Repeat("x", 400) // run_id holds 300 bytes
-		err := s.InTx(ctx, func(tx Executor) error {
-			if err := tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_gone", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}); err != nil {
-				return err
-			}
-			return tx.LookbackEventInsertCommit(ctx, event(tooLong, nil))
-		})
-		require.Error(t, err)
-		require.NotErrorIs(t, err, ErrCommitUnknown, "COMMIT did not run: a plain statement error")
-		_, err = s.RunGet(ctx, "wfr_gone", false)
-		require.ErrorIs(t, err, ErrNotFound, "rolled back")
-		noTransactionLeft()
+		for _, returning := range []bool{true, false} {
+			err := s.InTx(ctx, func(tx Executor) error {
+				if err := tx.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_gone", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}); err != nil {
+					return err
+				}
+				ex := *tx.(*gormExecutor)
+				ex.returning = returning
+				return ex.LookbackEventInsertCommit(ctx, event(tooLong, nil))
+			})
+			var me *mysqldriver.MySQLError
+			require.ErrorAs(t, err, &me, "returning=%v", returning)
+			require.NotErrorIs(t, err, ErrCommitUnknown, "COMMIT did not run: a plain statement error")
+			_, err = s.RunGet(ctx, "wfr_gone", false)
+			require.ErrorIs(t, err, ErrNotFound, "rolled back")
+			noTransactionLeft()
+		}
 	})
 
 	t.Run("NothingRunsAfterIt", func(t *testing.T) {
@@ -387,25 +398,30 @@ func TestLookbackEventInsertCommitCutMySQL(t *testing.T) {
 	databaseURL := testdb.MySQL(t)
 	u, err := url.Parse(databaseURL)
 	require.NoError(t, err)
-	proxy := newCuttingProxy(t, u.Host, []byte("LAST_INSERT_ID"))
+	proxy := newCuttingProxy(t, u.Host, []byte("; COMMIT"))
 	u.Host = proxy
 	s, err := Open(t.Context(), u.String(), Options{MaxOpenConns: 1})
 	require.NoError(t, err)
 	t.Cleanup(func() { s.Close() })
 	ctx := t.Context()
 	now := time.Now().UTC()
-	require.NoError(t, s.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: "wfr_cut", State: models.RunStarted, CreatedAt: now, UpdatedAt: now}))
-	err = s.InTx(ctx, func(tx Executor) error {
-		if _, err := tx.RunGet(ctx, "wfr_cut", true); err != nil {
-			return err
-		}
-		return tx.LookbackEventInsertCommit(ctx, &models.LookbackEvent{WorkflowRunID: "wfr_cut", EventID: "ev", MessageID: "msg",
-			CreatedAt: now, ExpiresAt: now.Add(time.Hour)})
-	})
-	require.ErrorIs(t, err, ErrCommitUnknown)
-	ls, err := s.LookbackEventListByRun(ctx, "wfr_cut", now)
-	require.NoError(t, err, "the store goes on on a new connection")
-	t.Logf("the cut COMMIT landed: %v", len(ls) == 1)
+	for _, returning := range []bool{true, false} {
+		runID := "wfr_cut" + strconv.FormatBool(returning)
+		require.NoError(t, s.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: runID, State: models.RunStarted, CreatedAt: now, UpdatedAt: now}))
+		err = s.InTx(ctx, func(tx Executor) error {
+			if _, err := tx.RunGet(ctx, runID, true); err != nil {
+				return err
+			}
+			ex := *tx.(*gormExecutor)
+			ex.returning = returning
+			return ex.LookbackEventInsertCommit(ctx, &models.LookbackEvent{WorkflowRunID: runID, EventID: "ev", MessageID: "msg",
+				CreatedAt: now, ExpiresAt: now.Add(time.Hour)})
+		})
+		require.ErrorIs(t, err, ErrCommitUnknown, "the answer was cut off: it may have landed")
+		ls, err := s.LookbackEventListByRun(ctx, runID, now)
+		require.NoError(t, err, "the store goes on on a new connection")
+		t.Logf("returning=%v: the cut COMMIT landed: %v", returning, len(ls) == 1)
+	}
 }
 
 // newCuttingProxy forwards TCP connections to target and, once a client
@@ -484,4 +500,18 @@ func newCuttingProxy(t *testing.T, target string, trigger []byte) string {
 		}
 	}()
 	return l.Addr().String()
+}
+
+func TestMariaDBAtLeast(t *testing.T) {
+	for v, want := range map[string]bool{
+		"10.11.19-MariaDB-0+deb12u1": true,
+		"10.5.0-MariaDB":             true,
+		"10.4.32-MariaDB-log":        false,
+		"11.0.2-MariaDB":             true,
+		"9.9.0-MariaDB":              false,
+		"8.0.36":                     false, // MySQL: no INSERT … RETURNING
+		"":                           false,
+	} {
+		require.Equal(t, want, mariaDBAtLeast(v, 10, 5), v)
+	}
 }
