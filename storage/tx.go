@@ -17,7 +17,8 @@ import (
 // in the same packet as the transaction's first statement
 // ("START TRANSACTION; <first statement>", a multi-statement query), saving
 // the round trip of a separate BEGIN in every transaction. The rest of the
-// transaction, COMMIT and ROLLBACK are sent as usual.
+// transaction, COMMIT and ROLLBACK are sent as usual, except that a last
+// INSERT may take COMMIT along (insertCommit).
 //
 // Why it is sound:
 //   - SQL injection stays impossible: the prefix is a constant, and the
@@ -50,9 +51,11 @@ type lazyTx struct {
 	// (GORM's TxCommitter has no context parameter).
 	ctx   context.Context
 	begun bool // START TRANSACTION was sent (perhaps with the first statement)
-	// committed: insertCommit sent COMMIT with its INSERT and it succeeded;
-	// nothing may run in this transaction any more.
+	// committed: insertCommit sent COMMIT with its INSERT, whatever the
+	// answer; nothing may run in this transaction any more. commitErr is
+	// that COMMIT's failure, which Commit reports again.
 	committed bool
+	commitErr error
 	ended     bool // committed or rolled back; the connection is released
 }
 
@@ -278,8 +281,7 @@ func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, re
 		if errors.As(err, &me) || errors.Is(err, driver.ErrBadConn) {
 			return 0, err
 		}
-		t.committed = true // COMMIT may have run: nothing more may
-		return 0, commitFailed{err}
+		return 0, t.failCommit(err) // COMMIT may have run: nothing more may
 	}
 	var (
 		id      int64
@@ -293,8 +295,7 @@ func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, re
 		if errors.As(err, &me) {
 			return 0, err
 		}
-		t.committed = true
-		return 0, commitFailed{err}
+		return 0, t.failCommit(err)
 	}
 	t.committed = true
 	for rows.NextResultSet() { // COMMIT's answer
@@ -304,9 +305,15 @@ func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, re
 		err = fmt.Errorf("no id from %q", insert)
 	}
 	if err != nil {
-		return 0, commitFailed{err}
+		return 0, t.failCommit(err)
 	}
 	return id, nil
+}
+
+// failCommit records that insertCommit's COMMIT failed or may have failed.
+func (t *lazyTx) failCommit(err error) error {
+	t.committed, t.commitErr = true, err
+	return commitFailed{err}
 }
 
 // Commit commits and releases the connection. A transaction that never sent
@@ -314,6 +321,11 @@ func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, re
 func (t *lazyTx) Commit() error {
 	if t.ended {
 		return sql.ErrTxDone
+	}
+	if t.committed && t.commitErr != nil {
+		// The caller went on after insertCommit failed: say it again.
+		t.Rollback()
+		return t.commitErr
 	}
 	if !t.begun || t.committed {
 		return t.release()

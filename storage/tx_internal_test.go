@@ -405,8 +405,9 @@ func TestLookbackEventInsertCommitCutMySQL(t *testing.T) {
 	t.Cleanup(func() { s.Close() })
 	ctx := t.Context()
 	now := time.Now().UTC()
-	for _, returning := range []bool{true, false} {
-		runID := "wfr_cut" + strconv.FormatBool(returning)
+	for i, returning := range []bool{true, false, true} {
+		swallow := i == 2 // a caller that drops the error still hears it from InTx
+		runID := "wfr_cut" + strconv.Itoa(i)
 		require.NoError(t, s.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: runID, State: models.RunStarted, CreatedAt: now, UpdatedAt: now}))
 		err = s.InTx(ctx, func(tx Executor) error {
 			if _, err := tx.RunGet(ctx, runID, true); err != nil {
@@ -414,13 +415,18 @@ func TestLookbackEventInsertCommitCutMySQL(t *testing.T) {
 			}
 			ex := *tx.(*gormExecutor)
 			ex.returning = returning
-			return ex.LookbackEventInsertCommit(ctx, &models.LookbackEvent{WorkflowRunID: runID, EventID: "ev", MessageID: "msg",
+			err := ex.LookbackEventInsertCommit(ctx, &models.LookbackEvent{WorkflowRunID: runID, EventID: "ev", MessageID: "msg",
 				CreatedAt: now, ExpiresAt: now.Add(time.Hour)})
+			if swallow {
+				require.Error(t, err)
+				return nil
+			}
+			return err
 		})
 		require.ErrorIs(t, err, ErrCommitUnknown, "the answer was cut off: it may have landed")
 		ls, err := s.LookbackEventListByRun(ctx, runID, now)
 		require.NoError(t, err, "the store goes on on a new connection")
-		t.Logf("returning=%v: the cut COMMIT landed: %v", returning, len(ls) == 1)
+		t.Logf("returning=%v, error dropped=%v: the cut COMMIT landed: %v", returning, swallow, len(ls) == 1)
 	}
 }
 
