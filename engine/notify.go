@@ -73,9 +73,14 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 		now := e.now()
 
 		// Lock every run involved in one order (by id), so two runs
-		// notifying each other cannot deadlock.
-		runs := map[string]*models.WorkflowRun{}
-		var lockIDs []string
+		// notifying each other cannot deadlock. The target's lock comes
+		// with its waiting waiters, in one statement: a targeted notify's
+		// list is the run's, and holding the lock keeps new ones out.
+		states := map[string]models.RunState{}
+		var (
+			lockIDs []string
+			waiting []*models.Waiter
+		)
 		if step != nil {
 			lockIDs = append(lockIDs, step.WorkflowRunID)
 		}
@@ -84,11 +89,21 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 		}
 		slices.Sort(lockIDs)
 		for _, id := range lockIDs {
+			if id == target {
+				state, ws, err := tx.RunLockListWaiting(ctx, &storage.RunLockListWaitingParams{
+					RunID: id, EventID: p.EventID, Self: e.replicaID, Now: now,
+				})
+				if err != nil {
+					return runNotFound(id, err)
+				}
+				states[id], waiting = state, ws
+				continue
+			}
 			run, err := e.lockRun(ctx, tx, id)
 			if err != nil {
 				return err
 			}
-			runs[id] = run
+			states[id] = run.State
 		}
 
 		if step != nil {
@@ -100,18 +115,27 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 			case !errors.Is(err, storage.ErrNotFound):
 				return err
 			}
-			if s := runs[step.WorkflowRunID].State; s != models.RunStarted {
+			if s := states[step.WorkflowRunID]; s != models.RunStarted {
 				return errorf(CodeRunNotActive, "workflow run %s is %s", step.WorkflowRunID, s)
 			}
 		}
 		if target != "" {
-			if s := runs[target].State; s != models.RunStarted {
+			if s := states[target]; s != models.RunStarted {
 				return errorf(CodeRunNotActive, "workflow run %s is %s", target, s)
 			}
 		}
 
+		if target == "" {
+			var err error
+			waiting, err = tx.WaiterListWaiting(ctx, &storage.WaiterListWaitingParams{EventID: p.EventID, Now: now, Self: e.replicaID})
+			if err != nil {
+				return err
+			}
+		}
 		var err error
-		if result, err = e.resolve(ctx, tx, p.EventID, data, target, messageID, now, wakes); err != nil {
+		// Without a step to record, a lookback event is the transaction's
+		// last write and may commit with it.
+		if result, err = e.resolve(ctx, tx, p.EventID, data, target, waiting, step == nil, messageID, now, wakes); err != nil {
 			return err
 		}
 		if step != nil {
@@ -168,19 +192,13 @@ func notifyOutcome(res *models.NotifyResult, err error) NotifyOutcome {
 }
 
 // resolve ends the waiting waiters of the event id (of one run when target is
-// set) NOTIFIED and, for a targeted notify that found none, stores a
-// lookback event. Waiters past their deadline are not resolved: they have
-// timed out.
+// set), listed by the caller, NOTIFIED and, for a targeted notify that ended
+// none, stores a lookback event. Waiters past their deadline are not
+// resolved: they have timed out. With last, the caller writes nothing after
+// resolve and returns its error unchanged, so storing the lookback event
+// may commit the transaction.
 func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID string, data json.RawMessage,
-	target, messageID string, now time.Time, wakes map[string]hub.Wake) (*models.NotifyResult, error) {
-	lp := &storage.WaiterListWaitingParams{EventID: eventID, Now: now, Self: e.replicaID}
-	if target != "" {
-		lp.RunID = &target
-	}
-	waiting, err := tx.WaiterListWaiting(ctx, lp)
-	if err != nil {
-		return nil, err
-	}
+	target string, waiting []*models.Waiter, last bool, messageID string, now time.Time, wakes map[string]hub.Wake) (*models.NotifyResult, error) {
 	ids := make([]string, len(waiting))
 	for i, w := range waiting {
 		ids[i] = w.ID
@@ -213,7 +231,11 @@ func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID strin
 			WorkflowRunID: target, EventID: eventID, EventData: data, MessageID: messageID,
 			CreatedAt: now, ExpiresAt: now.Add(e.cfg.LookbackRetention),
 		}
-		if err := tx.LookbackEventInsert(ctx, ev); err != nil {
+		insert := tx.LookbackEventInsert
+		if last {
+			insert = tx.LookbackEventInsertCommit
+		}
+		if err := insert(ctx, ev); err != nil {
 			return nil, err
 		}
 		result.Lookback = ev

@@ -160,10 +160,19 @@ func (e *Engine) lockActiveRun(ctx context.Context, tx storage.Executor, id stri
 
 func (e *Engine) lockRun(ctx context.Context, tx storage.Executor, id string) (*models.WorkflowRun, error) {
 	run, err := tx.RunGet(ctx, id, true)
-	if errors.Is(err, storage.ErrNotFound) {
-		return nil, errorf(CodeNotFound, "workflow run %s not found", id)
+	if err != nil {
+		return nil, runNotFound(id, err)
 	}
-	return run, err
+	return run, nil
+}
+
+// runNotFound turns the store's ErrNotFound for run id into the caller's
+// NOT_FOUND error; other errors pass unchanged.
+func runNotFound(id string, err error) error {
+	if errors.Is(err, storage.ErrNotFound) {
+		return errorf(CodeNotFound, "workflow run %s not found", id)
+	}
+	return err
 }
 
 // Run returns the run, or nil if there is none.

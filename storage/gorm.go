@@ -1,11 +1,13 @@
 package storage
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"gorm.io/gorm"
@@ -32,6 +34,8 @@ type gormExecutor struct {
 	db      *gorm.DB
 	dialect string
 	obs     Observer
+	// returning: the server knows INSERT … RETURNING (MariaDB ≥ 10.5).
+	returning bool
 }
 
 // classify classifies a driver error (see the package function) and tells
@@ -72,9 +76,9 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 // engine error naming caller-chosen ids) must not be mistaken for one. A
 // failed COMMIT is ErrCommitUnknown: the write may have landed.
 func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err error) {
-	tx := s.db.WithContext(ctx).Begin()
-	if tx.Error != nil {
-		return s.classify(tx.Error)
+	tx, err := s.begin(ctx)
+	if err != nil {
+		return s.classify(err)
 	}
 	defer func() {
 		if p := recover(); p != nil {
@@ -82,20 +86,53 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning}); err != nil {
 		tx.Rollback()
+		var cf commitFailed
+		if errors.As(err, &cf) {
+			return s.commitErr(cf.err) // LookbackEventInsertCommit's COMMIT
+		}
+		if pool, ok := tx.Statement.ConnPool.(*lazyTx); ok && pool.committed {
+			return fmt.Errorf("%w: bug: the transaction committed with LookbackEventInsertCommit, then failed: %v", ErrCommitUnknown, err)
+		}
 		return err
 	}
 	if err := tx.Commit().Error; err != nil {
-		if c := classify(err); errors.Is(c, errRetryable) {
-			return c // a deadlock reported at commit: rolled back, safe to rerun
-		}
-		if c := classify(err); errors.Is(c, ErrUnavailable) {
-			s.obs.DBRetry(CauseConnection)
-		}
-		return fmt.Errorf("%w: %v", ErrCommitUnknown, err)
+		return s.commitErr(err)
 	}
 	return nil
+}
+
+// commitErr is what a failed COMMIT means: a deadlock reported at commit
+// rolled the transaction back and it may run again; anything else leaves
+// its outcome unknown.
+func (s *gormStore) commitErr(err error) error {
+	c := classify(err)
+	if errors.Is(c, errRetryable) {
+		return c
+	}
+	if errors.Is(c, ErrUnavailable) {
+		s.obs.DBRetry(CauseConnection)
+	}
+	return fmt.Errorf("%w: %v", ErrCommitUnknown, err)
+}
+
+// begin starts a transaction. On MySQL nothing is sent yet: START
+// TRANSACTION goes with the first statement (lazyTx). SQLite's BEGIN costs
+// no round trip.
+func (s *gormStore) begin(ctx context.Context) (*gorm.DB, error) {
+	if s.dialect != DialectMySQL {
+		tx := s.db.WithContext(ctx).Begin()
+		return tx, tx.Error
+	}
+	pool, err := beginLazy(ctx, s.sqlDB)
+	if err != nil {
+		return nil, err
+	}
+	// What Begin does, with lazyTx in place of a *sql.Tx.
+	tx := s.db.Session(&gorm.Session{Context: ctx, NewDB: true})
+	tx.Statement.ConnPool = pool
+	return tx, nil
 }
 
 func (e *gormExecutor) q(ctx context.Context) *gorm.DB { return e.db.WithContext(ctx) }
@@ -124,6 +161,108 @@ func (e *gormExecutor) RunGet(ctx context.Context, runID string, forUpdate bool)
 		return nil, e.notFound(err)
 	}
 	return row.model(), nil
+}
+
+// liveOwner is the condition on a waiter (of the table or alias w) that its
+// owner counts: no owner (a durable step), the calling replica, or a replica
+// whose lease runs past now. Its parameters: self, now.
+func liveOwner(w string) string {
+	return "(" + w + ".replica_id IS NULL OR " + w + ".replica_id = ? OR EXISTS (SELECT 1 FROM replicas rp WHERE rp.id = " + w + ".replica_id AND rp.lease_until > ?))"
+}
+
+// runLockListWaitingSQL is one statement for the run lock and the waiters a
+// targeted notify resolves. Why its shape:
+//   - The waiters are joined, not read in a subquery: under FOR UPDATE every
+//     table of the join is read with a locking read, which sees the latest
+//     committed rows once the run lock is granted; a subquery is a
+//     consistent read, whose snapshot could date from before the wait.
+//   - The owners' leases are not checked here but after, and only for
+//     waiters owned by another replica (see liveOwners). Joining replicas
+//     would lock the replica's row under FOR UPDATE (serialising every
+//     notify on the replica's waiters and blocking its lease renewal); an
+//     EXISTS subquery (non-locking) costs the database about a fifth of the
+//     whole notify's CPU on every call, waiters or not, as MariaDB sets the
+//     subquery up each time.
+//   - runs is a const table (unique id): the optimizer reads and locks it
+//     before it reads any waiter, and a missing run returns no row.
+//   - No ORDER BY: it costs a temporary table and a filesort; rows come in
+//     index order (run_id, event_id, state, seq) and are sorted by seq after.
+//
+// The run's state is repeated on every row; with no waiter there is one row
+// with NULL waiter columns. The lock tests show what is locked and seen.
+const runLockListWaitingSQL = `SELECT r.state, w.seq, w.event_id, w.run_id, w.step_name, w.state, w.deadline,
+	w.created_at, w.ended_at, w.message_id, w.event_data, w.replica_id
+FROM runs r LEFT JOIN waiters w ON w.run_id = r.id AND w.event_id = ? AND w.state = ? AND w.deadline > ?
+WHERE r.id = ?`
+
+func (e *gormExecutor) RunLockListWaiting(ctx context.Context, p *RunLockListWaitingParams) (models.RunState, []*models.Waiter, error) {
+	query := runLockListWaitingSQL
+	if e.dialect == DialectMySQL {
+		// SQLite has no row locks: its single connection makes the
+		// transaction serial, as for lock().
+		query += " FOR UPDATE"
+	}
+	now := newDBTime(p.Now)
+	rows, err := e.q(ctx).Raw(query, p.EventID, string(models.WaiterWaiting), now, p.RunID).Rows()
+	if err != nil {
+		return "", nil, e.classify(err)
+	}
+	defer rows.Close()
+	var (
+		state   string
+		found   bool
+		waiters []waiterRow
+	)
+	for rows.Next() {
+		var (
+			seq             sql.NullInt64
+			eventID, wState sql.NullString
+			w               waiterRow
+		)
+		if err := rows.Scan(&state, &seq, &eventID, &w.RunID, &w.StepName, &wState, &w.Deadline,
+			&w.CreatedAt, &w.EndedAt, &w.MessageID, &w.EventData, &w.ReplicaID); err != nil {
+			return "", nil, e.classify(err)
+		}
+		found = true
+		if seq.Valid {
+			w.Seq, w.EventID, w.State = seq.Int64, eventID.String, wState.String
+			waiters = append(waiters, w)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return "", nil, e.classify(err)
+	}
+	rows.Close()
+	if !found {
+		return "", nil, ErrNotFound
+	}
+	if waiters, err = e.liveOwners(ctx, waiters, p.Self, now); err != nil {
+		return "", nil, err
+	}
+	slices.SortFunc(waiters, func(a, b waiterRow) int { return cmp.Compare(a.Seq, b.Seq) })
+	return models.RunState(state), waiterModels(waiters), nil
+}
+
+// liveOwners keeps the waiters whose owner counts, as liveOwner does in SQL:
+// no owner, self, or a replica whose lease runs past now. It asks the
+// database only about other replicas, with a plain (non-locking) read.
+func (e *gormExecutor) liveOwners(ctx context.Context, waiters []waiterRow, self string, now dbTime) ([]waiterRow, error) {
+	var others []string
+	for _, w := range waiters {
+		if w.ReplicaID != nil && *w.ReplicaID != self && !slices.Contains(others, *w.ReplicaID) {
+			others = append(others, *w.ReplicaID)
+		}
+	}
+	if len(others) == 0 {
+		return waiters, nil
+	}
+	var live []string
+	if err := e.q(ctx).Model(&replicaRow{}).Where("id IN ? AND lease_until > ?", others, now).Pluck("id", &live).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	return slices.DeleteFunc(waiters, func(w waiterRow) bool {
+		return w.ReplicaID != nil && *w.ReplicaID != self && !slices.Contains(live, *w.ReplicaID)
+	}), nil
 }
 
 func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) error {
@@ -249,7 +388,7 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 		q = q.Where("event_id = ?", p.EventID)
 	}
 	q = q.Where("state = ? AND deadline > ?", string(models.WaiterWaiting), newDBTime(p.Now)).
-		Where("(replica_id IS NULL OR replica_id = ? OR EXISTS (SELECT 1 FROM replicas r WHERE r.id = waiters.replica_id AND r.lease_until > ?))", p.Self, newDBTime(p.Now))
+		Where(liveOwner("waiters"), p.Self, newDBTime(p.Now))
 	var rows []waiterRow
 	if err := e.lock(q.Order("seq"), p.ForUpdate).Find(&rows).Error; err != nil {
 		return nil, e.classify(err)
@@ -531,6 +670,31 @@ func (e *gormExecutor) LookbackEventInsert(ctx context.Context, ev *models.Lookb
 		return e.classify(err)
 	}
 	ev.ID = lookbackID(row.Seq)
+	return nil
+}
+
+// lookbackInsertSQL is LookbackEventInsert's statement, written out for
+// LookbackEventInsertCommit, which sends it with COMMIT.
+const lookbackInsertSQL = `INSERT INTO lookback_events (run_id, event_id, event_data, message_id, consumed, created_at, expires_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)`
+
+func (e *gormExecutor) LookbackEventInsertCommit(ctx context.Context, ev *models.LookbackEvent) error {
+	pool, ok := e.db.Statement.ConnPool.(*lazyTx)
+	args := []any{ev.WorkflowRunID, ev.EventID, []byte(ev.EventData), ev.MessageID, false, newDBTime(ev.CreatedAt), newDBTime(ev.ExpiresAt)}
+	if !ok || !pool.canInsertCommit(lookbackInsertSQL, args) {
+		// SQLite (whose COMMIT costs no round trip), the pool, or an
+		// event too large to go with COMMIT: InTx commits as usual.
+		return e.LookbackEventInsert(ctx, ev)
+	}
+	seq, err := pool.insertCommit(ctx, lookbackInsertSQL, args, e.returning)
+	if err != nil {
+		var cf commitFailed
+		if errors.As(err, &cf) {
+			return err // for InTx, as it is
+		}
+		return e.classify(err)
+	}
+	ev.ID = lookbackID(seq)
 	return nil
 }
 

@@ -101,8 +101,12 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		sqlDB.Close()
 		return nil, err
 	}
+	returning := false
+	if d, ok := dialector.(*mysql.Dialector); ok {
+		returning = mariaDBAtLeast(d.ServerVersion, 10, 5)
+	}
 	return &gormStore{
-		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer},
+		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning},
 		sqlDB:        sqlDB,
 		maxAttempts:  opts.MaxTxAttempts,
 		log:          opts.Logger,
@@ -112,8 +116,9 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 // mysqlDSN turns a mysql:// URL into a go-sql-driver DSN: times parsed as
 // UTC, the session in UTC and READ COMMITTED (row locks only, no gap locks:
 // correctness comes from the run row lock and compare-and-set, and gap locks
-// would only add deadlocks), and parameters interpolated client side so a
-// statement costs one round trip instead of prepare/execute/close.
+// would only add deadlocks), parameters interpolated client side so a
+// statement costs one round trip instead of prepare/execute/close, and
+// multi-statement queries allowed (see lazyTx).
 func mysqlDSN(ctx context.Context, databaseURL string) (string, error) {
 	u, err := url.Parse(databaseURL)
 	if err != nil {
@@ -136,6 +141,10 @@ func mysqlDSN(ctx context.Context, databaseURL string) (string, error) {
 	cfg.ParseTime = true
 	cfg.Loc = time.UTC
 	cfg.InterpolateParams = true
+	// For the START TRANSACTION that a transaction sends with its first
+	// statement (lazyTx). Every value is still a parameter escaped by the
+	// driver; no SQL is ever built from caller text.
+	cfg.MultiStatements = true
 	cfg.Params = map[string]string{"time_zone": "'+00:00'"}
 	cfg.Collation = "utf8mb4_bin"
 	for k, vs := range u.Query() {
@@ -186,4 +195,17 @@ func redactURL(s string) string {
 		u.User = url.UserPassword(u.User.Username(), "xxxxx")
 	}
 	return u.String()
+}
+
+// mariaDBAtLeast says whether a server version ("10.11.19-MariaDB-0+deb12u1")
+// is MariaDB major.minor or later.
+func mariaDBAtLeast(version string, major, minor int) bool {
+	if !strings.Contains(version, "MariaDB") {
+		return false
+	}
+	var ma, mi int
+	if _, err := fmt.Sscanf(version, "%d.%d", &ma, &mi); err != nil {
+		return false
+	}
+	return ma > major || ma == major && mi >= minor
 }

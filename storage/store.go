@@ -66,6 +66,16 @@ type Executor interface {
 	// RunGet returns the run; forUpdate takes its row lock (the per-run
 	// serialisation point of targeted notify, wait registration, cancel).
 	RunGet(ctx context.Context, runID string, forUpdate bool) (*models.WorkflowRun, error)
+	// RunLockListWaiting takes the run's row lock, as RunGet with forUpdate,
+	// and in the same statement lists the run's waiters that
+	// WaiterListWaiting with the run's id would list, oldest first: one
+	// round trip for a targeted notify instead of two. It returns the run's
+	// state; ErrNotFound if the run does not exist. The waiters are read
+	// after the lock is granted, so they include every waiter committed by
+	// a transaction that held the lock before (a waitForEvent registering
+	// on the run). On MySQL the waiters' rows are locked too. Waiters owned
+	// by other replicas cost a second, non-locking read of their leases.
+	RunLockListWaiting(ctx context.Context, p *RunLockListWaitingParams) (models.RunState, []*models.Waiter, error)
 	// RunInsert inserts a run; ErrDuplicate if the id exists.
 	RunInsert(ctx context.Context, run *models.WorkflowRun) error
 	// RunEnd moves a started run to its final state (compare and set).
@@ -117,6 +127,15 @@ type Executor interface {
 	WaiterReapOrphans(ctx context.Context, now time.Time) (int64, error)
 
 	LookbackEventInsert(ctx context.Context, e *models.LookbackEvent) error
+	// LookbackEventInsertCommit is LookbackEventInsert as the last statement
+	// of a transaction of InTx: on MySQL the INSERT and COMMIT go in one
+	// round trip. fn must return right after it: nil when it returned nil
+	// (the transaction has committed; any later statement fails), and its
+	// error unchanged otherwise, which InTx then reports as it reports a
+	// failed COMMIT when COMMIT was sent (ErrCommitUnknown, or a rerun after
+	// a deadlock) and as a failed statement when it was not. Elsewhere it
+	// is LookbackEventInsert, and InTx commits as usual.
+	LookbackEventInsertCommit(ctx context.Context, e *models.LookbackEvent) error
 	// LookbackEventConsume marks the oldest unconsumed, unexpired lookback
 	// event of (run, event id) consumed by the waiter and returns it, or
 	// returns nil if there is none. Call it holding the run's lock.
@@ -174,6 +193,14 @@ type WaiterListWaitingParams struct {
 	Self      string
 	Now       time.Time
 	ForUpdate bool
+}
+
+type RunLockListWaitingParams struct {
+	RunID   string
+	EventID string
+	// Self and Now as in WaiterListWaitingParams.
+	Self string
+	Now  time.Time
 }
 
 type WaiterEndParams struct {

@@ -379,6 +379,83 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Equal(t, []string{a1.ID, a2.ID}, list(storage.WaiterListWaitingParams{EventID: "ev", RunID: runA, Now: b.now.Add(time.Minute)}))
 	})
 
+	t.Run("RunLockListWaiting", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		future := b.now.Add(time.Hour)
+		insertRun(t, b, "wfr_A")
+		insertRun(t, b, "wfr_B")
+		insertRun(t, b, "wfr_idle")
+		insertRun(t, b, "wfr_done", func(r *models.WorkflowRun) { r.State = models.RunCanceled })
+		runA := ptr("wfr_A")
+		require.NoError(t, b.store.ReplicaRenew(b.ctx, "rep_live", future))
+		require.NoError(t, b.store.ReplicaRenew(b.ctx, "rep_dead", b.now))
+		owned := func(owner string, deadline time.Time) *models.Waiter {
+			t.Helper()
+			w := &models.Waiter{EventID: "ev", WorkflowRunID: runA, State: models.WaiterWaiting, Deadline: deadline, CreatedAt: b.now, Owner: owner}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			return w
+		}
+
+		a1 := insertWaiter(t, b, "ev", runA, future)
+		insertWaiter(t, b, "ev", ptr("wfr_B"), future)  // other run
+		insertWaiter(t, b, "ev", nil, future)           // no run
+		insertWaiter(t, b, "Ev", runA, future)          // other event id (case)
+		insertWaiter(t, b, "ev", runA, b.now)           // deadline is now: no longer waiting
+		live := owned("rep_live", future)               // owner's lease runs
+		owned("rep_dead", future)                       // owner's lease ran out
+		owned("rep_unknown", future)                    // owner has no lease at all
+		self := owned("rep_self", future)               // the caller's own, whatever its lease
+		ended := insertWaiter(t, b, "ev", runA, future) // ended below
+		atEdge := insertWaiter(t, b, "ev", runA, b.now.Add(2*time.Microsecond))
+		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{ended.ID}, State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+
+		lockList := func(runID, eventID string, now time.Time) (models.RunState, []*models.Waiter, error) {
+			t.Helper()
+			var (
+				state models.RunState
+				ws    []*models.Waiter
+			)
+			err := b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				state, ws, err = tx.RunLockListWaiting(b.ctx, &storage.RunLockListWaitingParams{RunID: runID, EventID: eventID, Self: "rep_self", Now: now})
+				return err
+			})
+			return state, ws, err
+		}
+
+		state, ws, err := lockList("wfr_A", "ev", b.now)
+		require.NoError(t, err)
+		require.Equal(t, models.RunStarted, state)
+		require.Equal(t, []string{a1.ID, live.ID, self.ID, atEdge.ID}, ids(ws))
+		// The same waiters, in full, as WaiterListWaiting lists for the run.
+		same, err := b.store.WaiterListWaiting(b.ctx, &storage.WaiterListWaitingParams{EventID: "ev", RunID: runA, Self: "rep_self", Now: b.now})
+		require.NoError(t, err)
+		require.Equal(t, same, ws)
+		require.Equal(t, "rep_live", ws[1].Owner)
+
+		// Later, the edge is gone.
+		_, ws, err = lockList("wfr_A", "ev", b.now.Add(time.Minute))
+		require.NoError(t, err)
+		require.Equal(t, []string{a1.ID, live.ID, self.ID}, ids(ws))
+
+		// A run without waiters on the event, and an ended run, still give their state.
+		state, ws, err = lockList("wfr_idle", "ev", b.now)
+		require.NoError(t, err)
+		require.Equal(t, models.RunStarted, state)
+		require.Empty(t, ws)
+		state, _, err = lockList("wfr_done", "ev", b.now)
+		require.NoError(t, err)
+		require.Equal(t, models.RunCanceled, state)
+
+		// Ids are exact: no such run.
+		for _, id := range []string{"wfr_missing", "wfr_a", "wfr_A "} {
+			_, _, err = lockList(id, "ev", b.now)
+			require.ErrorIs(t, err, storage.ErrNotFound, id)
+		}
+	})
+
 	t.Run("WaiterEndCompareAndSet", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
@@ -712,6 +789,44 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		got, err = b.store.WaiterListExpired(b.ctx, b.now.Add(-2*time.Hour), 100)
 		require.NoError(t, err)
 		require.Empty(t, got)
+	})
+
+	t.Run("LookbackEventInsertCommit", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_C")
+		before := insertLookback(t, b, "wfr_C", "ev", `"before"`, b.now.Add(time.Hour))
+		var ev *models.LookbackEvent
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			if _, _, err := tx.RunLockListWaiting(b.ctx, &storage.RunLockListWaitingParams{RunID: "wfr_C", EventID: "ev", Now: b.now}); err != nil {
+				return err
+			}
+			ev = &models.LookbackEvent{WorkflowRunID: "wfr_C", EventID: "ev", EventData: []byte(`{"n":1}`), MessageID: "msg_c",
+				CreatedAt: b.now, ExpiresAt: b.now.Add(time.Hour)}
+			return tx.LookbackEventInsertCommit(b.ctx, ev)
+		}))
+		require.NotEmpty(t, ev.ID)
+		require.NotEqual(t, before.ID, ev.ID)
+		listed, err := b.store.LookbackEventListByRun(b.ctx, "wfr_C", b.now)
+		require.NoError(t, err)
+		require.Len(t, listed, 2)
+		want := *ev
+		want.CreatedAt, want.ExpiresAt = b.now.Truncate(time.Microsecond), b.now.Add(time.Hour).Truncate(time.Microsecond)
+		require.Equal(t, &want, listed[1], "stored as LookbackEventInsert stores it")
+
+		// As the first statement, and outside a transaction, too.
+		for _, ex := range []func(fn func(storage.Executor) error) error{
+			func(fn func(storage.Executor) error) error { return b.store.InTx(b.ctx, fn) },
+			func(fn func(storage.Executor) error) error { return fn(b.store) },
+		} {
+			require.NoError(t, ex(func(tx storage.Executor) error {
+				return tx.LookbackEventInsertCommit(b.ctx, &models.LookbackEvent{WorkflowRunID: "wfr_C", EventID: "ev", MessageID: "msg_d",
+					CreatedAt: b.now, ExpiresAt: b.now.Add(time.Hour)})
+			}))
+		}
+		listed, err = b.store.LookbackEventListByRun(b.ctx, "wfr_C", b.now)
+		require.NoError(t, err)
+		require.Len(t, listed, 4)
 	})
 
 	t.Run("LookbackEventConsume", func(t *testing.T) {
