@@ -24,7 +24,7 @@ type WaitParams struct {
 	Timeout  *time.Duration
 }
 
-// Wait is one registered waitForEvent. Call Watch (or Result) exactly once.
+// Wait is one registered waitForEvent. Call Watch exactly once.
 //
 // A live wait owns no goroutine: the hub calls it when its waiter ends, a
 // timer when its deadline passes, the context when its subscriber leaves,
@@ -59,9 +59,10 @@ type Wait struct {
 }
 
 // Wait registers a waiter, or attaches to the waiter of a durable step, or
-// hands over a stored lookback event at once. It listens on the hub right
-// after the registration commits and Result then reads the database once,
-// so an end that commits between the two is not missed.
+// hands over a stored lookback event at once. A waiter it inserts is
+// listened for before the registration commits; one it attaches to (a
+// durable step) is listened for after, and Watch then reads it once, so an
+// end that commits between the two is not missed.
 func (e *Engine) Wait(ctx context.Context, p WaitParams) (*Wait, error) {
 	// Counted from before the registration, so that a shutdown cannot close
 	// the database between our commit and our cleanup.
@@ -70,7 +71,7 @@ func (e *Engine) Wait(ctx context.Context, p WaitParams) (*Wait, error) {
 	}
 	w, err := e.register(ctx, p)
 	if err != nil || w.waiter == nil {
-		e.endWait() // no Result will follow that needs the count
+		e.endWait() // no Watch will follow that needs the count
 	}
 	return w, err
 }
@@ -294,18 +295,6 @@ func (w *Wait) Watch(ctx context.Context, deliver func(*models.WaitResult, error
 	case look:
 		w.look()
 	}
-}
-
-// Result blocks until Watch delivers.
-func (w *Wait) Result(ctx context.Context) (*models.WaitResult, error) {
-	type outcome struct {
-		res *models.WaitResult
-		err error
-	}
-	ch := make(chan outcome, 1)
-	w.Watch(ctx, func(res *models.WaitResult, err error) { ch <- outcome{res, err} })
-	o := <-ch
-	return o.res, o.err
 }
 
 // onWake is the hub's call: the waiter ended (with its result when it
