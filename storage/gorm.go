@@ -313,13 +313,18 @@ func (e *gormExecutor) RunList(ctx context.Context, p *RunListParams) ([]*models
 }
 
 func (e *gormExecutor) RunCountByState(ctx context.Context) (map[models.RunState]int64, error) {
+	return countByState[models.RunState](e, ctx, &runRow{})
+}
+
+// countByState counts the rows of model's table by their state column.
+func countByState[S ~string](e *gormExecutor, ctx context.Context, model any) (map[S]int64, error) {
 	var rows []stateCount
-	if err := e.q(ctx).Model(&runRow{}).Select("state, COUNT(*) AS n").Group("state").Scan(&rows).Error; err != nil {
+	if err := e.q(ctx).Model(model).Select("state, COUNT(*) AS n").Group("state").Scan(&rows).Error; err != nil {
 		return nil, e.classify(err)
 	}
-	out := make(map[models.RunState]int64, len(rows))
+	out := make(map[S]int64, len(rows))
 	for _, r := range rows {
-		out[models.RunState(r.State)] = r.N
+		out[S(r.State)] = r.N
 	}
 	return out, nil
 }
@@ -415,12 +420,7 @@ func waiterModels(rows []waiterRow) []*models.Waiter {
 }
 
 func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error) {
-	seqs := make([]int64, 0, len(p.WaiterIDs))
-	for _, id := range p.WaiterIDs {
-		if seq, ok := parseSeq(id, waiterIDPrefix); ok {
-			seqs = append(seqs, seq)
-		}
-	}
+	seqs := waiterSeqs(p.WaiterIDs)
 	set := map[string]any{"state": string(p.State), "ended_at": newDBTime(p.EndedAt)}
 	if p.MessageID != nil {
 		set["message_id"] = *p.MessageID
@@ -506,27 +506,28 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 	return ended, nil
 }
 
-func mustSeq(id string) int64 {
-	seq, _ := parseSeq(id, waiterIDPrefix)
-	return seq
-}
-
-func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, ids []string) (int64, error) {
+// waiterSeqs returns the row keys of the waiter ids; ids that name no
+// waiter are left out (they match no row).
+func waiterSeqs(ids []string) []int64 {
 	seqs := make([]int64, 0, len(ids))
 	for _, id := range ids {
 		if seq, ok := parseSeq(id, waiterIDPrefix); ok {
 			seqs = append(seqs, seq)
 		}
 	}
+	return seqs
+}
+
+func mustSeq(id string) int64 {
+	seq, _ := parseSeq(id, waiterIDPrefix)
+	return seq
+}
+
+func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, ids []string) (int64, error) {
+	seqs := waiterSeqs(ids)
 	var deleted int64
 	for chunk := range chunks(seqs) {
-		q := e.q(ctx)
-		if len(chunk) == 1 {
-			q = q.Where("seq = ?", chunk[0])
-		} else {
-			q = q.Where("seq IN ?", chunk)
-		}
-		res := q.Where("state = ?", string(models.WaiterWaiting)).Delete(&waiterRow{})
+		res := e.q(ctx).Where("seq IN ? AND state = ?", chunk, string(models.WaiterWaiting)).Delete(&waiterRow{})
 		if res.Error != nil {
 			return deleted, e.classify(res.Error)
 		}
@@ -536,12 +537,7 @@ func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, ids []string) (i
 }
 
 func (e *gormExecutor) WaiterListEnded(ctx context.Context, ids []string) ([]string, error) {
-	seqs := make([]int64, 0, len(ids))
-	for _, id := range ids {
-		if seq, ok := parseSeq(id, waiterIDPrefix); ok {
-			seqs = append(seqs, seq)
-		}
-	}
+	seqs := waiterSeqs(ids)
 	var ended []string
 	for chunk := range chunks(seqs) {
 		var got []int64
@@ -577,13 +573,9 @@ type stateCount struct {
 }
 
 func (e *gormExecutor) WaiterCountByState(ctx context.Context, now time.Time) (map[models.WaiterState]int64, error) {
-	var rows []stateCount
-	if err := e.q(ctx).Model(&waiterRow{}).Select("state, COUNT(*) AS n").Group("state").Scan(&rows).Error; err != nil {
-		return nil, e.classify(err)
-	}
-	out := make(map[models.WaiterState]int64, len(rows))
-	for _, r := range rows {
-		out[models.WaiterState(r.State)] = r.N
+	out, err := countByState[models.WaiterState](e, ctx, &waiterRow{})
+	if err != nil {
+		return nil, err
 	}
 	if out[models.WaiterWaiting] == 0 {
 		return out, nil
