@@ -179,7 +179,7 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 			return err
 		}
 		live, w.fresh = nw, true
-		w.listener = e.hub.ListenFunc(nw.ID, w.onWake)
+		w.listener = e.hub.Listen(nw.ID, w.onWake)
 		return nil
 	})
 	if err != nil {
@@ -204,7 +204,7 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 	}
 	w.waiter = live
 	if !w.fresh {
-		w.listener = e.hub.ListenFunc(live.ID, w.onWake)
+		w.listener = e.hub.Listen(live.ID, w.onWake)
 	}
 	return w, nil
 }

@@ -4,7 +4,8 @@
 // subscriber reads the waiter's end from the database, the only truth.
 //
 // The hub is sharded by waiter id so deliveries to different waiters do not
-// contend on one lock; it never blocks a publisher on a slow subscriber.
+// contend on one lock. Listeners are functions that must not block, so a
+// slow subscriber never holds up a publisher.
 package hub
 
 import (
@@ -28,13 +29,8 @@ type Wake struct {
 	EndedAt time.Time
 }
 
-// Listener hears the wakes of one waiter. One made by Listen receives at
-// most one pending Wake at a time on C; a second wake before the first is
-// read is dropped, which is harmless because either one sends the reader to
-// the same final state. One made by ListenFunc has C nil: its function is
-// called instead.
+// Listener is one registration for the wakes of one waiter.
 type Listener struct {
-	C        chan Wake
 	fn       func(Wake)
 	waiterID string
 }
@@ -63,34 +59,18 @@ func (h *Hub) shard(waiterID string) *shard {
 	return &h.shards[maphash.String(h.seed, waiterID)%shardCount]
 }
 
-// Listen registers a listener for the waiter. Call Unlisten when done.
-func (h *Hub) Listen(waiterID string) *Listener {
-	c := make(chan Wake, 1)
-	l := &Listener{C: c, fn: func(w Wake) {
-		select {
-		case c <- w:
-		default:
-		}
-	}, waiterID: waiterID}
-	h.add(l)
-	return l
-}
-
-// ListenFunc registers fn to be called with each wake of the waiter, on the
+// Listen registers fn to be called with each wake of the waiter, on the
 // publisher's goroutine: fn must not block (a subscription without a
-// goroutine of its own hands real work to one). Call Unlisten when done.
-func (h *Hub) ListenFunc(waiterID string, fn func(Wake)) *Listener {
+// goroutine of its own hands real work to one). A second wake may come
+// before the first was acted on; either sends the listener to the same
+// final state. Call Unlisten when done.
+func (h *Hub) Listen(waiterID string, fn func(Wake)) *Listener {
 	l := &Listener{fn: fn, waiterID: waiterID}
-	h.add(l)
-	return l
-}
-
-func (h *Hub) add(l *Listener) {
-	waiterID := l.waiterID
 	s := h.shard(waiterID)
 	s.mu.Lock()
 	s.listeners[waiterID] = append(s.listeners[waiterID], l)
 	s.mu.Unlock()
+	return l
 }
 
 // Unlisten removes the listener; calling it twice is harmless.

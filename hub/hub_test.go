@@ -19,9 +19,28 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
+// chanListener keeps the wakes of one listener in a channel of one and
+// drops those that do not fit, as a subscriber slow to act would: a
+// listener's function must never block.
+type chanListener struct {
+	*hub.Listener
+	C chan hub.Wake
+}
+
+func listen(h *hub.Hub, waiterID string) *chanListener {
+	c := make(chan hub.Wake, 1)
+	l := h.Listen(waiterID, func(w hub.Wake) {
+		select {
+		case c <- w:
+		default:
+		}
+	})
+	return &chanListener{Listener: l, C: c}
+}
+
 // received returns the pending wake of l, if any, without waiting: Publish
 // delivers synchronously, so after it returns a wake is either there or not.
-func received(l *hub.Listener) (hub.Wake, bool) {
+func received(l *chanListener) (hub.Wake, bool) {
 	select {
 	case w := <-l.C:
 		return w, true
@@ -37,8 +56,8 @@ func result(id string) *models.WaitResult {
 func TestListenPublish(t *testing.T) {
 	t.Parallel()
 	h := hub.New()
-	l := h.Listen("wtr_1")
-	other := h.Listen("wtr_2")
+	l := listen(h, "wtr_1")
+	other := listen(h, "wtr_2")
 
 	want := hub.Wake{Result: result("wtr_1")}
 	h.Publish("wtr_1", want)
@@ -61,8 +80,8 @@ func TestListenPublish(t *testing.T) {
 	require.Nil(t, got.Result)
 	require.ErrorIs(t, got.Err, boom)
 
-	h.Unlisten(l)
-	h.Unlisten(other)
+	h.Unlisten(l.Listener)
+	h.Unlisten(other.Listener)
 }
 
 func TestPublishWithoutListeners(t *testing.T) {
@@ -76,7 +95,7 @@ func TestPublishWithoutListeners(t *testing.T) {
 func TestSeveralListenersForOneWaiter(t *testing.T) {
 	t.Parallel()
 	h := hub.New()
-	ls := []*hub.Listener{h.Listen("wtr_1"), h.Listen("wtr_1"), h.Listen("wtr_1")}
+	ls := []*chanListener{listen(h, "wtr_1"), listen(h, "wtr_1"), listen(h, "wtr_1")}
 	require.Equal(t, 1, h.Len(), "Len counts waiters, not listeners")
 	require.Equal(t, []string{"wtr_1"}, h.WaiterIDs())
 
@@ -89,7 +108,7 @@ func TestSeveralListenersForOneWaiter(t *testing.T) {
 	}
 
 	// Removing one leaves the others listening.
-	h.Unlisten(ls[1])
+	h.Unlisten(ls[1].Listener)
 	h.Publish("wtr_1", want)
 	_, ok := received(ls[1])
 	require.False(t, ok, "an unlistened listener gets nothing")
@@ -99,8 +118,8 @@ func TestSeveralListenersForOneWaiter(t *testing.T) {
 	}
 	require.Equal(t, 1, h.Len())
 
-	h.Unlisten(ls[0])
-	h.Unlisten(ls[2])
+	h.Unlisten(ls[0].Listener)
+	h.Unlisten(ls[2].Listener)
 	require.Zero(t, h.Len())
 	require.Empty(t, h.WaiterIDs())
 }
@@ -108,8 +127,8 @@ func TestSeveralListenersForOneWaiter(t *testing.T) {
 func TestPublishNeverBlocks(t *testing.T) {
 	t.Parallel()
 	h := hub.New()
-	slow := h.Listen("wtr_1")
-	fast := h.Listen("wtr_1")
+	slow := listen(h, "wtr_1")
+	fast := listen(h, "wtr_1")
 
 	first := hub.Wake{Result: result("first")}
 	h.Publish("wtr_1", first)
@@ -132,19 +151,19 @@ func TestPublishNeverBlocks(t *testing.T) {
 	_, ok = received(slow)
 	require.False(t, ok)
 
-	h.Unlisten(slow)
-	h.Unlisten(fast)
+	h.Unlisten(slow.Listener)
+	h.Unlisten(fast.Listener)
 }
 
 func TestUnlisten(t *testing.T) {
 	t.Parallel()
 	h := hub.New()
-	a := h.Listen("wtr_1")
-	b := h.Listen("wtr_1")
-	c := h.Listen("wtr_2")
+	a := listen(h, "wtr_1")
+	b := listen(h, "wtr_1")
+	c := listen(h, "wtr_2")
 
-	h.Unlisten(a)
-	h.Unlisten(a) // harmless, and must not remove b
+	h.Unlisten(a.Listener)
+	h.Unlisten(a.Listener) // harmless, and must not remove b
 	require.Equal(t, 2, h.Len())
 
 	h.Publish("wtr_1", hub.Wake{})
@@ -153,20 +172,20 @@ func TestUnlisten(t *testing.T) {
 	_, ok = received(b)
 	require.True(t, ok)
 
-	h.Unlisten(b)
-	h.Unlisten(b)
-	h.Unlisten(a)
+	h.Unlisten(b.Listener)
+	h.Unlisten(b.Listener)
+	h.Unlisten(a.Listener)
 	require.Equal(t, []string{"wtr_2"}, h.WaiterIDs())
 
 	// Listening again after the last listener left works.
-	again := h.Listen("wtr_1")
+	again := listen(h, "wtr_1")
 	h.Publish("wtr_1", hub.Wake{})
 	_, ok = received(again)
 	require.True(t, ok)
 
-	h.Unlisten(again)
-	h.Unlisten(c)
-	h.Unlisten(c)
+	h.Unlisten(again.Listener)
+	h.Unlisten(c.Listener)
+	h.Unlisten(c.Listener)
 	require.Zero(t, h.Len())
 	require.Empty(t, h.WaiterIDs())
 }
@@ -176,13 +195,13 @@ func TestWaiterIDsAndLen(t *testing.T) {
 	h := hub.New()
 	// Enough ids to land in every shard.
 	var want []string
-	listeners := map[string]*hub.Listener{}
+	listeners := map[string]*chanListener{}
 	for i := range 1000 {
 		id := fmt.Sprintf("wtr_%d", i)
 		want = append(want, id)
-		listeners[id] = h.Listen(id)
+		listeners[id] = listen(h, id)
 	}
-	h.Listen("wtr_7") // a second listener on one waiter adds no id
+	listen(h, "wtr_7") // a second listener on one waiter adds no id
 	require.Equal(t, 1000, h.Len())
 	got := h.WaiterIDs()
 	slices.Sort(got)
@@ -190,7 +209,7 @@ func TestWaiterIDsAndLen(t *testing.T) {
 	require.Equal(t, want, got)
 
 	for i := 0; i < 1000; i += 2 {
-		h.Unlisten(listeners[fmt.Sprintf("wtr_%d", i)])
+		h.Unlisten(listeners[fmt.Sprintf("wtr_%d", i)].Listener)
 	}
 	require.Equal(t, 500, h.Len())
 	for _, id := range h.WaiterIDs() {
@@ -201,7 +220,7 @@ func TestWaiterIDsAndLen(t *testing.T) {
 
 	// Ids are opaque strings: case, unicode and the empty string are kept apart.
 	for _, id := range []string{"", "Wtr_1", "wtr_1 ", "wtr_✓"} {
-		h.Listen(id)
+		listen(h, id)
 	}
 	require.Equal(t, 504, h.Len())
 	require.Contains(t, h.WaiterIDs(), "")
@@ -212,9 +231,9 @@ func TestConcurrentUse(t *testing.T) {
 	h := hub.New()
 	const workers, rounds = 32, 200
 
-	shared := make([]*hub.Listener, 4)
+	shared := make([]*chanListener, 4)
 	for i := range shared {
-		shared[i] = h.Listen("wtr_shared")
+		shared[i] = listen(h, "wtr_shared")
 	}
 
 	var wg sync.WaitGroup
@@ -223,23 +242,23 @@ func TestConcurrentUse(t *testing.T) {
 		wg.Go(func() {
 			for r := range rounds {
 				id := fmt.Sprintf("wtr_%d_%d", w, r)
-				l := h.Listen(id)
-				extra := h.Listen(id)
+				l := listen(h, id)
+				extra := listen(h, id)
 				h.Publish("wtr_shared", hub.Wake{}) // contends with everyone
 				want := hub.Wake{Result: result(id)}
 				h.Publish(id, want)
 				_ = h.Len()
 				_ = h.WaiterIDs()
-				for _, x := range []*hub.Listener{l, extra} {
+				for _, x := range []*chanListener{l, extra} {
 					got, ok := received(x)
 					if !ok || got.Result != want.Result {
 						errs <- fmt.Errorf("worker %d round %d: listener of %s missed its wake", w, r, id)
 						return
 					}
 				}
-				h.Unlisten(l)
-				h.Unlisten(extra)
-				h.Unlisten(l)
+				h.Unlisten(l.Listener)
+				h.Unlisten(extra.Listener)
+				h.Unlisten(l.Listener)
 			}
 		})
 	}
@@ -267,32 +286,32 @@ func TestConcurrentUse(t *testing.T) {
 
 	require.Equal(t, []string{"wtr_shared"}, h.WaiterIDs())
 	for _, l := range shared {
-		h.Unlisten(l)
+		h.Unlisten(l.Listener)
 	}
 	require.Zero(t, h.Len())
 }
 
-func TestListenFunc(t *testing.T) {
+func TestListenerMayUnlistenFromItsCall(t *testing.T) {
 	t.Parallel()
 	h := hub.New()
 	var got []hub.Wake
 	var l *hub.Listener
-	l = h.ListenFunc("wtr_1", func(w hub.Wake) {
+	l = h.Listen("wtr_1", func(w hub.Wake) {
 		got = append(got, w)
 		h.Unlisten(l) // from inside the call: Publish holds no lock by then
 	})
-	other := h.Listen("wtr_1")
+	other := listen(h, "wtr_1")
 
 	want := hub.Wake{Result: result("wtr_1")}
 	h.Publish("wtr_1", want)
 	require.Len(t, got, 1, "called once, on the publisher's goroutine")
 	require.Same(t, want.Result, got[0].Result)
 	w, ok := received(other)
-	require.True(t, ok, "the channel listener of the same waiter gets it too")
+	require.True(t, ok, "the other listener of the same waiter gets it too")
 	require.Same(t, want.Result, w.Result)
 
 	h.Publish("wtr_1", want)
 	require.Len(t, got, 1, "unlistened: not called again")
-	h.Unlisten(other)
+	h.Unlisten(other.Listener)
 	require.Zero(t, h.Len())
 }
