@@ -284,9 +284,15 @@ func (e *env) waiters(eventID string) []waiterView {
 // awaitWaiting waits until n waiters are WAITING on the event id.
 func (e *env) awaitWaiting(eventID string, n int) []waiterView {
 	e.t.Helper()
+	return e.awaitWaitingIn(e.waiters, eventID, n)
+}
+
+// awaitWaitingIn is awaitWaiting with the waiters listed by list.
+func (e *env) awaitWaitingIn(list func(eventID string) []waiterView, eventID string, n int) []waiterView {
+	e.t.Helper()
 	var ws []waiterView
 	eventually(e.t, 10*time.Second, func() bool {
-		ws = e.waiters(eventID)
+		ws = list(eventID)
 		return len(ws) == n
 	}, "want %d waiters on %s", n, eventID)
 	return ws

@@ -69,11 +69,20 @@ func (c raceNotifyCall) String() string {
 
 // racePostNotify sends a notify (run "" broadcasts) and records the answer.
 func racePostNotify(ctx context.Context, endpoint, eventID string, data any, run string) raceNotifyCall {
+	return notifyCallOf(gqlclient.Post(ctx, endpoint, notifyMutation, notifyVars(eventID, data, run)))
+}
+
+// notifyVars are notifyMutation's variables; run "" broadcasts.
+func notifyVars(eventID string, data any, run string) map[string]any {
 	vars := map[string]any{"ev": eventID, "data": data}
 	if run != "" {
 		vars["run"] = run
 	}
-	r, err := gqlclient.Post(ctx, endpoint, notifyMutation, vars)
+	return vars
+}
+
+// notifyCallOf records the answer to a notifyMutation.
+func notifyCallOf(r *gqlclient.Response, err error) raceNotifyCall {
 	if err != nil {
 		return raceNotifyCall{err: err}
 	}

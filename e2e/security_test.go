@@ -220,12 +220,7 @@ func (e *env) aWaiters(eventID string) []waiterView {
 
 func (e *env) aAwaitWaiting(eventID string, n int) []waiterView {
 	e.t.Helper()
-	var ws []waiterView
-	eventually(e.t, 10*time.Second, func() bool {
-		ws = e.aWaiters(eventID)
-		return len(ws) == n
-	}, "want %d waiters on %s", n, eventID)
-	return ws
+	return e.awaitWaitingIn(e.aWaiters, eventID, n)
 }
 
 func (e *env) aRun(id string) *runView {

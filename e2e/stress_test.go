@@ -137,23 +137,7 @@ func (h *stressHTTP) post(ctx context.Context, query string, vars map[string]any
 }
 
 func (h *stressHTTP) notify(ctx context.Context, eventID string, data []byte, run string) raceNotifyCall {
-	vars := map[string]any{"ev": eventID, "data": json.RawMessage(data)}
-	if run != "" {
-		vars["run"] = run
-	}
-	r, err := h.post(ctx, notifyMutation, vars)
-	if err != nil {
-		return raceNotifyCall{err: err}
-	}
-	c := raceNotifyCall{errors: r.Errors}
-	if len(r.Errors) == 0 {
-		var out struct {
-			Notify notifyView `json:"notify"`
-		}
-		c.err = r.Decode(&out)
-		c.view = out.Notify
-	}
-	return c
+	return notifyCallOf(h.post(ctx, notifyMutation, notifyVars(eventID, json.RawMessage(data), run)))
 }
 
 // trigger returns the run's full id and created, or what went wrong.
@@ -531,21 +515,7 @@ func TestStressContentionAudit(t *testing.T) {
 	cw.Wait()
 
 	// Every subscriber ends: a result, a timeout or RUN_NOT_ACTIVE.
-	allEnded := make(chan struct{})
-	go func() {
-		w.readers.Wait()
-		close(allEnded)
-	}()
-	endTimer := time.NewTimer(60 * time.Second)
-	endedInTime := true
-	select {
-	case <-allEnded:
-	case <-endTimer.C:
-		endedInTime = false
-		stopReaders()
-		<-allEnded
-	}
-	endTimer.Stop()
+	endedInTime := waitReaders(&w.readers, 60*time.Second, stopReaders)
 	finalViews := e.raceRuns(allRuns)
 	var leftWaiting [][]waiterView
 	for _, ev := range w.events {
@@ -1093,21 +1063,7 @@ func TestStressFanOut10k(t *testing.T) {
 	b := h.notify(ctx, eventID, want, "")
 	bEnded := time.Now()
 
-	allEnded := make(chan struct{})
-	go func() {
-		readers.Wait()
-		close(allEnded)
-	}()
-	endTimer := time.NewTimer(90 * time.Second)
-	endedInTime := true
-	select {
-	case <-allEnded:
-	case <-endTimer.C:
-		endedInTime = false
-		stopReaders()
-		<-allEnded
-	}
-	endTimer.Stop()
+	endedInTime := waitReaders(&readers, 90*time.Second, stopReaders)
 	close(stopSide)
 	sideWG.Wait()
 
@@ -1229,4 +1185,24 @@ func TestStressFanOut10k(t *testing.T) {
 		sideTotal, sideErrs, len(base), pct(base, 0.5), pct(base, 1), during, pct(fan, 0.5), pct(fan, 0.9), pct(fan, 1),
 		maxAt.Sub(bBegan).Round(time.Millisecond), overSecond, duringBroadcastCall)
 	p.report("fan-out checks", total)
+}
+
+// waitReaders waits up to d for the readers to end; past it, it stops them
+// and waits for that. False when they had to be stopped.
+func waitReaders(readers *sync.WaitGroup, d time.Duration, stop func()) bool {
+	ended := make(chan struct{})
+	go func() {
+		readers.Wait()
+		close(ended)
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ended:
+		return true
+	case <-t.C:
+		stop()
+		<-ended
+		return false
+	}
 }
