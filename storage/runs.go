@@ -1,0 +1,186 @@
+// The runs table's queries (split from gorm.go, one file per table as Temporal's sqlplugin does).
+package storage
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"fmt"
+	"slices"
+
+	"rendezvous/models"
+)
+
+func (e *gormExecutor) RunGet(ctx context.Context, runID string, forUpdate bool) (*models.WorkflowRun, error) {
+	var row runRow
+	if err := e.lock(e.q(ctx).Where("id = ?", runID), forUpdate).Take(&row).Error; err != nil {
+		return nil, e.notFound(err)
+	}
+	return row.model(), nil
+}
+
+// runLockListWaitingSQL is one statement for the run lock and the waiters a
+// targeted notify resolves. Why its shape:
+//   - The waiters are joined, not read in a subquery: under FOR UPDATE every
+//     table of the join is read with a locking read, which sees the latest
+//     committed rows once the run lock is granted; a subquery is a
+//     consistent read, whose snapshot could date from before the wait.
+//   - The owners' leases are not checked here but after, and only for
+//     waiters owned by another replica (see liveOwners). Joining replicas
+//     would lock the replica's row under FOR UPDATE (serialising every
+//     notify on the replica's waiters and blocking its lease renewal); an
+//     EXISTS subquery (non-locking) costs the database about a fifth of the
+//     whole notify's CPU on every call, waiters or not, as MariaDB sets the
+//     subquery up each time.
+//   - runs is a const table (unique id): the optimizer reads and locks it
+//     before it reads any waiter, and a missing run returns no row.
+//   - No ORDER BY: it costs a temporary table and a filesort; rows come in
+//     index order (run_id, event_id, state, seq) and are sorted by seq after.
+//
+// The run's state is repeated on every row; with no waiter there is one row
+// with NULL waiter columns. The lock tests show what is locked and seen.
+const runLockListWaitingSQL = `SELECT r.state, w.seq, w.event_id, w.run_id, w.step_name, w.state, w.deadline,
+	w.created_at, w.ended_at, w.message_id, w.event_data, w.replica_id
+FROM runs r LEFT JOIN waiters w ON w.run_id = r.id AND w.event_id = ? AND w.state = ? AND w.deadline > ?
+WHERE r.id = ?`
+
+func (e *gormExecutor) RunLockListWaiting(ctx context.Context, p *RunLockListWaitingParams) (models.RunState, []*models.Waiter, error) {
+	query := runLockListWaitingSQL
+	if e.dialect == DialectMySQL {
+		// SQLite has no row locks: its single connection makes the
+		// transaction serial, as for lock().
+		query += " FOR UPDATE"
+	}
+	now := newDBTime(p.Now)
+	rows, err := e.q(ctx).Raw(query, p.EventID, string(models.WaiterWaiting), now, p.RunID).Rows()
+	if err != nil {
+		return "", nil, e.classify(err)
+	}
+	defer rows.Close()
+	var (
+		state   string
+		found   bool
+		waiters []waiterRow
+	)
+	for rows.Next() {
+		var (
+			seq             sql.NullInt64
+			eventID, wState sql.NullString
+			w               waiterRow
+		)
+		if err := rows.Scan(&state, &seq, &eventID, &w.RunID, &w.StepName, &wState, &w.Deadline,
+			&w.CreatedAt, &w.EndedAt, &w.MessageID, &w.EventData, &w.ReplicaID); err != nil {
+			return "", nil, e.classify(err)
+		}
+		found = true
+		if seq.Valid {
+			w.Seq, w.EventID, w.State = seq.Int64, eventID.String, wState.String
+			waiters = append(waiters, w)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return "", nil, e.classify(err)
+	}
+	rows.Close()
+	if !found {
+		return "", nil, ErrNotFound
+	}
+	if waiters, err = e.liveOwners(ctx, waiters, p.Self, now); err != nil {
+		return "", nil, err
+	}
+	slices.SortFunc(waiters, func(a, b waiterRow) int { return cmp.Compare(a.Seq, b.Seq) })
+	return models.RunState(state), waiterModels(waiters), nil
+}
+
+// liveOwners keeps the waiters whose owner counts: no owner (a durable
+// step), self, or a replica whose lease runs past now. It asks the
+// database only about other replicas, with a plain (non-locking) read.
+func (e *gormExecutor) liveOwners(ctx context.Context, waiters []waiterRow, self string, now dbTime) ([]waiterRow, error) {
+	var others []string
+	for _, w := range waiters {
+		if w.ReplicaID != nil && *w.ReplicaID != self && !slices.Contains(others, *w.ReplicaID) {
+			others = append(others, *w.ReplicaID)
+		}
+	}
+	if len(others) == 0 {
+		return waiters, nil
+	}
+	var live []string
+	if err := e.q(ctx).Model(&replicaRow{}).Where("id IN ? AND lease_until > ?", others, now).Pluck("id", &live).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	return slices.DeleteFunc(waiters, func(w waiterRow) bool {
+		return w.ReplicaID != nil && *w.ReplicaID != self && !slices.Contains(live, *w.ReplicaID)
+	}), nil
+}
+
+func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) error {
+	row := runRow{
+		ID:        run.WorkflowRunID,
+		State:     string(run.State),
+		Body:      run.Body,
+		Label:     run.Label,
+		Result:    run.Result,
+		CreatedAt: newDBTime(run.CreatedAt),
+		UpdatedAt: newDBTime(run.UpdatedAt),
+	}
+	return e.classify(e.q(ctx).Create(&row).Error)
+}
+
+func (e *gormExecutor) RunEnd(ctx context.Context, p *RunEndParams) error {
+	res := e.q(ctx).Model(&runRow{}).Where("id = ? AND state = ?", p.RunID, string(models.RunStarted)).Updates(map[string]any{
+		"state":      string(p.State),
+		"result":     p.Result,
+		"updated_at": newDBTime(p.UpdatedAt),
+	})
+	if res.Error != nil {
+		return e.classify(res.Error)
+	}
+	if res.RowsAffected != 1 {
+		return fmt.Errorf("end run %s: %w", p.RunID, ErrNotStarted)
+	}
+	return nil
+}
+
+func (e *gormExecutor) RunList(ctx context.Context, p *RunListParams) ([]*models.WorkflowRun, error) {
+	q := e.q(ctx).Model(&runRow{})
+	if p.State != nil {
+		q = q.Where("state = ?", string(*p.State))
+	}
+	if p.Label != nil {
+		q = q.Where("label = ?", *p.Label)
+	}
+	if p.AfterRunID != "" {
+		var after runRow
+		if err := e.q(ctx).Select("seq").Where("id = ?", p.AfterRunID).Take(&after).Error; err != nil {
+			return nil, e.notFound(err)
+		}
+		q = q.Where("seq < ?", after.Seq)
+	}
+	var rows []runRow
+	if err := q.Order("seq DESC").Limit(p.Limit).Find(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	out := make([]*models.WorkflowRun, len(rows))
+	for i := range rows {
+		out[i] = rows[i].model()
+	}
+	return out, nil
+}
+
+func (e *gormExecutor) RunCountByState(ctx context.Context) (map[models.RunState]int64, error) {
+	return countByState[models.RunState](e, ctx, &runRow{})
+}
+
+// countByState counts the rows of model's table by their state column.
+func countByState[S ~string](e *gormExecutor, ctx context.Context, model any) (map[S]int64, error) {
+	var rows []stateCount
+	if err := e.q(ctx).Model(model).Select("state, COUNT(*) AS n").Group("state").Scan(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	out := make(map[S]int64, len(rows))
+	for _, r := range rows {
+		out[S(r.State)] = r.N
+	}
+	return out, nil
+}
