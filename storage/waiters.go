@@ -1,4 +1,5 @@
 // The waiters table's queries (split from gorm.go, one file per table as Temporal's sqlplugin does).
+
 package storage
 
 import (
