@@ -234,7 +234,11 @@ func TestRule13BytesInlineLiteral(t *testing.T) {
 					ev := uid("b13in")
 					got := bySubscribers(t, e, wsT, wsL, ev, "")
 					e.awaitWaiting(ev, 3)
-					query := `mutation($ev: String!, $inner: JSON, $s: String) { notify(eventId: $ev, eventData: ` + tc.literal + `) { eventData lookback { eventData } } }`
+					decls := `$ev: String!`
+				if tc.vars != "" {
+					decls += `, $inner: JSON, $s: String`
+				}
+				query := `mutation(` + decls + `) { notify(eventId: $ev, eventData: ` + tc.literal + `) { eventData lookback { eventData } } }`
 					vars := `{"ev":` + rsQuote(ev)
 					if tc.vars != "" {
 						vars += "," + tc.vars

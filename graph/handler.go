@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/99designs/gqlgen/graphql"
@@ -128,12 +127,14 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	limiter := newRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.Now)
 
 	rec := cfg.Recorder
+	vars := newVariableDecoder()
 	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
 	srv.AddTransport(&wsTransport{
 		keepAlive:   cfg.KeepAlive,
 		initTimeout: cfg.InitTimeout,
 		readLimit:   cfg.MaxBodyBytes,
 		maxOps:      cfg.MaxSubscriptionsPerConnection,
+		vars:        vars,
 		init:        wsInit(cfg.Auth, cfg.Now),
 		present:     present,
 		recover:     recoverFunc(log),
@@ -142,14 +143,17 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.AddTransport(transport.Options{})
 	// SSE before POST: both take application/json POSTs; SSE only those
 	// that accept text/event-stream.
-	srv.AddTransport(transport.SSE{KeepAlivePingInterval: cfg.KeepAlive})
-	srv.AddTransport(newHTTPTransport(cfg.MaxBodyBytes))
+	srv.AddTransport(sseTransport{keepAlive: cfg.KeepAlive, vars: vars})
+	srv.AddTransport(newHTTPTransport(cfg.MaxBodyBytes, vars))
 	srv.AddTransport(unsupported{}) // last: takes whatever the others did not
 	srv.SetQueryCache(boundedCache[*ast.QueryDocument]{lru.New[*ast.QueryDocument](1000)})
 	srv.SetParserTokenLimit(cfg.MaxTokens)
 	// queryLimits first: it refuses fragment explosions that gqlgen's
 	// complexity walk would take exponential time over.
 	srv.Use(queryLimits{maxDepth: cfg.MaxDepth, maxAliases: cfg.MaxAliases, maxFields: cfg.MaxComplexity})
+	// jsonLiterals before the complexity limit, whose argument maps panic
+	// on a literal integer beyond 64 bits.
+	srv.Use(newJSONLiterals())
 	srv.Use(extension.FixedComplexityLimit(cfg.MaxComplexity))
 	if cfg.Playground {
 		srv.Use(extension.Introspection{})
@@ -228,11 +232,6 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		rc := http.NewResponseController(w)
 		rc.SetReadDeadline(time.Time{})
 		rc.SetWriteDeadline(time.Time{})
-		if transport == TransportSSE {
-			sw := &sseWriter{ResponseWriter: w}
-			defer sw.finish()
-			w = sw
-		}
 		if streams == nil {
 			next.ServeHTTP(w, r)
 			return
@@ -243,48 +242,6 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		defer stop()
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
-}
-
-// sseWriter drops what gqlgen's SSE transport writes once its Do has
-// returned: its keep-alive goroutine stops only when the request's context
-// ends, and a tick in between wrote to a finished response (a data race).
-type sseWriter struct {
-	http.ResponseWriter
-	mu       sync.Mutex
-	finished bool
-}
-
-func (w *sseWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.finished {
-		return 0, http.ErrHandlerTimeout
-	}
-	return w.ResponseWriter.Write(p)
-}
-
-func (w *sseWriter) WriteHeader(status int) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.finished {
-		w.ResponseWriter.WriteHeader(status)
-	}
-}
-
-func (w *sseWriter) Flush() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.finished {
-		http.NewResponseController(w.ResponseWriter).Flush()
-	}
-}
-
-func (w *sseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-func (w *sseWriter) finish() {
-	w.mu.Lock()
-	w.finished = true
-	w.mu.Unlock()
 }
 
 // playgroundAssets points Playground at self-hosted copies of its scripts.
@@ -306,9 +263,8 @@ func playgroundAssets(base string) []playground.GraphiqlConfigOption {
 }
 
 // limitBody caps every request body on /query; the websocket transport has
-// its own read limit. gqlgen's SSE transport reads bodies itself, without a
-// limit and echoing them in errors, so an SSE body is read here, whole or
-// refused with 413.
+// its own read limit. An SSE body is read here, whole or refused with 413,
+// so that the stream opens only for a body within the limit.
 func limitBody(n int64, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Body == nil || isUpgrade(r) {
