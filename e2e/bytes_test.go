@@ -235,10 +235,10 @@ func TestRule13BytesInlineLiteral(t *testing.T) {
 					got := bySubscribers(t, e, wsT, wsL, ev, "")
 					e.awaitWaiting(ev, 3)
 					decls := `$ev: String!`
-				if tc.vars != "" {
-					decls += `, $inner: JSON, $s: String`
-				}
-				query := `mutation(` + decls + `) { notify(eventId: $ev, eventData: ` + tc.literal + `) { eventData lookback { eventData } } }`
+					if tc.vars != "" {
+						decls += `, $inner: JSON, $s: String`
+					}
+					query := `mutation(` + decls + `) { notify(eventId: $ev, eventData: ` + tc.literal + `) { eventData lookback { eventData } } }`
 					vars := `{"ev":` + rsQuote(ev)
 					if tc.vars != "" {
 						vars += "," + tc.vars
