@@ -16,7 +16,6 @@ import (
 	"github.com/99designs/gqlgen/graphql/handler/extension"
 	"github.com/99designs/gqlgen/graphql/handler/lru"
 	"github.com/99designs/gqlgen/graphql/handler/transport"
-	"github.com/99designs/gqlgen/graphql/playground"
 	"github.com/vektah/gqlparser/v2/ast"
 
 	"rendezvous/auth"
@@ -49,10 +48,11 @@ type HandlerConfig struct {
 	// Playground serves GraphQL Playground at / and allows introspection and
 	// field suggestions; off in production.
 	Playground bool
-	// PlaygroundAssets, when set, is a base URL serving the npm packages
-	// graphiql@4.1.2, react@18.2.0 and react-dom@18.2.0 (as <base>/graphiql/…,
-	// <base>/react/…, <base>/react-dom/…), for networks that cannot reach
-	// the public CDN Playground loads them from by default.
+	// PlaygroundAssets, when set, is where Playground loads the npm packages
+	// graphiql@4.1.2, react@18.2.0 and react-dom@18.2.0 from instead of the
+	// public CDN: a base URL (serving <base>/graphiql/…, <base>/react/…,
+	// <base>/react-dom/…) or a local directory laid out so (node_modules),
+	// which is then served at /playground-assets/ (see playground.go).
 	PlaygroundAssets string
 	// Streams, when done, ends every websocket and SSE request (graceful
 	// shutdown) while plain requests run to completion.
@@ -179,7 +179,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		mux.Handle("GET /metrics", metrics)
 	}
 	if cfg.Playground {
-		mux.Handle("GET /{$}", playground.Handler("Rendezvous", "/query", playgroundAssets(cfg.PlaygroundAssets)...))
+		servePlayground(mux, cfg.PlaygroundAssets)
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeStatus(w, http.StatusOK, map[string]any{"status": "ok"})
@@ -242,24 +242,6 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		defer stop()
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
-}
-
-// playgroundAssets points Playground at self-hosted copies of its scripts.
-// The integrity hashes are those of the published npm files, the same that
-// gqlgen pins for the CDN.
-func playgroundAssets(base string) []playground.GraphiqlConfigOption {
-	if base == "" {
-		return nil
-	}
-	base = strings.TrimRight(base, "/")
-	return []playground.GraphiqlConfigOption{
-		playground.WithGraphiqlVersion(
-			base+"/graphiql/graphiql.min.js", base+"/graphiql/graphiql.min.css",
-			"sha256-hnImuor1znlJkD/FOTL3jayfS/xsyNoP04abi8bFJWs=", "sha256-MEh+B2NdMSpj9kexQNN3QKc8UzMrCXW/Sx/phcpuyIU="),
-		playground.WithGraphiqlReactVersion(
-			base+"/react/umd/react.production.min.js", base+"/react-dom/umd/react-dom.production.min.js",
-			"sha256-S0lp+k7zWUMk2ixteM6HZvu8L9Eh//OVrt+ZfbCpmgY=", "sha256-IXWO0ITNDjfnNXIu5POVfqlgYoop36bDzhodR6LW5Pc="),
-	}
 }
 
 // limitBody caps every request body on /query; the websocket transport has
