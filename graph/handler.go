@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -38,9 +39,20 @@ type HandlerConfig struct {
 	MaxDepth, MaxAliases, MaxComplexity, MaxTokens int
 	// MaxSubscriptionsPerConnection caps operations running at once on one websocket.
 	MaxSubscriptionsPerConnection int
-	// RateLimit is mutations per second per caller (0: unlimited), up to RateBurst at once.
+	// RateLimit is mutations per second per caller (0: unlimited), up to
+	// RateBurst at once, for callers without a limit of their own:
+	// anonymous callers (per client address) and run tokens.
 	RateLimit float64
 	RateBurst int
+	// ServerRateLimit and ServerRateBurst are the same for server tokens
+	// without a limit of their own (auth.Limit); 0: unlimited.
+	ServerRateLimit float64
+	ServerRateBurst int
+	// MaxRateLimitedCallers bounds the per-caller limiters kept in memory.
+	MaxRateLimitedCallers int
+	// TrustedProxies are the peers whose X-Forwarded-For is believed when
+	// telling callers apart by address (ParseTrustedProxies).
+	TrustedProxies []netip.Prefix
 	// KeepAlive is the interval of keep-alive and ping messages on
 	// websockets and SSE; a websocket client that leaves two pings in a
 	// row unanswered is disconnected.
@@ -125,7 +137,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	cfg = cfg.withDefaults(eng)
 	log := cfg.Logger
 	present := errorPresenter(log)
-	limiter := newRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.Now)
+	limiter := newRateLimiter(RateLimit{cfg.ServerRateLimit, cfg.ServerRateBurst}, RateLimit{cfg.RateLimit, cfg.RateBurst}, cfg.MaxRateLimitedCallers, cfg.Now)
 
 	rec := cfg.Recorder
 	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
@@ -160,7 +172,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.SetRecoverFunc(recoverFunc(log))
 	// First, so that it sees what every other middleware answers.
 	srv.AroundOperations(operationObserver{rec: rec, log: log}.around)
-	srv.AroundOperations(authorize)
+	srv.Use(&authorizer{})
 	srv.AroundOperations(limiter.limitMutations)
 	srv.AroundOperations(withSubscriptionErrorSlot)
 	srv.AroundResponses(subscriptionErrorResponses(present))
@@ -195,7 +207,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		}
 		writeStatus(w, http.StatusOK, body)
 	})
-	return withRequestID(rec, withClientIP(newOrigins(cfg.AllowedOrigins).middleware(mux)))
+	return withRequestID(rec, withClientIP(cfg.TrustedProxies, newOrigins(cfg.AllowedOrigins).middleware(mux)))
 }
 
 func writeStatus(w http.ResponseWriter, status int, body any) {

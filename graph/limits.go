@@ -71,7 +71,11 @@ func (m measurer) set(set ast.SelectionSet) size {
 			}
 			total = total.plus(f)
 		case *ast.InlineFragment:
-			total = total.plus(m.set(s.SelectionSet))
+			// A level of its own: nesting fragments must not escape the
+			// depth limit (every checker would have to follow it).
+			child := m.set(s.SelectionSet)
+			child.depth = min(child.depth+1, sizeCap)
+			total = total.plus(child)
 		case *ast.FragmentSpread:
 			total = total.plus(m.fragment(s.Name))
 		}
