@@ -34,7 +34,10 @@ import (
 //     about to run for, with the argument values the resolver will get
 //     (variables, defaults and scalars applied), including the subscription
 //     field, which gqlgen does not pass through InterceptRootField.
-type authorizer struct{}
+type authorizer struct {
+	// fieldCheckOnly: InterceptField alone decides (tests).
+	fieldCheckOnly bool
+}
 
 var (
 	_ graphql.HandlerExtension     = (*authorizer)(nil)
@@ -54,7 +57,7 @@ func (*authorizer) Validate(es graphql.ExecutableSchema) error {
 
 func (a *authorizer) InterceptOperation(ctx context.Context, next graphql.OperationHandler) graphql.ResponseHandler {
 	p := principal(ctx)
-	if p != nil && p.FullAccess() {
+	if (p != nil && p.FullAccess()) || a.fieldCheckOnly {
 		return next(ctx)
 	}
 	oc := graphql.GetOperationContext(ctx)
@@ -112,7 +115,7 @@ func isRootType(name string) bool {
 
 func (a *authorizer) InterceptRootField(ctx context.Context, next graphql.RootResolver) graphql.Marshaler {
 	p := principal(ctx)
-	if p != nil && p.FullAccess() {
+	if (p != nil && p.FullAccess()) || a.fieldCheckOnly {
 		return next(ctx)
 	}
 	rfc := graphql.GetRootFieldContext(ctx)

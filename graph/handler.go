@@ -81,6 +81,14 @@ type HandlerConfig struct {
 	// Logger: log lines written with a request's context carry its
 	// request_id (the handler is wrapped with requestid.LogHandler).
 	Logger *slog.Logger
+
+	// Test hooks, for this package's tests only.
+	// resolvedRootField hears every root field just before its resolver
+	// runs (innermost of the field middleware), with the arguments it gets.
+	resolvedRootField func(ctx context.Context, fc *graphql.FieldContext)
+	// authzFieldCheckOnly turns off the authorizer's operation and root
+	// field hooks, so that a test shows its field check holds alone.
+	authzFieldCheckOnly bool
 }
 
 // Defaults of HandlerConfig.
@@ -172,10 +180,18 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.SetRecoverFunc(recoverFunc(log))
 	// First, so that it sees what every other middleware answers.
 	srv.AroundOperations(operationObserver{rec: rec, log: log}.around)
-	srv.Use(&authorizer{})
+	srv.Use(&authorizer{fieldCheckOnly: cfg.authzFieldCheckOnly})
 	srv.AroundOperations(limiter.limitMutations)
 	srv.AroundOperations(withSubscriptionErrorSlot)
 	srv.AroundResponses(subscriptionErrorResponses(present))
+	if hook := cfg.resolvedRootField; hook != nil {
+		srv.AroundFields(func(ctx context.Context, next graphql.Resolver) (any, error) {
+			if fc := graphql.GetFieldContext(ctx); fc != nil && isRootType(fc.Object) {
+				hook(ctx, fc)
+			}
+			return next(ctx)
+		})
+	}
 
 	mux := http.NewServeMux()
 	mux.Handle("/query", limitBody(cfg.MaxBodyBytes, authenticate(cfg.Auth, cfg.Now, endStreamsWith(cfg.Streams, rec, srv))))

@@ -40,6 +40,16 @@ func (l queryLimits) MutateOperationContext(_ context.Context, oc *graphql.Opera
 	case sz.fields > l.maxFields:
 		return tooComplex("the operation's complexity is too high: it selects %d fields once fragments are expanded; at most %d are allowed", sz.fields, l.maxFields)
 	}
+	if oc.Operation.Operation == ast.Subscription {
+		// Validation counts fields in the document; @skip/@include can
+		// still leave none, and gqlgen's executor then calls a nil stream.
+		if fields, _ := collectRootFields(oc); len(fields) != 1 {
+			return &gqlerror.Error{
+				Message:    fmt.Sprintf("a subscription must select exactly one field once @skip and @include are applied; this one selects %d", len(fields)),
+				Extensions: map[string]any{"code": codeBadUserInput},
+			}
+		}
+	}
 	return nil
 }
 
