@@ -155,3 +155,38 @@ func TestRateLimitTrustedProxies(t *testing.T) {
 		}
 	}
 }
+
+// The limiter counts the mutation fields the executor resolves, through
+// any nesting of fragments, and not those @skip removes.
+func TestRateLimitCountsExecutedFields(t *testing.T) {
+	const token = "counted-token-0123456789"
+	e := newEnv(t, testdb.SQLite(t), rlDefaults(t, map[string]string{"RENDEZVOUS_TOKENS": token + ";rate=0.001;burst=3"}))
+	label := uid("counted")
+	runs := func() int {
+		r := rlPost(t, e, token, `query($l: String) { workflowRuns(label: $l, first: 100) { nodes { workflowRunId } } }`, map[string]any{"l": label})
+		require.Empty(t, r.R.Errors, r.Body)
+		return strings.Count(r.Body, "wfr_")
+	}
+	var four strings.Builder
+	for i := range 4 {
+		fmt.Fprintf(&four, "t%d: trigger(label: $l) { created } ", i)
+	}
+	nested := "mutation($l: String) { " + nestInline("Mutation", four.String(), 11) + " }"
+	r := rlPost(t, e, token, nested, map[string]any{"l": label})
+	secRefused(t, r, http.StatusTooManyRequests, "RATE_LIMITED", "4 triggers inside 11 inline fragments, burst 3")
+	require.Zero(t, runs(), "a refused operation ran nothing")
+
+	var skipped strings.Builder
+	skipped.WriteString("mutation($l: String, $s: Boolean!) { ")
+	for i := range 10 {
+		fmt.Fprintf(&skipped, "s%d: trigger(label: $l) @skip(if: $s) { created } ", i)
+	}
+	skipped.WriteString("... on Mutation { ... @include(if: true) { one: trigger(label: $l) { created } } } }")
+	for i := range 3 {
+		r := rlPost(t, e, token, skipped.String(), map[string]any{"l": label, "s": true})
+		require.Empty(t, r.R.Errors, "request %d: 10 skipped triggers and one executed cost 1: %s", i, r.Body)
+	}
+	require.Equal(t, 3, runs())
+	r = rlPost(t, e, token, skipped.String(), map[string]any{"l": label, "s": true})
+	secRefused(t, r, http.StatusTooManyRequests, "RATE_LIMITED", "the fourth executed trigger")
+}
