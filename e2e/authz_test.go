@@ -84,3 +84,19 @@ func TestSecurityRunTokenNestedFragments(t *testing.T) {
 		require.Equal(t, "RUN_STARTED", e.aRun(mine.ID).State)
 	})
 }
+
+// Inline fragments count toward the depth limit: nesting them cannot make
+// an operation as deep as it likes for free.
+func TestSecurityQueryDepthCountsInlineFragments(t *testing.T) {
+	e := secEnv(t, testdb.SQLite(t))
+	ok := "{ " + nestInline("Query", "__typename", 14) + " }" // 14 fragments + 1 field = 15
+	e.postOK(secToken, ok, nil, nil)
+	for _, q := range []string{
+		"{ " + nestInline("Query", "__typename", 15) + " }",
+		"{ " + nestInline("Query", "__typename", 200) + " }",
+		"mutation { " + nestInline("Mutation", `cancel(workflowRunId: "x") { state }`, 14) + " }",
+		"query { ...F } fragment F on Query { " + nestInline("Query", "__typename", 15) + " }",
+	} {
+		secRefused(t, e.post(secToken, q, nil), 0, "COMPLEXITY_LIMIT_EXCEEDED", q)
+	}
+}
