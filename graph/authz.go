@@ -22,7 +22,9 @@ import (
 // fragments, @skip/@include with the request's variables and operationName
 // when it hands a field over, so no second parser can disagree with it.
 //
-// Three hooks, each sufficient, all failing closed:
+// Three hooks, all failing closed (a missing principal, unknown rights or an
+// operation without a root type are refused); the last suffices alone, and
+// the differential harness (authz_diff_test.go) runs with it alone too:
 //   - InterceptOperation, before anything runs, refuses the whole operation
 //     if any root field is not allowed. It asks graphql.CollectFields, the
 //     collection the executor itself uses (and caches on the operation
