@@ -846,11 +846,16 @@ func FuzzRunTokenAuthorization(f *testing.F) {
 	} {
 		f.Add([]byte(seed))
 	}
-	s := newDiffServer(f, "fuzz", false)
-	conns := newDiffConns(f, s)
+	// Each input on a server with every check and on one with the field
+	// check alone.
+	all := newDiffServer(f, "all checks", false)
+	alone := newDiffServer(f, "field check only", true)
+	allConns, aloneConns := newDiffConns(f, all), newDiffConns(f, alone)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		d := generateDoc(data)
-		s.check(t, conns, d)
-		s.checkState(t, d)
+		all.check(t, allConns, d)
+		all.checkState(t, d)
+		alone.check(t, aloneConns, d)
+		alone.checkState(t, d)
 	})
 }
