@@ -145,7 +145,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	cfg = cfg.withDefaults(eng)
 	log := cfg.Logger
 	present := errorPresenter(log)
-	limiter := newRateLimiter(RateLimit{cfg.ServerRateLimit, cfg.ServerRateBurst}, RateLimit{cfg.RateLimit, cfg.RateBurst}, cfg.MaxRateLimitedCallers, cfg.Now)
+	limiter := newRateLimiter(callerRate{cfg.ServerRateLimit, cfg.ServerRateBurst}, callerRate{cfg.RateLimit, cfg.RateBurst}, cfg.MaxRateLimitedCallers, cfg.Now)
 
 	rec := cfg.Recorder
 	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))

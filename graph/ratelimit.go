@@ -23,13 +23,13 @@ import (
 	"rendezvous/auth"
 )
 
-// RateLimit is mutations per second with a burst; a zero Rate is no limit.
-type RateLimit struct {
+// callerRate is mutations per second with a burst; a zero Rate is no limit.
+type callerRate struct {
 	Rate  float64
 	Burst int
 }
 
-func (l RateLimit) unlimited() bool { return l.Rate <= 0 || math.IsInf(l.Rate, 1) }
+func (l callerRate) unlimited() bool { return l.Rate <= 0 || math.IsInf(l.Rate, 1) }
 
 // DefaultMaxRateLimitedCallers bounds the callers whose limiters are kept.
 const DefaultMaxRateLimitedCallers = 100_000
@@ -45,7 +45,7 @@ const DefaultMaxRateLimitedCallers = 100_000
 // the least recently used is dropped: it starts again with a full bucket,
 // which costs less than refusing new callers or growing without bound.
 type rateLimiter struct {
-	server, others RateLimit
+	server, others callerRate
 	max            int
 	now            func() time.Time
 
@@ -60,7 +60,7 @@ type callerLimit struct {
 	lim *rate.Limiter
 }
 
-func newRateLimiter(server, others RateLimit, maxCallers int, now func() time.Time) *rateLimiter {
+func newRateLimiter(server, others callerRate, maxCallers int, now func() time.Time) *rateLimiter {
 	if maxCallers <= 0 {
 		maxCallers = DefaultMaxRateLimitedCallers
 	}
@@ -71,10 +71,10 @@ func newRateLimiter(server, others RateLimit, maxCallers int, now func() time.Ti
 }
 
 // limitOf is the limit that applies to the principal.
-func (l *rateLimiter) limitOf(p *auth.Principal) RateLimit {
+func (l *rateLimiter) limitOf(p *auth.Principal) callerRate {
 	switch {
 	case p != nil && p.Limit != nil:
-		return RateLimit{Rate: p.Limit.Rate, Burst: p.Limit.Burst}
+		return callerRate{Rate: p.Limit.Rate, Burst: p.Limit.Burst}
 	case p != nil && p.Kind == auth.Server:
 		return l.server
 	}
@@ -83,7 +83,7 @@ func (l *rateLimiter) limitOf(p *auth.Principal) RateLimit {
 
 // allow takes n tokens from key's bucket (limit lim), or says how long
 // until they are available.
-func (l *rateLimiter) allow(key string, lim RateLimit, n int) (bool, time.Duration) {
+func (l *rateLimiter) allow(key string, lim callerRate, n int) (bool, time.Duration) {
 	if lim.unlimited() {
 		return true, 0
 	}

@@ -74,7 +74,7 @@ func (c *fakeClock) now() time.Time { return c.t }
 
 func TestRateLimiterKinds(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1_000_000, 0)}
-	l := newRateLimiter(RateLimit{}, RateLimit{Rate: 1, Burst: 2}, 0, clk.now)
+	l := newRateLimiter(callerRate{}, callerRate{Rate: 1, Burst: 2}, 0, clk.now)
 	anon := &auth.Principal{Kind: auth.Anonymous}
 	server := &auth.Principal{Kind: auth.Server, Key: "srv:a"}
 	own := &auth.Principal{Kind: auth.Server, Key: "srv:b", Limit: &auth.Limit{Rate: 0.5, Burst: 3}}
@@ -116,7 +116,7 @@ func TestRateLimiterKinds(t *testing.T) {
 func TestRateLimiterBoundedMemory(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1_000_000, 0)}
 	const maxCallers = 1000
-	l := newRateLimiter(RateLimit{}, RateLimit{Rate: 1, Burst: 5}, maxCallers, clk.now)
+	l := newRateLimiter(callerRate{}, callerRate{Rate: 1, Burst: 5}, maxCallers, clk.now)
 	lim := l.limitOf(nil)
 
 	var before, after runtime.MemStats
@@ -161,14 +161,14 @@ func TestRateLimiterBoundedMemory(t *testing.T) {
 
 func TestRateLimiterLimitChangeTakesEffect(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1_000_000, 0)}
-	l := newRateLimiter(RateLimit{}, RateLimit{}, 0, clk.now)
-	if ok, _ := l.allow("k", RateLimit{Rate: 1, Burst: 1}, 1); !ok {
+	l := newRateLimiter(callerRate{}, callerRate{}, 0, clk.now)
+	if ok, _ := l.allow("k", callerRate{Rate: 1, Burst: 1}, 1); !ok {
 		t.Fatal("first refused")
 	}
-	if ok, _ := l.allow("k", RateLimit{Rate: 1, Burst: 1}, 1); ok {
+	if ok, _ := l.allow("k", callerRate{Rate: 1, Burst: 1}, 1); ok {
 		t.Fatal("second allowed")
 	}
-	if ok, _ := l.allow("k", RateLimit{Rate: 100, Burst: 100}, 50); !ok {
+	if ok, _ := l.allow("k", callerRate{Rate: 100, Burst: 100}, 50); !ok {
 		t.Fatal("a raised limit was not applied")
 	}
 }
