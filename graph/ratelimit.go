@@ -238,7 +238,7 @@ func clientAddr(trusted []netip.Prefix, r *http.Request) string {
 		}
 		return host
 	}
-	addr := peer.Addr().Unmap()
+	addr := peer.Addr().Unmap().WithZone("") // a prefix never contains a zoned address
 	if !isTrusted(trusted, addr) {
 		return addr.String()
 	}
@@ -264,16 +264,18 @@ func clientAddr(trusted []netip.Prefix, r *http.Request) string {
 // brackets as some proxies write it.
 func parseHop(s string) (netip.Addr, bool) {
 	s = strings.TrimSpace(s)
-	if a, err := netip.ParseAddr(s); err == nil {
-		return a.Unmap(), true
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		if ap, err2 := netip.ParseAddrPort(s); err2 == nil {
+			a, err = ap.Addr(), nil
+		} else {
+			a, err = netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(s, "["), "]"))
+		}
 	}
-	if ap, err := netip.ParseAddrPort(s); err == nil {
-		return ap.Addr().Unmap(), true
+	if err != nil {
+		return netip.Addr{}, false
 	}
-	if a, err := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")); err == nil {
-		return a.Unmap(), true
-	}
-	return netip.Addr{}, false
+	return a.Unmap().WithZone(""), true
 }
 
 func isTrusted(trusted []netip.Prefix, a netip.Addr) bool {

@@ -54,6 +54,7 @@ func TestClientAddr(t *testing.T) {
 		{"no XFF from a trusted proxy: the proxy", trusted, "10.1.1.1:4000", nil, "10.1.1.1"},
 		{"every hop trusted: the leftmost", trusted, "10.1.1.1:4000", []string{"10.7.7.7, 10.2.2.2"}, "10.7.7.7"},
 		{"hops with ports and brackets", trusted, "10.1.1.1:4000", []string{"[2001:db9::5]:443, 203.0.113.9:80"}, "203.0.113.9"},
+		{"a zoned peer address", trusted, "[2001:db8::1%eth0]:4000", []string{"203.0.113.5"}, "203.0.113.5"},
 		{"IPv6 proxy and client", trusted, "[2001:db8::1]:4000", []string{"2001:db9::5"}, "2001:db9::5"},
 		{"an IPv4-mapped peer is its IPv4 address", trusted, "[::ffff:10.1.1.1]:4000", []string{"::ffff:203.0.113.4"}, "203.0.113.4"},
 	} {
