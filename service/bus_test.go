@@ -13,7 +13,9 @@ import (
 // databases, and other Redis database numbers, get others; no secret ends
 // up in the name.
 func TestBusChannelOfDeployment(t *testing.T) {
-	ch := func(dbURL string, redisDB int) string { return bus.ChannelFor(deploymentOf(dbURL, "origin-x"), redisDB) }
+	ch := func(dbURL string, redisDB int) string {
+		return bus.ChannelFor(deploymentOf(dbURL, "origin-x"), redisDB)
+	}
 	base := ch("mysql://app:secret@db.internal:3306/rendezvous", 0)
 	for _, same := range []string{
 		"mysql://app:secret@db.internal:3306/rendezvous",
