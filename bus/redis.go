@@ -149,6 +149,9 @@ func NewRedis(url string, h *hub.Hub, opts Options) (*Redis, error) {
 	def(&opts.MaxBackoff, DefaultMaxBackoff)
 	def(&opts.StartWait, DefaultStartWait)
 	opts.MaxBackoff = max(opts.MaxBackoff, opts.MinBackoff)
+	// Deadlines of our contexts bound reads and writes (publishTimeout,
+	// the subscription's handshake), not only the client's own timeouts.
+	ropts.ContextTimeoutEnabled = true
 	channel := opts.Channel
 	if channel == "" {
 		channel = ChannelFor(opts.Deployment, ropts.DB)
@@ -305,8 +308,8 @@ func (r *Redis) subscribeLoop(ctx context.Context, first chan struct{}) {
 	}
 }
 
-// errSilent: the connection stayed silent, even to a ping.
-var errSilent = errors.New("no answer to a ping")
+// errSilent: Redis kept quiet where it should have answered.
+var errSilent = errors.New("no answer from Redis")
 
 // subscribeOnce subscribes on a fresh connection and delivers messages
 // until the connection fails or ctx ends. It says whether the subscription
@@ -320,7 +323,15 @@ func (r *Redis) subscribeOnce(ctx context.Context, confirmed func()) (wasUp bool
 		stop()
 		ps.Close()
 	}()
-	if err := ps.Subscribe(ctx, r.channel); err != nil {
+	// Connecting (dial, handshake) and sending SUBSCRIBE: as long as a
+	// silent Redis may take before it counts as down.
+	sctx, cancel := context.WithTimeout(ctx, r.opts.HealthInterval)
+	err = ps.Subscribe(sctx, r.channel)
+	cancel()
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+			return false, fmt.Errorf("%w while connecting, within %s", errSilent, r.opts.HealthInterval)
+		}
 		return false, err
 	}
 	pinged := false
@@ -329,8 +340,11 @@ func (r *Redis) subscribeOnce(ctx context.Context, confirmed func()) (wasUp bool
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				if pinged || !wasUp {
-					return wasUp, errSilent
+				if !wasUp {
+					return false, fmt.Errorf("%w to SUBSCRIBE within %s", errSilent, r.opts.HealthInterval)
+				}
+				if pinged {
+					return true, fmt.Errorf("%w to a ping within %s", errSilent, r.opts.HealthInterval)
 				}
 				pinged = true
 				pctx, cancel := context.WithTimeout(ctx, r.opts.HealthInterval)
