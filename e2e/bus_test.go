@@ -153,6 +153,7 @@ func TestBusRedisOutages(t *testing.T) {
 		require.True(t, strings.HasPrefix(line, "down"), "/readyz says Redis is down: %q", line)
 		require.Contains(t, line, "catch-up poll")
 		require.Contains(t, e.logs.String(), "Redis unreachable")
+		require.Zero(t, e.scrape(nil).value("rendezvous_bus_up"))
 	}
 	deliverAcross(t, a, b, false)
 
@@ -162,6 +163,9 @@ func TestBusRedisOutages(t *testing.T) {
 	b.awaitRedis(bus.StateUp)
 	deliverAcross(t, a, b, true)
 	deliverAcross(t, b, a, true)
+	m := b.scrape(nil)
+	require.Equal(t, 1.0, m.value("rendezvous_bus_up"))
+	require.Equal(t, float64(b.received()), m.value("rendezvous_bus_wakeups_total", "direction", "received"))
 
 	// Redis dies mid-run: catch-up again, and /readyz says so.
 	rp.kill()
