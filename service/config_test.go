@@ -33,6 +33,8 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 	cfg, err := ConfigFromEnv(envOf(map[string]string{
 		"DATABASE_URL":                                "mysql://u:p@db:3306/x",
 		"PORT":                                        "9090",
+		"RENDEZVOUS_LISTEN":                           "0.0.0.0:9090",
+		"RENDEZVOUS_BUS_CHANNEL":                      "prod-eu",
 		"REDIS_URL":                                   "redis://r:6379/0",
 		"RENDEZVOUS_DEFAULT_TIMEOUT":                  "1h",
 		"RENDEZVOUS_MAX_TIMEOUT":                      "30d",
@@ -63,8 +65,9 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 		"RENDEZVOUS_METRICS_INTERVAL":                 "30s",
 	}))
 	require.NoError(t, err)
-	require.Equal(t, ":9090", cfg.Addr)
+	require.Equal(t, "0.0.0.0:9090", cfg.Addr)
 	require.Equal(t, "redis://r:6379/0", cfg.RedisURL)
+	require.Equal(t, "prod-eu", cfg.Bus.Channel)
 	require.Equal(t, time.Hour, cfg.Engine.DefaultTimeout)
 	require.Equal(t, 30*24*time.Hour, cfg.Engine.MaxTimeout)
 	require.Equal(t, 48*time.Hour, cfg.Engine.LookbackRetention)
