@@ -77,7 +77,11 @@ type HandlerConfig struct {
 	// format), behind a server token when MetricsTokenRequired.
 	Metrics              http.Handler
 	MetricsTokenRequired bool
-	Now                  func() time.Time
+	// ReadyDetails, when set, adds lines to /readyz's body about parts
+	// that may be down without making the service unready (Redis: wake-ups
+	// then go through the catch-up poll).
+	ReadyDetails func() map[string]string
+	Now          func() time.Time
 	// Logger: log lines written with a request's context carry its
 	// request_id (the handler is wrapped with requestid.LogHandler).
 	Logger *slog.Logger
@@ -214,6 +218,11 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		body := map[string]any{"status": "ready", "database": "ok", "auth": "tokens"}
 		if cfg.Auth.Open() {
 			body["auth"] = "OPEN: no tokens configured, anyone can call every operation"
+		}
+		if cfg.ReadyDetails != nil {
+			for k, v := range cfg.ReadyDetails() {
+				body[k] = v
+			}
 		}
 		if err := eng.Ready(ctx); err != nil {
 			log.WarnContext(ctx, "not ready", "err", err)
