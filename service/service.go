@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -72,9 +73,19 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// DefaultRateLimit is mutations per second per caller when
-// RENDEZVOUS_RATE_LIMIT is unset (burst: twice as many).
+// DefaultRateLimit is mutations per second per anonymous caller (by
+// address) and per run token when RENDEZVOUS_RATE_LIMIT is unset (burst:
+// twice as many).
 const DefaultRateLimit = 200
+
+// DefaultServerRateLimit is mutations per second per server token without
+// a limit of its own when RENDEZVOUS_SERVER_RATE_LIMIT is unset: none. A
+// server token may already do everything, so a limit guards nothing against
+// its holder, and any fixed figure is either above what a replica serves
+// (so it guards nothing) or throttles a healthy backend on a larger
+// machine. Operators who share a deployment between backends set limits
+// per token ("<token>;rate=1000;burst=2000").
+const DefaultServerRateLimit = 0
 
 // ConfigFromEnv reads the environment; see README.md for the variables.
 func ConfigFromEnv(getenv func(string) string) (Config, error) {
@@ -171,17 +182,31 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	cfg.Auth.Secrets = list(getenv("RENDEZVOUS_SECRET"))
 	dur("RENDEZVOUS_RUN_TOKEN_TTL", &cfg.Auth.RunTokenTTL)
 	cfg.HTTP.AllowedOrigins = list(getenv("RENDEZVOUS_ALLOWED_ORIGINS"))
-	cfg.HTTP.RateLimit = DefaultRateLimit
-	if v := getenv("RENDEZVOUS_RATE_LIMIT"); v != "" {
-		f, err := strconv.ParseFloat(v, 64)
-		if err != nil || f < 0 {
-			errs = append(errs, fmt.Errorf("RENDEZVOUS_RATE_LIMIT %q: want mutations per second, 0 for no limit", v))
+	perSecond := func(name string, dst *float64) {
+		if v := getenv(name); v != "" {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil || f < 0 || math.IsInf(f, 0) {
+				errs = append(errs, fmt.Errorf("%s %q: want mutations per second, 0 for no limit", name, v))
+			}
+			*dst = f
 		}
-		cfg.HTTP.RateLimit = f
 	}
+	// Anonymous callers and run tokens get a protective default; server
+	// tokens none (see DefaultServerRateLimit), unless set.
+	cfg.HTTP.RateLimit = DefaultRateLimit
+	perSecond("RENDEZVOUS_RATE_LIMIT", &cfg.HTTP.RateLimit)
 	num("RENDEZVOUS_RATE_BURST", &cfg.HTTP.RateBurst)
 	if cfg.HTTP.RateBurst == 0 {
-		cfg.HTTP.RateBurst = int(2 * cfg.HTTP.RateLimit)
+		cfg.HTTP.RateBurst = int(min(2*cfg.HTTP.RateLimit, math.MaxInt32))
+	}
+	cfg.HTTP.ServerRateLimit = DefaultServerRateLimit
+	perSecond("RENDEZVOUS_SERVER_RATE_LIMIT", &cfg.HTTP.ServerRateLimit)
+	cfg.HTTP.ServerRateBurst = int(min(2*cfg.HTTP.ServerRateLimit, math.MaxInt32))
+	if v := getenv("RENDEZVOUS_TRUSTED_PROXIES"); v != "" {
+		var err error
+		if cfg.HTTP.TrustedProxies, err = graph.ParseTrustedProxies(v); err != nil {
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_TRUSTED_PROXIES: %w", err))
+		}
 	}
 	var maxBody int
 	num("RENDEZVOUS_MAX_BODY_BYTES", &maxBody)
