@@ -1046,6 +1046,35 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 			names = append(names, s.StepName)
 		}
 		require.Equal(t, []string{"wait", "notify", "Wait"}, names)
+		// The wait step comes with its waiter, read in the same statement.
+		require.Equal(t, &storage.StepWaiter{State: models.WaiterWaiting, Deadline: b.now.Add(time.Hour).Truncate(time.Microsecond)}, list[0].Waiter)
+		require.Nil(t, list[1].Waiter)
+		_, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterCanceled, EndedAt: done})
+		require.NoError(t, err)
+		list, err = b.store.StepListByRun(b.ctx, "wfr_S")
+		require.NoError(t, err)
+		require.Equal(t, models.WaiterCanceled, list[0].Waiter.State)
+		require.Equal(t, done.Truncate(time.Microsecond), *list[0].Waiter.EndedAt)
+	})
+
+	t.Run("WaiterListWaitingByRun", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_L")
+		live := insertWaiter(t, b, "a", ptr("wfr_L"), b.now.Add(time.Hour))
+		overdue := insertWaiter(t, b, "b", ptr("wfr_L"), b.now.Add(-time.Hour))
+		ended := insertWaiter(t, b, "a", ptr("wfr_L"), b.now.Add(time.Hour))
+		insertWaiter(t, b, "a", ptr("wfr_other"), b.now.Add(time.Hour))
+		insertWaiter(t, b, "a", nil, b.now.Add(time.Hour))
+		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{ended.ID}, State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+		ws, err := b.store.WaiterListWaitingByRun(b.ctx, "wfr_L")
+		require.NoError(t, err)
+		var ids []string
+		for _, w := range ws {
+			ids = append(ids, w.ID)
+		}
+		require.Equal(t, []string{live.ID, overdue.ID}, ids)
 	})
 
 	t.Run("InTxRollsBack", func(t *testing.T) {

@@ -94,6 +94,17 @@ func (e *gormExecutor) WaiterListByRun(ctx context.Context, runID string) ([]*mo
 	return waiterModels(rows), nil
 }
 
+func (e *gormExecutor) WaiterListWaitingByRun(ctx context.Context, runID string) ([]*models.Waiter, error) {
+	var rows []waiterRow
+	// ended_at IS NULL: served by waiters_run_ended, which holds exactly
+	// the run's waiters still WAITING under (run_id, NULL).
+	if err := e.q(ctx).Where("run_id = ? AND ended_at IS NULL AND state = ?", runID, string(models.WaiterWaiting)).
+		Order("seq").Find(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	return waiterModels(rows), nil
+}
+
 func waiterModels(rows []waiterRow) []*models.Waiter {
 	out := make([]*models.Waiter, len(rows))
 	for i := range rows {
