@@ -153,6 +153,16 @@ type Executor interface {
 	// and not expired at now.
 	LookbackEventCountPending(ctx context.Context, now time.Time) (int64, error)
 
+	// RunPurge deletes, in one bounded batch, runs ended at or before
+	// p.EndedBefore with their waiters, steps and lookback events, and the
+	// notifications left without a waiter; never a started run, a WAITING
+	// waiter or a pending lookback event (see purge.go). Run it in InTx.
+	RunPurge(ctx context.Context, p *PurgeParams) (PurgeResult, error)
+	// WaiterPurgeRunless deletes, in one bounded batch, waiters without a
+	// run that ended at or before p.EndedBefore, and the notifications left
+	// without a waiter. Run it in InTx.
+	WaiterPurgeRunless(ctx context.Context, p *PurgeParams) (PurgeResult, error)
+
 	StepGet(ctx context.Context, runID, stepName string) (*StepRecord, error)
 	// StepInsert inserts a step; ErrDuplicate if (run, step name) exists.
 	StepInsert(ctx context.Context, s *StepRecord) error

@@ -1057,6 +1057,198 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Equal(t, done.Truncate(time.Microsecond), *list[0].Waiter.EndedAt)
 	})
 
+	t.Run("Purge", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		old, recent := b.now.Add(-40*24*time.Hour), b.now.Add(-24*time.Hour)
+		cutoff := b.now.Add(-30 * 24 * time.Hour)
+		ended := func(id string, at time.Time) {
+			insertRun(t, b, id, func(r *models.WorkflowRun) { r.State, r.CreatedAt, r.UpdatedAt = models.RunSuccess, at, at })
+		}
+		endWaiters := func(ids []string, state models.WaiterState, at time.Time, msg string) {
+			p := &storage.WaiterEndParams{WaiterIDs: ids, State: state, EndedAt: at}
+			if msg != "" {
+				p.MessageID, p.EventData = &msg, []byte(`{"m":"`+msg+`"}`)
+			}
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				got, err := tx.WaiterEnd(b.ctx, p)
+				require.Len(t, got, len(ids))
+				return err
+			}))
+		}
+		waiter := func(ev string, run *string, created time.Time) *models.Waiter {
+			w := &models.Waiter{EventID: ev, WorkflowRunID: run, State: models.WaiterWaiting, Deadline: b.now.Add(time.Hour), CreatedAt: created}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			return w
+		}
+
+		// Runs to purge: ended long ago, with waiters, steps, lookback events.
+		insertRun(t, b, "wfr_old", func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old, old })
+		oldShared := waiter("ev", ptr("wfr_old"), old)
+		oldCanceled := waiter("ev", ptr("wfr_old"), old)
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_old", StepName: "wait", Type: models.StepWaitForEvent, EventID: "ev", WaiterID: oldCanceled.ID, CreatedAt: old}))
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_old", StepName: "tell", Type: models.StepNotify, EventID: "ev", Result: []byte(`{}`), CreatedAt: old, CompletedAt: &old}))
+		require.NoError(t, b.store.LookbackEventInsert(b.ctx, &models.LookbackEvent{WorkflowRunID: "wfr_old", EventID: "lb", MessageID: "msg_lb", CreatedAt: old, ExpiresAt: old.Add(time.Hour)}))
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_old", State: models.RunCanceled, UpdatedAt: old}))
+		ended("wfr_old2", old)
+		old2 := waiter("ev2", ptr("wfr_old2"), old)
+		endWaiters([]string{old2.ID}, models.WaiterNotified, old, "msg_only_old2")
+
+		// A notification shared with a waiter of a started run stays.
+		insertRun(t, b, "wfr_started", func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old.Add(-300*24*time.Hour), old.Add(-300*24*time.Hour) })
+		startedEnded := waiter("ev", ptr("wfr_started"), old)
+		endWaiters([]string{oldShared.ID, startedEnded.ID}, models.WaiterNotified, old, "msg_shared")
+		endWaiters([]string{oldCanceled.ID}, models.WaiterCanceled, old, "")
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_started", StepName: "s", Type: models.StepNotify, EventID: "ev", CreatedAt: old}))
+		startedWaiting := waiter("ev", ptr("wfr_started"), old)
+
+		// Kept: ended too recently; ended long ago but something live left
+		// (which ending a run forbids, but if it happens the run stays).
+		ended("wfr_recent", recent)
+		recentW := waiter("ev", ptr("wfr_recent"), recent)
+		endWaiters([]string{recentW.ID}, models.WaiterCanceled, recent, "")
+		ended("wfr_stuck", old)
+		stuck := waiter("ev", ptr("wfr_stuck"), old)
+		ended("wfr_pending", old)
+		require.NoError(t, b.store.LookbackEventInsert(b.ctx, &models.LookbackEvent{WorkflowRunID: "wfr_pending", EventID: "lb", MessageID: "msg_p", CreatedAt: old, ExpiresAt: b.now.Add(time.Hour)}))
+
+		// Waiters without a run.
+		runlessOld := waiter("free", nil, old)
+		endWaiters([]string{runlessOld.ID}, models.WaiterNotified, old, "msg_runless")
+		runlessWaiting := waiter("free", nil, old)
+		runlessRecent := waiter("free", nil, old)
+		endWaiters([]string{runlessRecent.ID}, models.WaiterTimedOut, b.now.Add(-time.Minute), "")
+
+		// Small batches: each call stays within its limit.
+		const limit = 2
+		var total storage.PurgeResult
+		for calls := 0; ; calls++ {
+			require.Less(t, calls, 50, "purge does not finish")
+			var res storage.PurgeResult
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: cutoff, Now: b.now, Limit: limit})
+				return err
+			}))
+			require.LessOrEqual(t, res.Waiters+res.Steps+res.LookbackEvents, int64(limit))
+			total = total.Add(res)
+			if !res.More {
+				break
+			}
+		}
+		total.More = false
+		require.Equal(t, storage.PurgeResult{Runs: 2, Waiters: 3, Steps: 2, LookbackEvents: 1, Notifications: 1}, total)
+		for {
+			var res storage.PurgeResult
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = tx.WaiterPurgeRunless(b.ctx, &storage.PurgeParams{EndedBefore: b.now.Add(-time.Hour), Now: b.now, Limit: 1})
+				return err
+			}))
+			require.LessOrEqual(t, res.Waiters, int64(1))
+			total = total.Add(res)
+			if !res.More {
+				break
+			}
+		}
+		total.More = false
+		require.Equal(t, storage.PurgeResult{Runs: 2, Waiters: 4, Steps: 2, LookbackEvents: 1, Notifications: 2}, total)
+
+		for _, id := range []string{"wfr_old", "wfr_old2"} {
+			_, err := b.store.RunGet(b.ctx, id, false)
+			require.ErrorIs(t, err, storage.ErrNotFound, id)
+			steps, err := b.store.StepListByRun(b.ctx, id)
+			require.NoError(t, err)
+			require.Empty(t, steps)
+			ws, err := b.store.WaiterListByRun(b.ctx, id)
+			require.NoError(t, err)
+			require.Empty(t, ws)
+		}
+		for _, id := range []string{"wfr_started", "wfr_recent", "wfr_stuck", "wfr_pending"} {
+			_, err := b.store.RunGet(b.ctx, id, false)
+			require.NoError(t, err, id)
+		}
+		for _, w := range []*models.Waiter{oldShared, oldCanceled, old2, runlessOld} {
+			_, err := b.store.WaiterGet(b.ctx, w.ID)
+			require.ErrorIs(t, err, storage.ErrNotFound, w.ID)
+		}
+		for _, w := range []*models.Waiter{startedEnded, startedWaiting, recentW, stuck, runlessWaiting, runlessRecent} {
+			_, err := b.store.WaiterGet(b.ctx, w.ID)
+			require.NoError(t, err, w.ID)
+		}
+		// The shared notification still gives its waiter its data.
+		got, err := b.store.WaiterGet(b.ctx, startedEnded.ID)
+		require.NoError(t, err)
+		require.JSONEq(t, `{"m":"msg_shared"}`, string(got.EventData))
+		steps, err := b.store.StepListByRun(b.ctx, "wfr_started")
+		require.NoError(t, err)
+		require.Len(t, steps, 1)
+		pending, err := b.store.LookbackEventListByRun(b.ctx, "wfr_pending", b.now)
+		require.NoError(t, err)
+		require.Len(t, pending, 1)
+		var notifications []string
+		rows, err := rawDB(t, b.url).QueryContext(b.ctx, `SELECT message_id FROM notifications ORDER BY message_id`)
+		require.NoError(t, err)
+		for rows.Next() {
+			var m string
+			require.NoError(t, rows.Scan(&m))
+			notifications = append(notifications, m)
+		}
+		require.NoError(t, rows.Err())
+		rows.Close()
+		require.Equal(t, []string{"msg_shared"}, notifications)
+
+		// Nothing more to do: a second pass deletes nothing.
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			res, err := tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: cutoff, Now: b.now, Limit: 100})
+			require.Zero(t, res.Rows())
+			return err
+		}))
+	})
+
+	t.Run("PurgeLargeRunInBoundedBatches", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		old := b.now.Add(-40 * 24 * time.Hour)
+		insertRun(t, b, "wfr_big", func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old, old })
+		var ids []string
+		for range 25 {
+			w := &models.Waiter{EventID: "ev", WorkflowRunID: ptr("wfr_big"), State: models.WaiterWaiting, Deadline: b.now, CreatedAt: old}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			ids = append(ids, w.ID)
+		}
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			_, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: ids, State: models.WaiterNotified, EndedAt: old, MessageID: ptr("msg_big"), EventData: []byte(`1`)})
+			return err
+		}))
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_big", State: models.RunSuccess, UpdatedAt: old}))
+		var calls int
+		for ; ; calls++ {
+			var res storage.PurgeResult
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: b.now.Add(-time.Hour), Now: b.now, Limit: 10})
+				return err
+			}))
+			require.LessOrEqual(t, res.Waiters, int64(10))
+			if calls < 2 {
+				// The run and the notification its waiters share go last.
+				require.Zero(t, res.Runs)
+				require.Zero(t, res.Notifications)
+				_, err := b.store.RunGet(b.ctx, "wfr_big", false)
+				require.NoError(t, err)
+			}
+			if !res.More {
+				require.Equal(t, int64(1), res.Runs)
+				require.Equal(t, int64(1), res.Notifications)
+				break
+			}
+		}
+		require.Equal(t, 2, calls)
+		_, err := b.store.RunGet(b.ctx, "wfr_big", false)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+	})
+
 	t.Run("WaiterListWaitingByRun", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
