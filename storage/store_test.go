@@ -1095,7 +1095,9 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		endWaiters([]string{old2.ID}, models.WaiterNotified, old, "msg_only_old2")
 
 		// A notification shared with a waiter of a started run stays.
-		insertRun(t, b, "wfr_started", func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old.Add(-300*24*time.Hour), old.Add(-300*24*time.Hour) })
+		insertRun(t, b, "wfr_started", func(r *models.WorkflowRun) {
+			r.CreatedAt, r.UpdatedAt = old.Add(-300*24*time.Hour), old.Add(-300*24*time.Hour)
+		})
 		startedEnded := waiter("ev", ptr("wfr_started"), old)
 		endWaiters([]string{oldShared.ID, startedEnded.ID}, models.WaiterNotified, old, "msg_shared")
 		endWaiters([]string{oldCanceled.ID}, models.WaiterCanceled, old, "")
