@@ -214,7 +214,7 @@ var wantIndexes = map[string]index{
 	"steps_run_step":              {"steps", true, "run_id,step_name"},
 	"notifications_message":       {"notifications", true, "message_id"},
 	"runs_ended":                  {"runs", false, "ended_at"},
-	"waiters_run_ended":           {"waiters", false, "run_id,ended_at"},
+	"waiters_run_state_ended":     {"waiters", false, "run_id,state,ended_at"},
 	"waiters_message":             {"waiters", false, "message_id"},
 }
 

@@ -53,10 +53,16 @@ const purgeRunsPerBatch = 50
 // a run ends its waiters and drops its pending lookback events, in the same
 // transaction, so neither should exist; if one does, the run stays.) A run
 // in RUN_STARTED has no ended_at.
+//
+// Anti-joins, not NOT EXISTS: MariaDB turned NOT EXISTS on lookback_events
+// into a materialized table of every pending lookback event, built on each
+// call. A LEFT JOIN keeps runs the outer table, read in runs_ended order,
+// each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed)
+// and dropped at the first live row.
 const purgeRunCandidatesSQL = `SELECT r.seq, r.id FROM runs r
-WHERE r.ended_at <= ? AND r.state <> ?
-AND NOT EXISTS (SELECT 1 FROM waiters w WHERE w.run_id = r.id AND w.state = ?)
-AND NOT EXISTS (SELECT 1 FROM lookback_events l WHERE l.run_id = r.id AND l.consumed = ? AND l.expires_at > ?)
+LEFT JOIN waiters w ON w.run_id = r.id AND w.state = ?
+LEFT JOIN lookback_events l ON l.run_id = r.id AND l.consumed = ? AND l.expires_at > ?
+WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL
 ORDER BY r.ended_at, r.seq LIMIT ?`
 
 // RunPurge deletes runs that ended at or before p.EndedBefore with
@@ -74,8 +80,8 @@ func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResul
 		ID  string `gorm:"column:id"`
 	}
 	var runs []candidate
-	if err := e.q(ctx).Raw(purgeRunCandidatesSQL, newDBTime(p.EndedBefore), string(models.RunStarted), string(models.WaiterWaiting),
-		false, newDBTime(p.Now), min(purgeRunsPerBatch, max(p.Limit, 1))).Scan(&runs).Error; err != nil {
+	if err := e.q(ctx).Raw(purgeRunCandidatesSQL, string(models.WaiterWaiting), false, newDBTime(p.Now),
+		newDBTime(p.EndedBefore), string(models.RunStarted), min(purgeRunsPerBatch, max(p.Limit, 1))).Scan(&runs).Error; err != nil {
 		return res, e.classify(err)
 	}
 	if len(runs) == 0 {
@@ -148,17 +154,28 @@ var runChildren = []struct {
 }
 
 // WaiterPurgeRunless deletes up to p.Limit waiters without a run that
-// ended at or before p.EndedBefore, oldest end first (waiters_run_ended
-// under run_id NULL), and the notifications no waiter refers to any more.
+// ended at or before p.EndedBefore, and the notifications no waiter refers
+// to any more.
 // A waiter WAITING has no end and is never among them. Run it inside InTx.
 func (e *gormExecutor) WaiterPurgeRunless(ctx context.Context, p *PurgeParams) (PurgeResult, error) {
 	var res PurgeResult
 	limit := max(p.Limit, 1)
 	var ws []waiterRef
-	if err := e.q(ctx).Model(&waiterRow{}).Select("seq, message_id").
-		Where("run_id IS NULL AND ended_at <= ? AND state <> ?", newDBTime(p.EndedBefore), string(models.WaiterWaiting)).
-		Order("ended_at").Limit(limit).Scan(&ws).Error; err != nil {
-		return res, e.classify(err)
+	// One ended state at a time: each is a range of waiters_run_state_ended
+	// (run_id NULL, state, ended_at) that holds only ended waiters. With
+	// state <> WAITING instead, the scan would walk past every live
+	// subscription's waiter (run_id NULL, WAITING) on each call.
+	for _, state := range []models.WaiterState{models.WaiterNotified, models.WaiterTimedOut, models.WaiterCanceled} {
+		if len(ws) == limit {
+			break
+		}
+		var more []waiterRef
+		if err := e.q(ctx).Model(&waiterRow{}).Select("seq, message_id").
+			Where("run_id IS NULL AND state = ? AND ended_at <= ?", string(state), newDBTime(p.EndedBefore)).
+			Order("ended_at").Limit(limit - len(ws)).Scan(&more).Error; err != nil {
+			return res, e.classify(err)
+		}
+		ws = append(ws, more...)
 	}
 	if err := e.purgeWaiters(ctx, ws, &res); err != nil {
 		return res, err

@@ -96,9 +96,8 @@ func (e *gormExecutor) WaiterListByRun(ctx context.Context, runID string) ([]*mo
 
 func (e *gormExecutor) WaiterListWaitingByRun(ctx context.Context, runID string) ([]*models.Waiter, error) {
 	var rows []waiterRow
-	// ended_at IS NULL: served by waiters_run_ended, which holds exactly
-	// the run's waiters still WAITING under (run_id, NULL).
-	if err := e.q(ctx).Where("run_id = ? AND ended_at IS NULL AND state = ?", runID, string(models.WaiterWaiting)).
+	// Served by waiters_run_state_ended: only the waiting ones are read.
+	if err := e.q(ctx).Where("run_id = ? AND state = ?", runID, string(models.WaiterWaiting)).
 		Order("seq").Find(&rows).Error; err != nil {
 		return nil, e.classify(err)
 	}
