@@ -58,10 +58,13 @@ const purgeRunsPerBatch = 50
 // into a materialized table of every pending lookback event, built on each
 // call. A LEFT JOIN keeps runs the outer table, read in runs_ended order,
 // each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed)
-// and dropped at the first live row.
+// and dropped at the first live row. The unary pluses keep SQLite (which has
+// no statistics) from probing lookback_events by (consumed, expires_at), a
+// scan of every pending event per run, instead of by run_id; MySQL ignores
+// them.
 const purgeRunCandidatesSQL = `SELECT r.seq, r.id FROM runs r
 LEFT JOIN waiters w ON w.run_id = r.id AND w.state = ?
-LEFT JOIN lookback_events l ON l.run_id = r.id AND l.consumed = ? AND l.expires_at > ?
+LEFT JOIN lookback_events l ON l.run_id = r.id AND +l.consumed = ? AND +l.expires_at > ?
 WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL
 ORDER BY r.ended_at, r.seq LIMIT ?`
 
