@@ -16,6 +16,7 @@ import (
 	"time"
 
 	mysqldriver "github.com/go-sql-driver/mysql"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"rendezvous/internal/testdb"
@@ -1249,6 +1250,88 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Equal(t, 2, calls)
 		_, err := b.store.RunGet(b.ctx, "wfr_big", false)
 		require.ErrorIs(t, err, storage.ErrNotFound)
+	})
+
+	// Two replicas purging at once: every row goes once, and no
+	// notification is left behind because each saw the other's waiter still
+	// referring to it.
+	t.Run("PurgeConcurrent", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		other := openStore(t, b.url)
+		old := b.now.Add(-40 * 24 * time.Hour)
+		const runs, perMsg = 30, 4
+		var all []string
+		for i := range runs {
+			id := "wfr_c" + strconv.Itoa(i)
+			insertRun(t, b, id, func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old, old })
+			for range 3 {
+				var run *string
+				if len(all)%2 == 0 {
+					run = &id
+				}
+				w := &models.Waiter{EventID: "ev", WorkflowRunID: run, State: models.WaiterWaiting, Deadline: b.now, CreatedAt: old}
+				require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+				all = append(all, w.ID)
+			}
+		}
+		// Each notification is shared by perMsg waiters of different runs,
+		// with and without a run.
+		for i := 0; i < len(all); i += perMsg {
+			ids := all[i:min(i+perMsg, len(all))]
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				_, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: ids, State: models.WaiterNotified, EndedAt: old,
+					MessageID: ptr("msg_c" + strconv.Itoa(i)), EventData: []byte(`1`)})
+				return err
+			}))
+		}
+		for i := range runs {
+			require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_c" + strconv.Itoa(i), State: models.RunSuccess, UpdatedAt: old}))
+		}
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		var total storage.PurgeResult
+		// One purges runs while the other purges waiters without a run: the
+		// two delete different waiters of the same notifications at once.
+		purges := []func(storage.Executor, context.Context, *storage.PurgeParams) (storage.PurgeResult, error){
+			storage.Executor.RunPurge, storage.Executor.WaiterPurgeRunless,
+		}
+		for i, s := range []storage.Store{b.store, other} {
+			wg.Go(func() {
+				p := &storage.PurgeParams{EndedBefore: b.now.Add(-time.Hour), Now: b.now, Limit: 5}
+				for _, purge := range []func(storage.Executor, context.Context, *storage.PurgeParams) (storage.PurgeResult, error){
+					purges[i], purges[1-i],
+				} {
+					for {
+						var res storage.PurgeResult
+						err := s.InTx(b.ctx, func(tx storage.Executor) error {
+							var err error
+							res, err = purge(tx, b.ctx, p)
+							return err
+						})
+						if !assert.NoError(t, err) {
+							return
+						}
+						mu.Lock()
+						total = total.Add(res)
+						mu.Unlock()
+						if !res.More {
+							break
+						}
+					}
+				}
+			})
+		}
+		wg.Wait()
+		db := rawDB(t, b.url)
+		for _, table := range []string{"runs", "waiters", "notifications"} {
+			var n int
+			require.NoError(t, db.QueryRowContext(b.ctx, `SELECT COUNT(*) FROM `+table).Scan(&n))
+			require.Zero(t, n, table)
+		}
+		require.Equal(t, int64(runs), total.Runs)
+		require.Equal(t, int64(len(all)), total.Waiters)
+		require.Equal(t, int64((len(all)+perMsg-1)/perMsg), total.Notifications)
 	})
 
 	t.Run("WaiterListWaitingByRun", func(t *testing.T) {
