@@ -33,7 +33,8 @@ type migration struct {
 //	notifications   UNIQUE(message_id)                 a notified waiter's event data (one row per notify, not per waiter)
 //	waiters         (replica_id, state)                reaping waiters whose replica died
 //	replicas        PRIMARY(id)                        the lease check in every notify
-//	runs            (ended_at)                         the retention purge: ended runs, oldest end first (NULL while started)
+//	runs            (ended_at, state)                  the retention purge: ended runs, oldest end first (NULL while started);
+//	                                                   runs ended by an older binary, without ended_at (NULL, ended state)
 //	waiters         (run_id, state, ended_at)          the purge of waiters without a run (run_id NULL), per ended state,
 //	                                                   oldest end first; a run's WAITING waiters when it ends
 //	waiters         (message_id)                       the purge: is a notification still referred to by a waiter
@@ -215,14 +216,14 @@ var migrations = []migration{
 		mysql: []string{
 			`ALTER TABLE runs ADD COLUMN ended_at DATETIME(6) NULL`,
 			`UPDATE runs SET ended_at = updated_at WHERE state <> 'RUN_STARTED' AND ended_at IS NULL`,
-			`CREATE INDEX runs_ended ON runs (ended_at)`,
+			`CREATE INDEX runs_ended ON runs (ended_at, state)`,
 			`CREATE INDEX waiters_run_state_ended ON waiters (run_id, state, ended_at)`,
 			`CREATE INDEX waiters_message ON waiters (message_id)`,
 		},
 		sqlite: []string{
 			`ALTER TABLE runs ADD COLUMN ended_at TEXT NULL`,
 			`UPDATE runs SET ended_at = updated_at WHERE state <> 'RUN_STARTED' AND ended_at IS NULL`,
-			`CREATE INDEX runs_ended ON runs (ended_at)`,
+			`CREATE INDEX runs_ended ON runs (ended_at, state)`,
 			`CREATE INDEX waiters_run_state_ended ON waiters (run_id, state, ended_at)`,
 			`CREATE INDEX waiters_message ON waiters (message_id)`,
 		},

@@ -66,7 +66,7 @@ const purgeRunCandidatesSQL = `SELECT r.seq, r.id FROM runs r
 LEFT JOIN waiters w ON w.run_id = r.id AND w.state = ?
 LEFT JOIN lookback_events l ON l.run_id = r.id AND +l.consumed = ? AND +l.expires_at > ?
 WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL
-ORDER BY r.ended_at, r.seq LIMIT ?`
+ORDER BY r.ended_at, r.state, r.seq LIMIT ?`
 
 // RunPurge deletes runs that ended at or before p.EndedBefore with
 // everything of theirs: waiters, steps, lookback events (and, when the
@@ -78,6 +78,9 @@ ORDER BY r.ended_at, r.seq LIMIT ?`
 // they leave unreferenced go together.
 func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResult, error) {
 	var res PurgeResult
+	if err := e.runEndedAtRepair(ctx, p.Limit); err != nil {
+		return res, err
+	}
 	type candidate struct {
 		Seq int64  `gorm:"column:seq"`
 		ID  string `gorm:"column:id"`
@@ -144,6 +147,24 @@ func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResul
 	res.Runs = del.RowsAffected
 	res.More = len(runs) == min(purgeRunsPerBatch, max(p.Limit, 1))
 	return res, nil
+}
+
+// runEndedAtRepair gives runs ended without an ended_at their updated_at
+// (when they ended). Migration 4 did so for the runs of its time, but
+// during a rolling upgrade replicas still on the older binary end runs
+// without setting it, and such a run would never be purged. Served by
+// runs_ended's (NULL, ended state) ranges; with none it costs one probe.
+func (e *gormExecutor) runEndedAtRepair(ctx context.Context, limit int) error {
+	ended := []string{string(models.RunSuccess), string(models.RunFailed), string(models.RunCanceled)}
+	var seqs []int64
+	if err := e.q(ctx).Model(&runRow{}).Where("ended_at IS NULL AND state IN ?", ended).
+		Limit(max(limit, 1)).Pluck("seq", &seqs).Error; err != nil {
+		return e.classify(err)
+	}
+	if len(seqs) == 0 {
+		return nil
+	}
+	return e.classify(e.q(ctx).Exec("UPDATE runs SET ended_at = updated_at WHERE seq IN ? AND ended_at IS NULL AND state IN ?", seqs, ended).Error)
 }
 
 // runChildren are the tables, other than waiters, whose rows belong to a

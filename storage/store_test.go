@@ -1334,6 +1334,33 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Equal(t, int64((len(all)+perMsg-1)/perMsg), total.Notifications)
 	})
 
+	// During a rolling upgrade, replicas on the binary before ended_at end
+	// runs without it: the purge still finds them, by updated_at.
+	t.Run("PurgeRunEndedByOlderBinary", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		old := b.now.Add(-40 * 24 * time.Hour)
+		insertRun(t, b, "wfr_legacy")
+		insertRun(t, b, "wfr_legacy_recent")
+		insertRun(t, b, "wfr_started")
+		db := rawDB(t, b.url)
+		for id, at := range map[string]time.Time{"wfr_legacy": old, "wfr_legacy_recent": b.now} {
+			_, err := db.ExecContext(b.ctx, `UPDATE runs SET state = 'RUN_FAILED', updated_at = ? WHERE id = ?`, at.UTC().Format("2006-01-02 15:04:05.000000"), id)
+			require.NoError(t, err)
+		}
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			res, err := tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: b.now.Add(-30 * 24 * time.Hour), Now: b.now, Limit: 10})
+			require.Equal(t, int64(1), res.Runs)
+			return err
+		}))
+		_, err := b.store.RunGet(b.ctx, "wfr_legacy", false)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+		for _, id := range []string{"wfr_legacy_recent", "wfr_started"} {
+			_, err := b.store.RunGet(b.ctx, id, false)
+			require.NoError(t, err, id)
+		}
+	})
+
 	t.Run("WaiterListWaitingByRun", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
