@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"rendezvous/hub"
@@ -63,6 +64,10 @@ type Engine struct {
 	// whose removal failed; the sweep loop retries them.
 	unreleasedMu sync.Mutex
 	unreleased   map[string]struct{}
+	// clockOffset is the database's clock minus this machine's (with
+	// ClockSkew), in nanoseconds; see clock.go.
+	clockOffset atomic.Int64
+	clockSynced atomic.Bool
 	// healthySince is when lease renewals last started succeeding after a
 	// failure; only the loop goroutine touches it.
 	healthySince time.Time
@@ -180,7 +185,6 @@ func (e *Engine) Ready(ctx context.Context) error {
 	return storageErr("ping database", e.store.Ping(ctx))
 }
 
-func (e *Engine) now() time.Time { return e.cfg.Now().UTC().Truncate(time.Microsecond) }
 
 var idEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
 

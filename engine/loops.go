@@ -52,6 +52,18 @@ func (e *Engine) runLoops(ctx context.Context) {
 // replicas' too, so it reaps only once renewals have succeeded for half a
 // TTL: by then every live replica has renewed (they do every quarter TTL).
 func (e *Engine) renewAndReap(ctx context.Context) bool {
+	// Bounded, so that a connection the network black-holed (no reset, no
+	// answer) cannot hold the loop past the lease: the driver drops the
+	// connection when the context ends, and the next tick uses a new one.
+	ctx, cancel := context.WithTimeout(ctx, max(e.cfg.LeaseTTL/4, time.Second))
+	defer cancel()
+	if err := e.SyncClock(ctx); err != nil {
+		if ctx.Err() == nil {
+			e.log.Warn("read the database clock", "err", err)
+		}
+		e.healthySince = time.Time{}
+		return false
+	}
 	if err := e.holdLease(ctx, true); err != nil {
 		if ctx.Err() == nil {
 			e.log.Warn("renew replica lease", "err", err)

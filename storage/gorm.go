@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"gorm.io/gorm"
 	"gorm.io/gorm/clause"
@@ -46,6 +47,20 @@ func (e *gormExecutor) classify(err error) error {
 func (s *gormStore) Dialect() string { return s.dialect }
 
 func (s *gormStore) Ping(ctx context.Context) error { return s.classify(s.sqlDB.PingContext(ctx)) }
+
+func (s *gormStore) DBNow(ctx context.Context) (time.Time, error) {
+	if s.dialect != DialectMySQL {
+		// SQLite runs inside this process: its clock is this machine's,
+		// which time.Now reads with more precision than SQLite's
+		// milliseconds. (Processes sharing a SQLite file share a machine.)
+		return time.Now().UTC(), nil
+	}
+	var now time.Time
+	if err := s.sqlDB.QueryRowContext(ctx, "SELECT UTC_TIMESTAMP(6)").Scan(&now); err != nil {
+		return time.Time{}, s.classify(err)
+	}
+	return now.UTC(), nil
+}
 
 func (s *gormStore) Close() error { return s.sqlDB.Close() }
 

@@ -55,6 +55,9 @@ type Store interface {
 	// times with jittered backoff.
 	InTx(ctx context.Context, fn func(tx Executor) error) error
 	Ping(ctx context.Context) error
+	// DBNow reads the database's clock (UTC): the one clock that every
+	// replica's leases, deadlines and expiries are compared on.
+	DBNow(ctx context.Context) (time.Time, error)
 	Dialect() string
 	Close() error
 }
