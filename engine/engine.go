@@ -185,7 +185,6 @@ func (e *Engine) Ready(ctx context.Context) error {
 	return storageErr("ping database", e.store.Ping(ctx))
 }
 
-
 var idEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
 
 // newID returns prefix + 26 random base32 characters (128 bits).
