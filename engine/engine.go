@@ -64,6 +64,9 @@ type Engine struct {
 	// whose removal failed; the sweep loop retries them.
 	unreleasedMu sync.Mutex
 	unreleased   map[string]struct{}
+	// reads batches the reads of woken waits (see reads.go).
+	readsMu sync.Mutex
+	reads   waiterReads
 	// clockOffset is the database's clock minus this machine's (with
 	// ClockSkew), in nanoseconds; see clock.go.
 	clockOffset atomic.Int64

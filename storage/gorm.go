@@ -32,14 +32,30 @@ type gormExecutor struct {
 	obs     Observer
 	// returning: the server knows INSERT … RETURNING (MariaDB ≥ 10.5).
 	returning bool
+	// pool and maxIdle, to drop idle connections (see classify).
+	pool    *sql.DB
+	maxIdle int
 }
 
 // classify classifies a driver error (see the package function) and tells
 // the observer when the database could not be reached.
+//
+// A statement that failed for want of the database, or ran out of time,
+// may have been on a connection that the network black-holed: no reset,
+// no answer. The pool's idle connections most likely went the same way,
+// and the pool cannot tell (each looks open), so each would cost the next
+// caller a whole timeout. They are dropped; new ones are dialed on demand.
 func (e *gormExecutor) classify(err error) error {
 	c := classify(err)
-	if c != nil && errors.Is(c, ErrUnavailable) {
+	if c == nil {
+		return nil
+	}
+	if errors.Is(c, ErrUnavailable) {
 		e.obs.DBRetry(CauseConnection)
+	}
+	if e.pool != nil && e.dialect == DialectMySQL && (errors.Is(c, ErrUnavailable) || errors.Is(c, context.DeadlineExceeded)) {
+		e.pool.SetMaxIdleConns(0)
+		e.pool.SetMaxIdleConns(e.maxIdle)
 	}
 	return c
 }
@@ -96,7 +112,7 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -164,8 +180,8 @@ func (e *gormExecutor) notFound(err error) error {
 }
 
 // chunks yields s in pieces of at most chunkSize.
-func chunks(s []int64) func(yield func([]int64) bool) {
-	return func(yield func([]int64) bool) {
+func chunks[T any](s []T) func(yield func([]T) bool) {
+	return func(yield func([]T) bool) {
 		for len(s) > 0 {
 			n := min(len(s), chunkSize)
 			if !yield(s[:n]) {

@@ -106,7 +106,7 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		returning = mariaDBAtLeast(d.ServerVersion, 10, 5)
 	}
 	return &gormStore{
-		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning},
+		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning, pool: sqlDB, maxIdle: opts.MaxOpenConns},
 		sqlDB:        sqlDB,
 		maxAttempts:  opts.MaxTxAttempts,
 		log:          opts.Logger,

@@ -105,8 +105,15 @@ type Executor interface {
 	// WAITING (an ended one keeps its result) and returns how many it
 	// deleted. Unknown ids are ignored.
 	WaiterDeleteWaiting(ctx context.Context, waiterIDs []string) (int64, error)
-	// WaiterListEnded returns which of the given waiters are no longer WAITING.
-	WaiterListEnded(ctx context.Context, waiterIDs []string) ([]string, error)
+	// WaiterGetMany is WaiterGet for many waiters in a few statements (the
+	// rows by chunks of ids, then the data of the notifications that
+	// resolved them): the waiters found, by id; ids of no waiter are absent.
+	WaiterGetMany(ctx context.Context, waiterIDs []string) (map[string]*models.Waiter, error)
+	// WaiterListNotWaiting returns which of the given waiters are not
+	// WAITING: ended, or gone (a waiter without a step deleted, for
+	// instance reaped after its replica lost its lease). A subscription
+	// must hear of both.
+	WaiterListNotWaiting(ctx context.Context, waiterIDs []string) ([]string, error)
 	// WaiterListExpired lists WAITING waiters whose deadline is at or before now.
 	WaiterListExpired(ctx context.Context, now time.Time, limit int) ([]*models.Waiter, error)
 	// WaiterCountWaiting counts the waiters WAITING whose deadline is after now.
