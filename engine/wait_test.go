@@ -67,7 +67,7 @@ func TestRemoteWakeReadsInBatches(t *testing.T) {
 		require.NoError(t, a.SyncClock(ctx))
 		require.NoError(t, b.SyncClock(ctx))
 
-		const n = 2000
+		const n = 1000
 		ev := fmt.Sprintf("batch-%d", time.Now().UnixNano())
 		var (
 			wg  sync.WaitGroup
@@ -76,20 +76,37 @@ func TestRemoteWakeReadsInBatches(t *testing.T) {
 		)
 		wctx, cancel := context.WithCancel(ctx)
 		defer cancel()
-		for range n {
-			w, err := b.Wait(wctx, engine.WaitParams{EventID: ev})
-			require.NoError(t, err)
-			wg.Add(1)
-			w.Watch(wctx, func(r *models.WaitResult, err error) {
-				defer wg.Done()
-				mu.Lock()
-				defer mu.Unlock()
-				if err != nil {
-					got["error: "+err.Error()]++
-					return
+		wg.Add(n)
+		var registered sync.WaitGroup
+		regErrs := make(chan error, n)
+		for g := range 4 {
+			registered.Add(1)
+			go func() {
+				defer registered.Done()
+				for i := g; i < n; i += 4 {
+					w, err := b.Wait(wctx, engine.WaitParams{EventID: ev})
+					if err != nil {
+						regErrs <- err
+						wg.Done()
+						continue
+					}
+					w.Watch(wctx, func(r *models.WaitResult, err error) {
+						defer wg.Done()
+						mu.Lock()
+						defer mu.Unlock()
+						if err != nil {
+							got["error: "+err.Error()]++
+							return
+						}
+						got[string(r.EventData)+" "+*r.MessageID]++
+					})
 				}
-				got[string(r.EventData)+" "+*r.MessageID]++
-			})
+			}()
+		}
+		registered.Wait()
+		close(regErrs)
+		for err := range regErrs {
+			require.NoError(t, err)
 		}
 		res, err := a.Notify(ctx, engine.NotifyParams{EventID: ev, EventData: json.RawMessage(`{"all":true}`)})
 		require.NoError(t, err)

@@ -15,6 +15,9 @@ import (
 // chunkSize bounds the ids in one IN (…) list.
 const chunkSize = 1000
 
+// txTimeout bounds one attempt of a transaction of InTx.
+const txTimeout = 30 * time.Second
+
 type gormStore struct {
 	gormExecutor
 	sqlDB       *sql.DB
@@ -32,6 +35,9 @@ type gormExecutor struct {
 	obs     Observer
 	// returning: the server knows INSERT … RETURNING (MariaDB ≥ 10.5).
 	returning bool
+	// txCtx is the context of the transaction attempt this executor
+	// runs in; nil on the pool.
+	txCtx context.Context
 	// pool and maxIdle, to drop idle connections (see classify).
 	pool    *sql.DB
 	maxIdle int
@@ -102,6 +108,11 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 // engine error naming caller-chosen ids) must not be mistaken for one. A
 // failed COMMIT is ErrCommitUnknown: the write may have landed.
 func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err error) {
+	// Bounded whatever the caller's context says: a statement on a
+	// connection the network black-holed would wait for good (see
+	// classify), holding a request or a subscription's registration.
+	ctx, cancel := context.WithTimeout(ctx, txTimeout)
+	defer cancel()
 	tx, err := s.begin(ctx)
 	if err != nil {
 		return s.classify(err)
@@ -112,7 +123,7 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: ctx}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -161,7 +172,16 @@ func (s *gormStore) begin(ctx context.Context) (*gorm.DB, error) {
 	return tx, nil
 }
 
-func (e *gormExecutor) q(ctx context.Context) *gorm.DB { return e.db.WithContext(ctx) }
+// q starts a statement. Inside a transaction it runs on the transaction's
+// context: the one InTx was given, bounded per attempt by txTimeout.
+func (e *gormExecutor) q(ctx context.Context) *gorm.DB {
+	if e.txCtx != nil {
+		if err := ctx.Err(); err == nil {
+			ctx = e.txCtx
+		}
+	}
+	return e.db.WithContext(ctx)
+}
 
 // lock adds FOR UPDATE on MySQL. SQLite has no row locks: its single
 // connection already makes transactions serial.
