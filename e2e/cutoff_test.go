@@ -13,6 +13,7 @@ import (
 
 	"rendezvous/internal/gqlclient"
 	"rendezvous/internal/testdb"
+	"rendezvous/models"
 	"rendezvous/service"
 	"rendezvous/storage"
 )
@@ -174,4 +175,31 @@ func TestCutOffReplicaWaitersEnd(t *testing.T) {
 	again := mustResult(t, a.subscribe(a.dial(gqlclient.TransportWS), evRun, waitOpts{run: run}))
 	require.Equal(t, n.Lookback.MessageID, *again.MessageID)
 	require.Equal(t, `"while cut off"`, string(again.EventData))
+}
+
+// A replica cut off just past its lease comes back and renews it before
+// anyone reaped its waiters. A targeted notify sent meanwhile skipped its
+// waiter (the lease looked dead) and stored a lookback event; the waiter
+// must not wait on beside that event (rule 5: neither delivered). The
+// notify removes the waiter it skipped, so its subscriber hears WAITER_LOST.
+func TestLapsedWaiterSkippedIsRemoved(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		e := newEnv(t, db)
+		ctx := ctxT(t)
+		run, ev := e.trigger(), uid("lapsed")
+		now := e.svc.Engine.Now()
+		require.NoError(t, e.svc.Store.ReplicaRenew(ctx, "rep_lapsed", now.Add(-time.Millisecond)))
+		w := &models.Waiter{EventID: ev, WorkflowRunID: &run, State: models.WaiterWaiting,
+			Deadline: now.Add(time.Hour), CreatedAt: now, Owner: "rep_lapsed"}
+		require.NoError(t, e.svc.Store.WaiterInsert(ctx, w))
+
+		n := e.notify(ev, "kept", run)
+		require.Empty(t, n.NotifyResponse)
+		require.NotNil(t, n.Lookback)
+		// The replica is back and renews before any reaper ran.
+		require.NoError(t, e.svc.Store.ReplicaRenew(ctx, "rep_lapsed", now.Add(time.Hour)))
+		_, err := e.svc.Store.WaiterGet(ctx, w.ID)
+		require.ErrorIs(t, err, storage.ErrNotFound, "the skipped waiter must not wait on beside its lookback event")
+		require.Empty(t, e.waiters(ev))
+	})
 }

@@ -108,11 +108,21 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 // engine error naming caller-chosen ids) must not be mistaken for one. A
 // failed COMMIT is ErrCommitUnknown: the write may have landed.
 func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err error) {
-	// Bounded whatever the caller's context says: a statement on a
-	// connection the network black-holed would wait for good (see
-	// classify), holding a request or a subscription's registration.
-	ctx, cancel := context.WithTimeout(ctx, txTimeout)
-	defer cancel()
+	if s.dialect == DialectMySQL {
+		// Bounded whatever the caller's context says: a statement on a
+		// connection the network black-holed would wait for good (see
+		// classify), holding a request or a subscription's registration.
+		// (SQLite runs in this process: no network to lose.)
+		caller := ctx
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, txTimeout)
+		defer cancel()
+		defer func() {
+			if err != nil && errors.Is(err, context.DeadlineExceeded) && caller.Err() == nil {
+				err = fmt.Errorf("%w: the transaction took longer than %s: %v", ErrUnavailable, txTimeout, err)
+			}
+		}()
+	}
 	tx, err := s.begin(ctx)
 	if err != nil {
 		return s.classify(err)
@@ -123,7 +133,7 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: ctx}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: txCtx(ctx, s.dialect)}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -170,6 +180,13 @@ func (s *gormStore) begin(ctx context.Context) (*gorm.DB, error) {
 	tx := s.db.Session(&gorm.Session{Context: ctx, NewDB: true})
 	tx.Statement.ConnPool = pool
 	return tx, nil
+}
+
+func txCtx(ctx context.Context, dialect string) context.Context {
+	if dialect != DialectMySQL {
+		return nil
+	}
+	return ctx
 }
 
 // q starts a statement. Inside a transaction it runs on the transaction's

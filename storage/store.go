@@ -203,14 +203,18 @@ type WaiterListWaitingParams struct {
 	Self      string
 	Now       time.Time
 	ForUpdate bool
+	// Lapsed, when set, receives the ids of the waiters left out because
+	// their owner's lease had run out.
+	Lapsed *[]string
 }
 
 type RunLockListWaitingParams struct {
 	RunID   string
 	EventID string
-	// Self and Now as in WaiterListWaitingParams.
-	Self string
-	Now  time.Time
+	// Self, Now and Lapsed as in WaiterListWaitingParams.
+	Self   string
+	Now    time.Time
+	Lapsed *[]string
 }
 
 type WaiterEndParams struct {

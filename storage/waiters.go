@@ -77,7 +77,7 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 	// Owners' leases in a second read, and only for other replicas'
 	// waiters: as a subquery MariaDB prepared it on every call, a fifth of
 	// a notify's database time even with no other replica.
-	rows, err := e.liveOwners(ctx, rows, p.Self, now)
+	rows, err := e.liveOwners(ctx, rows, p.Self, now, p.Lapsed)
 	if err != nil {
 		return nil, err
 	}
