@@ -27,6 +27,7 @@ type dbProxy struct {
 	ln     net.Listener
 	target string
 	holed  atomic.Bool
+	refuse atomic.Bool // drop: new connections are closed at once
 	done   chan struct{}
 
 	mu    sync.Mutex
@@ -59,6 +60,10 @@ func (p *dbProxy) accept() {
 		if err != nil {
 			return
 		}
+		if p.refuse.Load() {
+			c.Close()
+			continue
+		}
 		if p.holed.Load() {
 			p.mu.Lock()
 			p.held = append(p.held, c)
@@ -90,7 +95,35 @@ func (p *dbProxy) blackhole() {
 	}
 }
 
-func (p *dbProxy) restore() { p.holed.Store(false) }
+// drop closes every connection and refuses new ones, as a server that
+// went down does, until restore.
+func (p *dbProxy) drop() {
+	p.refuse.Store(true)
+	p.mu.Lock()
+	conns := p.conns
+	p.conns = nil
+	p.mu.Unlock()
+	for _, pc := range conns {
+		pc.client.Close()
+		pc.server.Close()
+		pc.pumps.Wait()
+	}
+}
+
+// restore forwards new connections again. Those accepted while
+// black-holed are closed: a real dial into a black hole would have failed
+// by now (its SYN unanswered); only established connections stay silent.
+func (p *dbProxy) restore() {
+	p.holed.Store(false)
+	p.refuse.Store(false)
+	p.mu.Lock()
+	held := p.held
+	p.held = nil
+	p.mu.Unlock()
+	for _, c := range held {
+		c.Close()
+	}
+}
 
 func (p *dbProxy) close() {
 	p.ln.Close()

@@ -135,6 +135,11 @@ func (e *Engine) holdLease(ctx context.Context, force bool) error {
 		return nil
 	}
 	until := now.Add(e.cfg.LeaseTTL)
+	// Bounded: this holds leaseMu, which every registration of a waiter
+	// without a step and the lease loop need; a connection the network
+	// black-holed must not hold them all for good.
+	ctx, cancel := context.WithTimeout(ctx, max(e.cfg.LeaseTTL/4, time.Second))
+	defer cancel()
 	if err := e.store.ReplicaRenew(ctx, e.replicaID, until); err != nil {
 		return storageErr("renew replica lease", err)
 	}

@@ -215,11 +215,21 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 	})
 	if err != nil {
 		unlisten()
-		if errors.Is(err, storage.ErrCommitUnknown) && live != nil && w.fresh && !w.durable {
-			// The waiter may exist, with nobody left to receive its event.
-			e.retryRelease(live.ID)
+		if errors.Is(err, storage.ErrCommitUnknown) {
+			err = e.readBackRegistration(ctx, w, live, ended, endedNow, err)
 		}
-		return nil, storageErr("wait for "+p.EventID, err)
+		if err != nil {
+			if errors.Is(err, storage.ErrCommitUnknown) && live != nil && w.fresh && !w.durable {
+				// The waiter may exist, with nobody left to receive its event.
+				e.retryRelease(live.ID)
+			}
+			return nil, storageErr("wait for "+p.EventID, err)
+		}
+		if w.result == nil && w.waiter == nil {
+			return nil, storageErr("wait for "+p.EventID, fmt.Errorf("bug: registration read back without a waiter"))
+		}
+		e.record(t)
+		return w, nil
 	}
 	e.record(t)
 	if ended != nil {
@@ -238,6 +248,67 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 		w.listener = e.hub.Listen(live.ID, w.onWake)
 	}
 	return w, nil
+}
+
+// readBackTimeout bounds how long a registration whose COMMIT failed keeps
+// asking the database whether it landed.
+const readBackTimeout = 15 * time.Second
+
+// readBackRegistration settles a registration whose COMMIT failed (err):
+// it may have landed. Its waiter's id is known (the INSERT returned it), so
+// the waiter is read back, retrying while the database cannot be reached.
+// Found: the registration happened, and w is set up to go on with it (a
+// waiter born notified delivers the lookback event it consumed; a live one
+// is watched, read first like an attached one). Without this, a lookback
+// event consumed by a registration whose answer was lost would be
+// delivered to nobody. Not found, or no answer in time: err, as before.
+//
+// Not found is taken as "did not land", which holds unless the COMMIT is
+// still on its way on the old connection; the server's wait_timeout ends
+// that connection, and with it any such doubt, within seconds.
+func (e *Engine) readBackRegistration(ctx context.Context, w *Wait, live, ended *models.Waiter, endedNow bool, err error) error {
+	var id string
+	switch {
+	case ended != nil && endedNow && ended.ID != "":
+		id = ended.ID
+	case live != nil && w.fresh && live.ID != "":
+		id = live.ID
+	default:
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, readBackTimeout)
+	defer cancel()
+	var cur *models.Waiter
+	for attempt := 1; cur == nil; attempt++ {
+		got, gerr := e.store.WaiterGet(ctx, id)
+		switch {
+		case gerr == nil:
+			cur = got
+		case errors.Is(gerr, storage.ErrNotFound) || ctx.Err() != nil:
+			return err
+		default:
+			select {
+			case <-time.After(retryDelay(attempt)):
+			case <-ctx.Done():
+				return err
+			}
+		}
+	}
+	e.log.InfoContext(ctx, "a registration whose commit failed had landed; going on with it", "waiter", id)
+	if live != nil && id == live.ID {
+		w.waiter, w.fresh = live, false
+		w.listener = e.hub.Listen(live.ID, w.onWake)
+		return nil
+	}
+	res, rerr := resultOf(cur)
+	if rerr != nil {
+		return rerr
+	}
+	w.result = res
+	if cur.EndedAt != nil {
+		w.endedAt = *cur.EndedAt
+	}
+	return nil
 }
 
 // attachStep finds the waiter of an existing durable step, ending it
@@ -398,7 +469,10 @@ func (w *Wait) decide(c causes) bool {
 		w.leave()
 		return true
 	}
-	ctx := w.ctx
+	// Bounded, like the batched reads: a statement on a connection the
+	// network black-holed must not hold the wait for good; it retries.
+	ctx, cancel := context.WithTimeout(w.ctx, readTimeout)
+	defer cancel()
 	if !w.waiter.Deadline.After(w.e.now()) {
 		won, err := w.expire(ctx)
 		if err != nil {

@@ -92,7 +92,7 @@ const (
 	// network black-holed (no reset, no answer) it would wait for good, and
 	// with it the request and a subscription waiting on it. Past the bound
 	// the outcome is unknown, as for a connection that broke.
-	commitTimeout = 30 * time.Second
+	commitTimeout = 10 * time.Second
 	// badConnRetries is how often a first statement is sent again on a new
 	// connection after driver.ErrBadConn, like database/sql's own retries.
 	badConnRetries = 2
