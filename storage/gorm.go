@@ -108,24 +108,25 @@ func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error 
 // engine error naming caller-chosen ids) must not be mistaken for one. A
 // failed COMMIT is ErrCommitUnknown: the write may have landed.
 func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err error) {
-	if s.dialect == DialectMySQL {
-		// Bounded whatever the caller's context says: a statement on a
-		// connection the network black-holed would wait for good (see
-		// classify), holding a request or a subscription's registration.
-		// (SQLite runs in this process: no network to lose.)
-		caller := ctx
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, txTimeout)
-		defer cancel()
-		defer func() {
-			if err != nil && errors.Is(err, context.DeadlineExceeded) && caller.Err() == nil {
-				err = fmt.Errorf("%w: the transaction took longer than %s: %v", ErrUnavailable, txTimeout, err)
-			}
-		}()
-	}
 	tx, err := s.begin(ctx)
 	if err != nil {
 		return s.classify(err)
+	}
+	var stmtCtx context.Context
+	if s.dialect == DialectMySQL {
+		// The statements are bounded whatever the caller's context says
+		// (waiting for a connection of the pool, above, is not): one on a
+		// connection the network black-holed would wait for good (see
+		// classify), holding a request or a subscription's registration.
+		// (SQLite runs in this process: no network to lose.)
+		var cancel context.CancelFunc
+		stmtCtx, cancel = context.WithTimeout(ctx, txTimeout)
+		defer cancel()
+		defer func() {
+			if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+				err = fmt.Errorf("%w: the transaction took longer than %s: %v", ErrUnavailable, txTimeout, err)
+			}
+		}()
 	}
 	defer func() {
 		if p := recover(); p != nil {
@@ -133,7 +134,7 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: txCtx(ctx, s.dialect)}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -180,13 +181,6 @@ func (s *gormStore) begin(ctx context.Context) (*gorm.DB, error) {
 	tx := s.db.Session(&gorm.Session{Context: ctx, NewDB: true})
 	tx.Statement.ConnPool = pool
 	return tx, nil
-}
-
-func txCtx(ctx context.Context, dialect string) context.Context {
-	if dialect != DialectMySQL {
-		return nil
-	}
-	return ctx
 }
 
 // q starts a statement. Inside a transaction it runs on the transaction's
