@@ -1,14 +1,13 @@
 // Command rendezvous serves the Rendezvous GraphQL API: workflow runs wait
 // for events (waitForEvent) and others notify them (notify), with lookback.
 //
-//	go run .                      # embedded SQLite in ./rendezvous.db, Playground on :8080
+//	go run .                      # embedded SQLite in ./rendezvous.db, Playground on 127.0.0.1:8080
 //	DATABASE_URL=mysql://root@127.0.0.1:3306/test go run .
 package main
 
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -37,7 +36,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", cfg.Addr)
+	ln, err := svc.Listen()
 	if err != nil {
 		svc.Close()
 		return err

@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -41,6 +42,15 @@ type Principal struct {
 	// Key identifies the caller for rate limiting without keeping the
 	// token itself: a hash of the token ("" for anonymous callers).
 	Key string
+	// Limit is the server token's own rate limit; nil: the default of its kind.
+	Limit *Limit
+}
+
+// Limit is a rate limit of mutations per second, up to Burst at once; a
+// zero Rate is no limit.
+type Limit struct {
+	Rate  float64
+	Burst int
 }
 
 // FullAccess reports whether the principal may do everything.
@@ -53,7 +63,10 @@ var ErrUnauthenticated = errors.New("unauthenticated")
 
 // Config configures an Authenticator.
 type Config struct {
-	// ServerTokens grant full access. Empty: the server runs open.
+	// ServerTokens grant full access. Empty: the server runs open. A token
+	// may carry a rate limit of its own: "<token>;rate=1000;burst=2000"
+	// (mutations per second, and at once; rate=0: no limit; burst defaults
+	// to twice the rate).
 	ServerTokens []string
 	// Secrets sign run tokens: the first signs, all verify, so a secret can
 	// be rotated by putting the new one first and dropping the old one once
@@ -68,6 +81,7 @@ type Config struct {
 // Authenticator checks tokens.
 type Authenticator struct {
 	serverTokens [][32]byte // SHA-256 of each token: compared in constant time
+	limits       []*Limit   // of each server token; nil: the default
 	secrets      [][]byte
 	ttl          time.Duration
 }
@@ -82,8 +96,11 @@ func New(cfg Config) (*Authenticator, error) {
 	if a.ttl <= 0 {
 		a.ttl = DefaultRunTokenTTL
 	}
-	for _, t := range cfg.ServerTokens {
-		t = strings.TrimSpace(t)
+	for _, entry := range cfg.ServerTokens {
+		t, limit, err := parseTokenEntry(entry)
+		if err != nil {
+			return nil, err
+		}
 		if t == "" {
 			continue
 		}
@@ -91,6 +108,7 @@ func New(cfg Config) (*Authenticator, error) {
 			return nil, fmt.Errorf("server tokens must be at least 16 characters")
 		}
 		a.serverTokens = append(a.serverTokens, sha256.Sum256([]byte(t)))
+		a.limits = append(a.limits, limit)
 	}
 	if cfg.RequireTokens && len(a.serverTokens) == 0 {
 		return nil, fmt.Errorf("tokens are required (RENDEZVOUS_REQUIRE_TOKENS) but none is configured (RENDEZVOUS_TOKENS or RENDEZVOUS_TOKENS_FILE)")
@@ -135,15 +153,56 @@ func (a *Authenticator) Authenticate(token string, now time.Time) (*Principal, e
 		return a.verifyRunToken(token, now)
 	}
 	sum := sha256.Sum256([]byte(token))
-	match := 0
+	found := -1
 	for i := range a.serverTokens {
-		match |= subtle.ConstantTimeCompare(sum[:], a.serverTokens[i][:])
+		found = subtle.ConstantTimeSelect(subtle.ConstantTimeCompare(sum[:], a.serverTokens[i][:]), i, found)
 	}
-	if match == 1 {
-		return &Principal{Kind: Server, Key: "srv:" + hex.EncodeToString(sum[:8])}, nil
+	if found >= 0 {
+		return &Principal{Kind: Server, Key: "srv:" + hex.EncodeToString(sum[:8]), Limit: a.limits[found]}, nil
 	}
 	return nil, ErrUnauthenticated
 }
+
+// parseTokenEntry splits "<token>[;rate=R][;burst=B]". Options are
+// checked strictly, so that a token that happens to hold a ';' is refused
+// at start-up rather than half read. Errors never quote the entry: it is a
+// secret.
+func parseTokenEntry(entry string) (token string, limit *Limit, err error) {
+	token, opts, found := strings.Cut(strings.TrimSpace(entry), ";")
+	token = strings.TrimSpace(token)
+	if !found {
+		return token, nil, nil
+	}
+	limit = &Limit{}
+	burstSet := false
+	for _, opt := range strings.Split(opts, ";") {
+		k, v, ok := strings.Cut(strings.TrimSpace(opt), "=")
+		switch {
+		case !ok:
+			return "", nil, errTokenOptions
+		case k == "rate":
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil || f < 0 || math.IsNaN(f) || math.IsInf(f, 0) {
+				return "", nil, errors.New("server token option rate: want mutations per second, 0 for no limit")
+			}
+			limit.Rate = f
+		case k == "burst":
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return "", nil, errors.New("server token option burst: want a positive whole number")
+			}
+			limit.Burst, burstSet = n, true
+		default:
+			return "", nil, errTokenOptions
+		}
+	}
+	if !burstSet {
+		limit.Burst = max(1, int(min(2*limit.Rate, math.MaxInt32)))
+	}
+	return token, limit, nil
+}
+
+var errTokenOptions = errors.New("server token options: want <token>;rate=<n>;burst=<n> (a token may not contain ';')")
 
 func cutPrefixFold(s, prefix string) (string, bool) {
 	if len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix) {
@@ -209,8 +268,8 @@ func (a *Authenticator) verifyRunToken(token string, now time.Time) (*Principal,
 	return &Principal{Kind: Run, RunID: string(run), Expires: expires, Key: "run:" + hex.EncodeToString(sum[:8])}, nil
 }
 
-// ReadTokenFile reads server tokens, one per line; blank lines and lines
-// starting with # are skipped.
+// ReadTokenFile reads server tokens, one per line (with options, as in
+// Config.ServerTokens); blank lines and lines starting with # are skipped.
 func ReadTokenFile(path string) ([]string, error) {
 	f, err := os.Open(path)
 	if err != nil {

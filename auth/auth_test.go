@@ -118,3 +118,42 @@ func TestNoSecretNoRunTokens(t *testing.T) {
 	require.False(t, ok)
 	require.False(t, a.CanSignRunTokens())
 }
+
+func TestServerTokenLimits(t *testing.T) {
+	a, err := New(Config{ServerTokens: []string{
+		"plain-token-0123456789",
+		"limited-token-0123456789;rate=1000;burst=2000",
+		" rated-token-0123456789 ; rate=2.5 ",
+		"free-token-0123456789;rate=0",
+	}})
+	require.NoError(t, err)
+	now := time.Now()
+	for token, want := range map[string]*Limit{
+		"plain-token-0123456789":   nil,
+		"limited-token-0123456789": {Rate: 1000, Burst: 2000},
+		"rated-token-0123456789":   {Rate: 2.5, Burst: 5},
+		"free-token-0123456789":    {Rate: 0, Burst: 1},
+	} {
+		p, err := a.Authenticate("Bearer "+token, now)
+		require.NoError(t, err, token)
+		require.Equal(t, want, p.Limit, token)
+	}
+	// The options are not part of the token.
+	_, err = a.Authenticate("limited-token-0123456789;rate=1000;burst=2000", now)
+	require.ErrorIs(t, err, ErrUnauthenticated)
+
+	for _, bad := range []string{
+		"some-token-0123456789;rate=fast",
+		"some-token-0123456789;rate=-1",
+		"some-token-0123456789;rate=NaN",
+		"some-token-0123456789;burst=0",
+		"some-token-0123456789;burst=1.5",
+		"some-token-0123456789;speed=1",
+		"some-token-0123456789;rate",
+		"some;token-0123456789", // a token holding ';' is refused, not half read
+	} {
+		_, err := New(Config{ServerTokens: []string{bad}})
+		require.Error(t, err, bad)
+		require.NotContains(t, err.Error(), "0123456789", "the error quotes the secret")
+	}
+}

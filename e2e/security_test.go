@@ -1780,8 +1780,8 @@ func TestSecurityKeepAlive(t *testing.T) {
 // and queries are unaffected; the bucket refills with time.
 func TestSecurityRateLimit(t *testing.T) {
 	e := secEnv(t, testdb.SQLite(t), func(c *service.Config) {
-		c.HTTP.RateLimit = 0.5 // one every 2 s
-		c.HTTP.RateBurst = 3
+		c.HTTP.ServerRateLimit = 0.5 // one every 2 s
+		c.HTTP.ServerRateBurst = 3
 	})
 	trigger := func(token string) (string, secResp) {
 		id := uid("rl")
@@ -1844,8 +1844,8 @@ func TestSecurityRateLimit(t *testing.T) {
 func TestSecurityRateLimitAliasedMutations(t *testing.T) {
 	const burst = 3
 	e := secEnv(t, testdb.SQLite(t), func(c *service.Config) {
-		c.HTTP.RateLimit = 0.5
-		c.HTTP.RateBurst = burst
+		c.HTTP.ServerRateLimit = 0.5
+		c.HTTP.ServerRateBurst = burst
 	})
 	label := uid("alias-rl")
 	var q strings.Builder
@@ -1863,7 +1863,7 @@ func TestSecurityRateLimitAliasedMutations(t *testing.T) {
 	}
 	e.postOK(secAdminToken, `query($l: String) { workflowRuns(label: $l, first: 100) { nodes { workflowRunId } } }`, map[string]any{"l": label}, &out)
 	assert.LessOrEqual(t, len(out.WorkflowRuns.Nodes), burst,
-		"%d runs created by one request of one token, with a burst of %d mutations: graph/security.go limitMutations takes one token per operation, however many mutation fields it aliases (up to MaxAliases, 50 by default)", len(out.WorkflowRuns.Nodes), burst)
+		"%d runs created by one request of one token, with a burst of %d mutations: graph/ratelimit.go limitMutations takes one token per operation, however many mutation fields it aliases (up to MaxAliases, 50 by default)", len(out.WorkflowRuns.Nodes), burst)
 }
 
 // Only application/json POSTs (and GET queries) are served: form-encoded,
@@ -2189,8 +2189,8 @@ func TestSecurityAttackSuiteLeavesStateIntact(t *testing.T) {
 			c.HTTP.AllowedOrigins = []string{"https://app.example.com"}
 			c.HTTP.MaxBodyBytes = maxBody
 			c.Engine.MaxPayloadBytes = 8 << 10
-			c.HTTP.RateLimit = 0.5
-			c.HTTP.RateBurst = 4
+			c.HTTP.ServerRateLimit = 0.5
+			c.HTTP.ServerRateBurst = 4
 			c.HTTP.MaxSubscriptionsPerConnection = 2
 		})
 		// Before: a victim run with a durable waiter, a pending lookback and

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -38,9 +39,20 @@ type HandlerConfig struct {
 	MaxDepth, MaxAliases, MaxComplexity, MaxTokens int
 	// MaxSubscriptionsPerConnection caps operations running at once on one websocket.
 	MaxSubscriptionsPerConnection int
-	// RateLimit is mutations per second per caller (0: unlimited), up to RateBurst at once.
+	// RateLimit is mutations per second per caller (0: unlimited), up to
+	// RateBurst at once, for callers without a limit of their own:
+	// anonymous callers (per client address) and run tokens.
 	RateLimit float64
 	RateBurst int
+	// ServerRateLimit and ServerRateBurst are the same for server tokens
+	// without a limit of their own (auth.Limit); 0: unlimited.
+	ServerRateLimit float64
+	ServerRateBurst int
+	// MaxRateLimitedCallers bounds the per-caller limiters kept in memory.
+	MaxRateLimitedCallers int
+	// TrustedProxies are the peers whose X-Forwarded-For is believed when
+	// telling callers apart by address (ParseTrustedProxies).
+	TrustedProxies []netip.Prefix
 	// KeepAlive is the interval of keep-alive and ping messages on
 	// websockets and SSE; a websocket client that leaves two pings in a
 	// row unanswered is disconnected.
@@ -65,10 +77,22 @@ type HandlerConfig struct {
 	// format), behind a server token when MetricsTokenRequired.
 	Metrics              http.Handler
 	MetricsTokenRequired bool
-	Now                  func() time.Time
+	// ReadyDetails, when set, adds lines to /readyz's body about parts
+	// that may be down without making the service unready (Redis: wake-ups
+	// then go through the catch-up poll).
+	ReadyDetails func() map[string]string
+	Now          func() time.Time
 	// Logger: log lines written with a request's context carry its
 	// request_id (the handler is wrapped with requestid.LogHandler).
 	Logger *slog.Logger
+
+	// Test hooks, for this package's tests only.
+	// resolvedRootField hears every root field just before its resolver
+	// runs (innermost of the field middleware), with the arguments it gets.
+	resolvedRootField func(ctx context.Context, fc *graphql.FieldContext)
+	// authzFieldCheckOnly turns off the authorizer's operation and root
+	// field hooks, so that a test shows its field check holds alone.
+	authzFieldCheckOnly bool
 }
 
 // Defaults of HandlerConfig.
@@ -125,7 +149,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	cfg = cfg.withDefaults(eng)
 	log := cfg.Logger
 	present := errorPresenter(log)
-	limiter := newRateLimiter(cfg.RateLimit, cfg.RateBurst, cfg.Now)
+	limiter := newRateLimiter(callerRate{cfg.ServerRateLimit, cfg.ServerRateBurst}, callerRate{cfg.RateLimit, cfg.RateBurst}, cfg.MaxRateLimitedCallers, cfg.Now)
 
 	rec := cfg.Recorder
 	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
@@ -160,10 +184,18 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.SetRecoverFunc(recoverFunc(log))
 	// First, so that it sees what every other middleware answers.
 	srv.AroundOperations(operationObserver{rec: rec, log: log}.around)
-	srv.AroundOperations(authorize)
+	srv.Use(&authorizer{fieldCheckOnly: cfg.authzFieldCheckOnly})
 	srv.AroundOperations(limiter.limitMutations)
 	srv.AroundOperations(withSubscriptionErrorSlot)
 	srv.AroundResponses(subscriptionErrorResponses(present))
+	if hook := cfg.resolvedRootField; hook != nil {
+		srv.AroundFields(func(ctx context.Context, next graphql.Resolver) (any, error) {
+			if fc := graphql.GetFieldContext(ctx); fc != nil && isRootType(fc.Object) {
+				hook(ctx, fc)
+			}
+			return next(ctx)
+		})
+	}
 
 	mux := http.NewServeMux()
 	mux.Handle("/query", limitBody(cfg.MaxBodyBytes, authenticate(cfg.Auth, cfg.Now, endStreamsWith(cfg.Streams, rec, srv))))
@@ -187,6 +219,11 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		if cfg.Auth.Open() {
 			body["auth"] = "OPEN: no tokens configured, anyone can call every operation"
 		}
+		if cfg.ReadyDetails != nil {
+			for k, v := range cfg.ReadyDetails() {
+				body[k] = v
+			}
+		}
 		if err := eng.Ready(ctx); err != nil {
 			log.WarnContext(ctx, "not ready", "err", err)
 			body["status"], body["database"] = "unavailable", "unreachable"
@@ -195,7 +232,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		}
 		writeStatus(w, http.StatusOK, body)
 	})
-	return withRequestID(rec, withClientIP(newOrigins(cfg.AllowedOrigins).middleware(mux)))
+	return withRequestID(rec, withClientIP(cfg.TrustedProxies, newOrigins(cfg.AllowedOrigins).middleware(mux)))
 }
 
 func writeStatus(w http.ResponseWriter, status int, body any) {

@@ -126,11 +126,12 @@ func (o operationObserver) around(ctx context.Context, next graphql.OperationHan
 }
 
 // fieldNames lists the operation's root fields (schema names, not aliases),
-// each once.
+// each once, as the executor collects them.
 func fieldNames(oc *graphql.OperationContext) string {
 	var names []string
 	seen := map[string]bool{}
-	for _, f := range rootFields(oc.Doc, oc.Operation.SelectionSet) {
+	fields, _ := collectRootFields(oc)
+	for _, f := range fields {
 		if !seen[f.Name] {
 			seen[f.Name] = true
 			names = append(names, f.Name)

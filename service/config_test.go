@@ -33,6 +33,8 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 	cfg, err := ConfigFromEnv(envOf(map[string]string{
 		"DATABASE_URL":                                "mysql://u:p@db:3306/x",
 		"PORT":                                        "9090",
+		"RENDEZVOUS_LISTEN":                           "0.0.0.0:9090",
+		"RENDEZVOUS_BUS_CHANNEL":                      "prod-eu",
 		"REDIS_URL":                                   "redis://r:6379/0",
 		"RENDEZVOUS_DEFAULT_TIMEOUT":                  "1h",
 		"RENDEZVOUS_MAX_TIMEOUT":                      "30d",
@@ -63,8 +65,9 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 		"RENDEZVOUS_METRICS_INTERVAL":                 "30s",
 	}))
 	require.NoError(t, err)
-	require.Equal(t, ":9090", cfg.Addr)
+	require.Equal(t, "0.0.0.0:9090", cfg.Addr)
 	require.Equal(t, "redis://r:6379/0", cfg.RedisURL)
+	require.Equal(t, "prod-eu", cfg.Bus.Channel)
 	require.Equal(t, time.Hour, cfg.Engine.DefaultTimeout)
 	require.Equal(t, 30*24*time.Hour, cfg.Engine.MaxTimeout)
 	require.Equal(t, 48*time.Hour, cfg.Engine.LookbackRetention)
@@ -120,4 +123,75 @@ func TestNewRefusesToRunOpenWhenTokensRequired(t *testing.T) {
 func authRequired() (c auth.Config) {
 	c.RequireTokens = true
 	return c
+}
+
+// Every way of naming the listen addresses, with and without tokens: a
+// named host is kept; no host means loopback for an endpoint that needs no
+// token, and every interface for one that does.
+func TestConfigListenAddresses(t *testing.T) {
+	const token = "server-token-0123456789"
+	for _, tc := range []struct {
+		name         string
+		env          map[string]string
+		api, metrics string
+	}{
+		{"defaults open", nil, "127.0.0.1:8080", ""},
+		{"defaults with tokens", map[string]string{"RENDEZVOUS_TOKENS": token}, ":8080", ""},
+		{"PORT open", map[string]string{"PORT": "9000"}, "127.0.0.1:9000", ""},
+		{"PORT with tokens", map[string]string{"PORT": "9000", "RENDEZVOUS_TOKENS": token}, ":9000", ""},
+		{"LISTEN all interfaces open", map[string]string{"RENDEZVOUS_LISTEN": "0.0.0.0:8081"}, "0.0.0.0:8081", ""},
+		{"LISTEN all interfaces with tokens", map[string]string{"RENDEZVOUS_LISTEN": "0.0.0.0:8081", "RENDEZVOUS_TOKENS": token}, "0.0.0.0:8081", ""},
+		{"LISTEN all v6 interfaces open", map[string]string{"RENDEZVOUS_LISTEN": "[::]:8081"}, "[::]:8081", ""},
+		{"LISTEN port only open", map[string]string{"RENDEZVOUS_LISTEN": ":8081"}, "127.0.0.1:8081", ""},
+		{"LISTEN port only with tokens", map[string]string{"RENDEZVOUS_LISTEN": ":8081", "RENDEZVOUS_TOKENS": token}, ":8081", ""},
+		{"LISTEN v6 loopback", map[string]string{"RENDEZVOUS_LISTEN": "[::1]:8081"}, "[::1]:8081", ""},
+		{"LISTEN localhost", map[string]string{"RENDEZVOUS_LISTEN": "localhost:8081"}, "localhost:8081", ""},
+		{"LISTEN an interface", map[string]string{"RENDEZVOUS_LISTEN": "10.1.2.3:8081"}, "10.1.2.3:8081", ""},
+		{"LISTEN and the same PORT", map[string]string{"RENDEZVOUS_LISTEN": "0.0.0.0:8081", "PORT": "8081"}, "0.0.0.0:8081", ""},
+		{"port 0 open", map[string]string{"PORT": "0"}, "127.0.0.1:0", ""},
+		{"metrics port only open", map[string]string{"RENDEZVOUS_METRICS_ADDR": ":9090"}, "127.0.0.1:8080", "127.0.0.1:9090"},
+		// A separate metrics port needs no token by default: loopback
+		// even when the API has tokens.
+		{"metrics port only with tokens", map[string]string{"RENDEZVOUS_METRICS_ADDR": ":9090", "RENDEZVOUS_TOKENS": token}, ":8080", "127.0.0.1:9090"},
+		{"metrics port only, token required", map[string]string{"RENDEZVOUS_METRICS_ADDR": ":9090", "RENDEZVOUS_TOKENS": token, "RENDEZVOUS_METRICS_TOKEN_REQUIRED": "true"}, ":8080", ":9090"},
+		{"metrics port only, token not required", map[string]string{"RENDEZVOUS_METRICS_ADDR": ":9090", "RENDEZVOUS_TOKENS": token, "RENDEZVOUS_METRICS_TOKEN_REQUIRED": "false"}, ":8080", "127.0.0.1:9090"},
+		{"metrics all interfaces open", map[string]string{"RENDEZVOUS_METRICS_ADDR": "0.0.0.0:9090"}, "127.0.0.1:8080", "0.0.0.0:9090"},
+		{"metrics loopback named", map[string]string{"RENDEZVOUS_METRICS_ADDR": "127.0.0.1:9090", "RENDEZVOUS_TOKENS": token}, ":8080", "127.0.0.1:9090"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := ConfigFromEnv(envOf(tc.env))
+			require.NoError(t, err)
+			api, metrics := cfg.listenAddrs(len(cfg.Auth.ServerTokens) == 0)
+			require.Equal(t, tc.api, api)
+			require.Equal(t, tc.metrics, metrics)
+		})
+	}
+}
+
+func TestConfigListenRejectsNonsense(t *testing.T) {
+	for name, env := range map[string]map[string]string{
+		"no port":          {"RENDEZVOUS_LISTEN": "127.0.0.1"},
+		"port only":        {"RENDEZVOUS_LISTEN": "8080"},
+		"named port":       {"RENDEZVOUS_LISTEN": ":http"},
+		"port too large":   {"RENDEZVOUS_LISTEN": "0.0.0.0:70000"},
+		"v6 without []":    {"RENDEZVOUS_LISTEN": "::1:8080"},
+		"ports disagree":   {"RENDEZVOUS_LISTEN": "0.0.0.0:8081", "PORT": "9000"},
+		"bad PORT":         {"PORT": "80 80"},
+		"metrics no port":  {"RENDEZVOUS_METRICS_ADDR": "127.0.0.1:"},
+		"metrics too high": {"RENDEZVOUS_METRICS_ADDR": ":99999"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := ConfigFromEnv(envOf(env))
+			require.Error(t, err)
+		})
+	}
+}
+
+func TestConfigBusChannel(t *testing.T) {
+	cfg, err := ConfigFromEnv(envOf(map[string]string{"RENDEZVOUS_BUS_CHANNEL": " team-a:prod "}))
+	require.NoError(t, err)
+	require.Equal(t, "team-a:prod", cfg.Bus.Channel)
+	cfg, err = ConfigFromEnv(envOf(nil))
+	require.NoError(t, err)
+	require.Empty(t, cfg.Bus.Channel, "derived from the database when unset")
 }

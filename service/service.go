@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -36,7 +37,13 @@ var _ graph.Recorder = (*metrics.Metrics)(nil)
 type Config struct {
 	DatabaseURL string
 	// RedisURL, when set, connects the replicas' hubs through Redis pub/sub.
-	RedisURL   string
+	RedisURL string
+	// Bus tunes the Redis bus; Channel comes from RENDEZVOUS_BUS_CHANNEL,
+	// and when empty is derived from the database (see deploymentOf).
+	Bus bus.Options
+	// Addr is where the API listens: host:port, or :port alone (empty:
+	// ":8080"). Without a host it listens on loopback when no server token
+	// is configured and on every interface otherwise (see bindAddr).
 	Addr       string
 	Engine     engine.Config
 	Playground bool
@@ -50,7 +57,8 @@ type Config struct {
 	// ShutdownGrace bounds how long a graceful stop waits for requests.
 	ShutdownGrace time.Duration
 	// MetricsAddr, when set (":9090"), serves /metrics on a listener of its
-	// own; when empty, /metrics is on Addr with the API.
+	// own; when empty, /metrics is on Addr with the API. Without a host it
+	// follows Addr's rule: loopback unless /metrics needs a token.
 	MetricsAddr string
 	// MetricsTokenRequired: whether /metrics needs a server token. nil: it
 	// does on the main port when server tokens are configured, and does
@@ -65,15 +73,25 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// DefaultRateLimit is mutations per second per caller when
-// RENDEZVOUS_RATE_LIMIT is unset (burst: twice as many).
+// DefaultRateLimit is mutations per second per anonymous caller (by
+// address) and per run token when RENDEZVOUS_RATE_LIMIT is unset (burst:
+// twice as many).
 const DefaultRateLimit = 200
+
+// DefaultServerRateLimit is mutations per second per server token without
+// a limit of its own when RENDEZVOUS_SERVER_RATE_LIMIT is unset: none. A
+// server token may already do everything, so a limit guards nothing against
+// its holder, and any fixed figure is either above what a replica serves
+// (so it guards nothing) or throttles a healthy backend on a larger
+// machine. Operators who share a deployment between backends set limits
+// per token ("<token>;rate=1000;burst=2000").
+const DefaultServerRateLimit = 0
 
 // ConfigFromEnv reads the environment; see README.md for the variables.
 func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	cfg := Config{
 		DatabaseURL:   "sqlite://rendezvous.db",
-		Addr:          ":8080",
+		Addr:          ":" + DefaultPort,
 		Playground:    true,
 		ShutdownGrace: 10 * time.Second,
 	}
@@ -81,13 +99,29 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		cfg.DatabaseURL = v
 	}
 	cfg.RedisURL = getenv("REDIS_URL")
-	if v := getenv("PORT"); v != "" {
-		if _, err := strconv.ParseUint(v, 10, 16); err != nil {
-			return cfg, fmt.Errorf("PORT %q: not a port number", v)
-		}
-		cfg.Addr = ":" + v
-	}
+	cfg.Bus.Channel = strings.TrimSpace(getenv("RENDEZVOUS_BUS_CHANNEL"))
 	var errs []error
+	// PORT alone names no host: the host then follows the open-default
+	// rule (bindAddr). RENDEZVOUS_LISTEN may name one.
+	port := getenv("PORT")
+	if port != "" {
+		if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+			errs = append(errs, fmt.Errorf("PORT %q: not a port number", port))
+		}
+		cfg.Addr = ":" + port
+	}
+	if v := getenv("RENDEZVOUS_LISTEN"); v != "" {
+		_, lport, err := parseListen("RENDEZVOUS_LISTEN", v)
+		switch {
+		case err != nil:
+			errs = append(errs, err)
+		case port != "" && lport != port:
+			// Platforms set PORT; a RENDEZVOUS_LISTEN on another port is a
+			// mistake one of them would silently lose.
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_LISTEN %q and PORT %q name different ports: set one, or both to the same port", v, port))
+		}
+		cfg.Addr = v
+	}
 	dur := func(name string, dst *time.Duration) {
 		if v := getenv(name); v != "" {
 			d, err := scalar.ParseDuration(v)
@@ -148,17 +182,31 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	cfg.Auth.Secrets = list(getenv("RENDEZVOUS_SECRET"))
 	dur("RENDEZVOUS_RUN_TOKEN_TTL", &cfg.Auth.RunTokenTTL)
 	cfg.HTTP.AllowedOrigins = list(getenv("RENDEZVOUS_ALLOWED_ORIGINS"))
-	cfg.HTTP.RateLimit = DefaultRateLimit
-	if v := getenv("RENDEZVOUS_RATE_LIMIT"); v != "" {
-		f, err := strconv.ParseFloat(v, 64)
-		if err != nil || f < 0 {
-			errs = append(errs, fmt.Errorf("RENDEZVOUS_RATE_LIMIT %q: want mutations per second, 0 for no limit", v))
+	perSecond := func(name string, dst *float64) {
+		if v := getenv(name); v != "" {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil || f < 0 || math.IsInf(f, 0) {
+				errs = append(errs, fmt.Errorf("%s %q: want mutations per second, 0 for no limit", name, v))
+			}
+			*dst = f
 		}
-		cfg.HTTP.RateLimit = f
 	}
+	// Anonymous callers and run tokens get a protective default; server
+	// tokens none (see DefaultServerRateLimit), unless set.
+	cfg.HTTP.RateLimit = DefaultRateLimit
+	perSecond("RENDEZVOUS_RATE_LIMIT", &cfg.HTTP.RateLimit)
 	num("RENDEZVOUS_RATE_BURST", &cfg.HTTP.RateBurst)
 	if cfg.HTTP.RateBurst == 0 {
-		cfg.HTTP.RateBurst = int(2 * cfg.HTTP.RateLimit)
+		cfg.HTTP.RateBurst = int(min(2*cfg.HTTP.RateLimit, math.MaxInt32))
+	}
+	cfg.HTTP.ServerRateLimit = DefaultServerRateLimit
+	perSecond("RENDEZVOUS_SERVER_RATE_LIMIT", &cfg.HTTP.ServerRateLimit)
+	cfg.HTTP.ServerRateBurst = int(min(2*cfg.HTTP.ServerRateLimit, math.MaxInt32))
+	if v := getenv("RENDEZVOUS_TRUSTED_PROXIES"); v != "" {
+		var err error
+		if cfg.HTTP.TrustedProxies, err = graph.ParseTrustedProxies(v); err != nil {
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_TRUSTED_PROXIES: %w", err))
+		}
 	}
 	var maxBody int
 	num("RENDEZVOUS_MAX_BODY_BYTES", &maxBody)
@@ -173,8 +221,8 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 
 	// Metrics.
 	if v := getenv("RENDEZVOUS_METRICS_ADDR"); v != "" {
-		if _, port, err := net.SplitHostPort(v); err != nil || port == "" {
-			errs = append(errs, fmt.Errorf("RENDEZVOUS_METRICS_ADDR %q: want host:port or :port, e.g. :9090", v))
+		if _, _, err := parseListen("RENDEZVOUS_METRICS_ADDR", v); err != nil {
+			errs = append(errs, err)
 		}
 		cfg.MetricsAddr = v
 	}
@@ -199,6 +247,12 @@ type Service struct {
 	bus            *bus.Redis
 	endStreams     context.CancelFunc
 	log            *slog.Logger
+	// open: no server tokens. listenAddr and metricsListen are where the
+	// API and the metrics listener go, hosts filled in by bindAddr.
+	open                bool
+	listenAddr          string
+	metricsListen       string
+	metricsTokenRequire bool
 
 	metricsAddrMu sync.Mutex
 	metricsAddr   string
@@ -235,9 +289,8 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	// /metrics wants a server token on the main port when there are tokens;
 	// a separate metrics port is expected to be private.
-	metricsToken := cfg.MetricsAddr == "" && !authn.Open()
+	metricsToken := cfg.metricsNeedToken(authn.Open())
 	if cfg.MetricsTokenRequired != nil {
-		metricsToken = *cfg.MetricsTokenRequired
 		if metricsToken && authn.Open() {
 			return nil, fmt.Errorf("RENDEZVOUS_METRICS_TOKEN_REQUIRED=true but no server token is configured (RENDEZVOUS_TOKENS or RENDEZVOUS_TOKENS_FILE)")
 		}
@@ -253,17 +306,22 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	)
 	if cfg.RedisURL != "" {
 		host, _ := os.Hostname()
-		origin := fmt.Sprintf("%s-%d-%d", host, os.Getpid(), time.Now().UnixNano())
-		if rb, err = bus.NewRedis(ctx, cfg.RedisURL, origin, h, log); err != nil {
+		bo := cfg.Bus
+		bo.Origin = fmt.Sprintf("%s-%d-%d", host, os.Getpid(), time.Now().UnixNano())
+		bo.Logger = log
+		if bo.Deployment == "" {
+			bo.Deployment = deploymentOf(cfg.DatabaseURL, bo.Origin)
+		}
+		if rb, err = bus.NewRedis(cfg.RedisURL, h, bo); err != nil {
 			store.Close()
 			return nil, err
 		}
-		if err := rb.Start(ctx); err != nil {
-			rb.Stop()
-			store.Close()
-			return nil, err
-		}
+		// Never fails: an unreachable Redis is logged, shown on /readyz
+		// and retried, and replicas meanwhile hear of each other's ends
+		// through the catch-up poll.
+		rb.Start(ctx)
 		engBus = rb
+		m.ObserveBus(rb)
 	}
 	eng := engine.New(store, h, engBus, cfg.Engine)
 	// Before anything is served: every time stored or compared is on the
@@ -279,6 +337,12 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	hc := cfg.HTTP
 	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, eng.Now
 	hc.Recorder = m
+	hc.ReadyDetails = func() map[string]string {
+		if rb == nil {
+			return map[string]string{"redis": "not configured (replicas hear of each other through the catch-up poll)"}
+		}
+		return map[string]string{"redis": rb.Health()}
+	}
 	var metricsHandler http.Handler
 	if cfg.MetricsAddr == "" {
 		hc.Metrics, hc.MetricsTokenRequired = m.Handler(), metricsToken
@@ -292,9 +356,28 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		metricsHandler = mux
 	}
 	handler := graph.NewHandler(eng, hc)
+	api, metricsListen := cfg.listenAddrs(authn.Open())
 	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, Metrics: m, MetricsHandler: metricsHandler,
-		bus: rb, endStreams: endStreams, log: log}, nil
+		bus: rb, endStreams: endStreams, log: log,
+		open: authn.Open(), listenAddr: api, metricsListen: metricsListen, metricsTokenRequire: metricsToken}, nil
 }
+
+// ListenAddr is where Listen opens the API: Config.Addr, with the host
+// filled in when it names none (loopback when no server token is
+// configured, every interface otherwise).
+func (s *Service) ListenAddr() string { return s.listenAddr }
+
+// Listen opens the API's listener on ListenAddr, for Serve.
+func (s *Service) Listen() (net.Listener, error) {
+	ln, err := net.Listen("tcp", s.listenAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s (RENDEZVOUS_LISTEN or PORT): %w", s.listenAddr, err)
+	}
+	return ln, nil
+}
+
+// Bus is the Redis bus between replicas, nil without REDIS_URL.
+func (s *Service) Bus() *bus.Redis { return s.bus }
 
 // MetricsAddr is the address /metrics is served on when Config.MetricsAddr
 // is set, once Serve has opened it; "" before.
@@ -323,7 +406,7 @@ func (s *Service) Close() error {
 	return s.Store.Close()
 }
 
-// Serve listens on cfg.Addr until ctx is done, then shuts down gracefully:
+// Serve serves on ln (see Listen) until ctx is done, then shuts down gracefully:
 // stop accepting, end websocket and SSE subscriptions, let plain requests
 // finish, close the database.
 func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
@@ -341,10 +424,10 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 		mdone = make(chan error, 1)
 	)
 	if s.MetricsHandler != nil {
-		mln, err := net.Listen("tcp", s.cfg.MetricsAddr)
+		mln, err := net.Listen("tcp", s.metricsListen)
 		if err != nil {
 			s.Close()
-			return fmt.Errorf("listen for /metrics on %s: %w", s.cfg.MetricsAddr, err)
+			return fmt.Errorf("listen for /metrics on %s (RENDEZVOUS_METRICS_ADDR): %w", s.metricsListen, err)
 		}
 		msrv = &http.Server{
 			Handler:           s.MetricsHandler,
@@ -357,7 +440,7 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 		s.metricsAddr = mln.Addr().String()
 		s.metricsAddrMu.Unlock()
 		go func() { mdone <- msrv.Serve(mln) }()
-		s.log.Info("metrics listening", "addr", mln.Addr().String())
+		s.logMetricsListening(mln.Addr(), s.metricsTokenRequire)
 	}
 	stopMetrics := func(ctx context.Context) {
 		if msrv != nil {
@@ -368,7 +451,7 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 	s.Start(ctx)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	s.log.Info("rendezvous listening", "addr", ln.Addr().String(), "database", s.Store.Dialect(), "playground", s.cfg.Playground)
+	s.logListening(ln.Addr())
 
 	select {
 	case err := <-errc:
