@@ -11,6 +11,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base32"
+	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -138,9 +140,13 @@ func (e *Engine) holdLease(ctx context.Context, force bool) error {
 	// Bounded: this holds leaseMu, which every registration of a waiter
 	// without a step and the lease loop need; a connection the network
 	// black-holed must not hold them all for good.
-	ctx, cancel := context.WithTimeout(ctx, max(e.cfg.LeaseTTL/4, time.Second))
+	bctx, cancel := context.WithTimeout(ctx, max(e.cfg.LeaseTTL/4, time.Second))
 	defer cancel()
-	if err := e.store.ReplicaRenew(ctx, e.replicaID, until); err != nil {
+	if err := e.store.ReplicaRenew(bctx, e.replicaID, until); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+			// Our bound, not the caller's: the database did not answer.
+			err = fmt.Errorf("%w: %v", storage.ErrUnavailable, err)
+		}
 		return storageErr("renew replica lease", err)
 	}
 	e.leaseUntil = until
