@@ -108,11 +108,12 @@ func TestReplicasWithFaults(t *testing.T) {
 	began := time.Now()
 	stop := began.Add(soak)
 	var (
-		mu     sync.Mutex
-		races  []*hfRace
-		faults []string
-		seq    atomic.Int64
-		wg     sync.WaitGroup
+		mu        sync.Mutex
+		races     []*hfRace
+		faults    []string
+		seq       atomic.Int64
+		wg        sync.WaitGroup
+		sentinels sync.WaitGroup
 	)
 	logFault := func(format string, args ...any) {
 		mu.Lock()
@@ -136,11 +137,25 @@ func TestReplicasWithFaults(t *testing.T) {
 			if !sleepUntil(cycle.Add(2 * time.Second)) {
 				return
 			}
+			// A sentinel: a wait on replica 1 from before the cut, notified
+			// (on replica 2) only after it, so that its waiter is reaped
+			// under it every time.
+			sentinel := hfSentinel(reps, 1, healthy, int(seq.Add(1)))
 			dbCut.blackhole()
 			logFault("replica 1 cut off from the database")
 			sleepUntil(cycle.Add(2*time.Second + 3*lease))
 			dbCut.restore()
 			logFault("replica 1 reconnected")
+			if sentinel != nil {
+				sentinels.Add(1)
+				go func() {
+					defer sentinels.Done()
+					sentinel.finish()
+					mu.Lock()
+					races = append(races, sentinel.race)
+					mu.Unlock()
+				}()
+			}
 			if !sleepUntil(cycle.Add(11 * time.Second)) {
 				return
 			}
@@ -170,6 +185,7 @@ func TestReplicasWithFaults(t *testing.T) {
 	}
 	wg.Wait()
 	<-faultsDone
+	sentinels.Wait()
 	dbCut.restore()
 	redisProxy.restore()
 	loadTook := time.Since(began)
@@ -391,6 +407,9 @@ func hfRun(t *testing.T, reps []*env, healthy int, conns []*gqlclient.Conn, rng 
 	// Some notifies come after a short wait's deadline: the wait times out
 	// and the notify is kept as a lookback event.
 	late := r.short && rng.IntN(3) == 0
+	// And some waits without a short timeout wait longer than a cut-off
+	// lasts, so that a cut-off replica's waiter may be reaped under them.
+	slow := !r.short && (r.subOn == 1 && rng.IntN(2) == 0 || rng.IntN(8) == 0)
 	start := make(chan struct{})
 	var inner sync.WaitGroup
 	inner.Add(2)
@@ -415,8 +434,11 @@ func hfRun(t *testing.T, reps []*env, healthy int, conns []*gqlclient.Conn, rng 
 	go func() {
 		defer inner.Done()
 		<-start
-		if late {
+		switch {
+		case late:
 			time.Sleep(2500 * time.Millisecond) // the scenario: a notify after the 2 s deadline
+		case slow:
+			time.Sleep(7 * time.Second) // the scenario: a notify after a cut-off (3 leases)
 		}
 		r.notifies = append(r.notifies, notify(r.notOn))
 		// A client whose notify failed sends it again (to a replica that
@@ -429,4 +451,81 @@ func hfRun(t *testing.T, reps []*env, healthy int, conns []*gqlclient.Conn, rng 
 	close(start)
 	inner.Wait()
 	return r
+}
+
+// hfSentinelWait is a wait started before a cut-off, notified after it.
+type hfSentinelWait struct {
+	race   *hfRace
+	sub    *gqlclient.Sub
+	conn   *gqlclient.Conn
+	notify *env
+}
+
+// hfSentinel subscribes on replica on (a run's wait, no timeout) and waits
+// until the waiter is registered; nil if it could not.
+func hfSentinel(reps []*env, on, healthy, id int) *hfSentinelWait {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tr, err := gqlclient.Post(ctx, reps[healthy].endpoint, triggerMutation, map[string]any{"id": uid("hf-sentinel")})
+	if err != nil || len(tr.Errors) > 0 {
+		return nil
+	}
+	var out struct {
+		Trigger struct {
+			WorkflowRunID string `json:"workflowRunId"`
+		} `json:"trigger"`
+	}
+	if tr.Decode(&out) != nil {
+		return nil
+	}
+	r := &hfRace{id: id, run: out.Trigger.WorkflowRunID, ev: uid("hf-sentinel"), subOn: on, notOn: healthy}
+	c, err := gqlclient.Dial(ctx, reps[on].endpoint, gqlclient.TransportWS, nil)
+	if err != nil {
+		return nil
+	}
+	sub, err := c.Subscribe(context.Background(), waitSubscription, waitVars(r.ev, waitOpts{run: r.run}))
+	if err != nil {
+		c.CloseNow()
+		return nil
+	}
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		resp, err := gqlclient.Post(ctx, reps[healthy].endpoint, waitersQuery, map[string]any{"ev": r.ev})
+		var ws struct {
+			Waiters []waiterView `json:"waiters"`
+		}
+		if err == nil && len(resp.Errors) == 0 && resp.Decode(&ws) == nil && len(ws.Waiters) == 1 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond) // polling interval of the condition
+	}
+	return &hfSentinelWait{race: r, sub: sub, conn: c, notify: reps[healthy]}
+}
+
+// finish notifies the sentinel's run and reads its subscription's end.
+func (s *hfSentinelWait) finish() {
+	defer s.conn.CloseNow()
+	r := s.race
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
+	defer cancel()
+	n := &hfNotify{data: fmt.Sprintf("%q", fmt.Sprintf("hf-sentinel-%d", r.id))}
+	var data any
+	_ = json.Unmarshal([]byte(n.data), &data)
+	for range 4 {
+		c := notifyCallOf(gqlclient.Post(ctx, s.notify.endpoint, notifyMutation, notifyVars(r.ev, data, r.run)))
+		if c.err == nil && len(c.errors) == 0 {
+			n.acked = true
+			if len(c.view.NotifyResponse) > 0 {
+				n.resolved, n.msgID = true, c.view.NotifyResponse[0].MessageID
+			}
+			if c.view.Lookback != nil {
+				n.lookback, n.msgID = true, c.view.Lookback.MessageID
+			}
+			break
+		}
+		time.Sleep(time.Second) // a client's pause before sending again
+	}
+	r.notifies = append(r.notifies, n)
+	began := time.Now()
+	r.out, r.outErr = raceReadOutcome(ctx, s.sub)
+	r.took = time.Since(began)
 }
