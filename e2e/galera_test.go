@@ -379,3 +379,179 @@ func (g *galeraReplicas) awaitResult(sub *gqlclient.Sub, run string, replica int
 	}
 	return nil, nil, errors.New("no result within 20s, and no lookback event beside the waiting waiter")
 }
+
+const cancelMutation2 = `mutation($id: ID!) { cancel(workflowRunId: $id) { state } }`
+
+// galeraTrigger creates a run through replica i.
+func (g *galeraReplicas) trigger(i int) string {
+	g.t.Helper()
+	var out struct {
+		Trigger struct {
+			WorkflowRunID string `json:"workflowRunId"`
+		} `json:"trigger"`
+	}
+	sdOK(g.t, g.ep(i), triggerMutation, map[string]any{"id": uid("galera")}, &out)
+	return out.Trigger.WorkflowRunID
+}
+
+func (g *galeraReplicas) conn(rng *rand.Rand, i int) *gqlclient.Conn {
+	return g.conns[i][rng.Intn(len(g.conns[i]))]
+}
+
+// Broadcasts, time-outs and cancels with the parties spread over the three
+// replicas (on three nodes): every waiter ends once, and what each party
+// was told agrees with what the others were told.
+func TestGaleraBroadcastTimeoutCancel(t *testing.T) {
+	testgalera.Require(t)
+	g := newGaleraReplicas(t, redisURL(t))
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewSource(seed))
+
+	t.Run("broadcast", func(t *testing.T) {
+		for round := range 5 {
+			ev := uid("galera-bc")
+			const n = 12
+			subs := make([]*gqlclient.Sub, n)
+			for k := range subs {
+				s, err := g.conn(rng, k%3).Subscribe(ctxT(t), waitSubscription, waitVars(ev, waitOpts{timeout: "1h"}))
+				require.NoError(t, err)
+				subs[k] = s
+			}
+			for i := range 3 {
+				eventually(t, 10*time.Second, func() bool { return len(sdWaiters(t, g.ep(i), ev)) == n },
+					"round %d: replica %d lists the %d waiters", round, i, n)
+			}
+			var out struct {
+				Notify notifyView `json:"notify"`
+			}
+			sdOK(t, g.ep(rng.Intn(3)), notifyMutation, map[string]any{"ev": ev, "data": map[string]any{"round": round}}, &out)
+			require.Len(t, out.Notify.NotifyResponse, n, "round %d: the broadcast resolves every waiter of the three replicas", round)
+			byWaiter := map[string]string{}
+			for _, r := range out.Notify.NotifyResponse {
+				byWaiter[r.Waiter.ID] = r.MessageID
+			}
+			for _, s := range subs {
+				res := mustResult(t, s)
+				require.Equal(t, byWaiter[res.WaiterID], crashStr(res.MessageID), "round %d: waiter %s", round, res.WaiterID)
+				delete(byWaiter, res.WaiterID)
+			}
+			require.Empty(t, byWaiter, "round %d: resolved waiters no subscriber had", round)
+			require.Empty(t, sdWaiters(t, g.ep(rng.Intn(3)), ev))
+		}
+	})
+
+	t.Run("timeouts racing notifies", func(t *testing.T) {
+		// Durable waiters with a short deadline, each with a targeted
+		// notify sent about when it passes: the waiter ends TIMED_OUT and
+		// the notify is stored, or the notify resolves it; never both.
+		const n = 18
+		type trial struct {
+			run, ev string
+			sub     *gqlclient.Sub
+			nv      notifyView
+		}
+		trials := make([]*trial, n)
+		for k := range trials {
+			tr := &trial{run: g.trigger(rng.Intn(3)), ev: uid("galera-to")}
+			s, err := g.conn(rng, rng.Intn(3)).Subscribe(ctxT(t), waitSubscription, waitVars(tr.ev, waitOpts{run: tr.run, step: "w", timeout: "1s"}))
+			require.NoError(t, err)
+			tr.sub = s
+			trials[k] = tr
+		}
+		for _, tr := range trials {
+			eventually(t, 10*time.Second, func() bool { return len(sdWaiters(t, g.ep(0), tr.ev)) == 1 }, "waiter of %s", tr.run)
+		}
+		time.Sleep(700 * time.Millisecond) // to bring the notifies near the deadline, not a wait for an event
+		var wg sync.WaitGroup
+		for k, tr := range trials {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				time.Sleep(time.Duration(k*40) * time.Millisecond) // spread over the deadline, not a wait for an event
+				var out struct {
+					Notify notifyView `json:"notify"`
+				}
+				_, err := galeraPost(g.ep(k%3), notifyMutation, map[string]any{"ev": tr.ev, "run": tr.run, "data": "late"}, &out)
+				if err != nil {
+					t.Errorf("notify %s: %v", tr.run, err)
+				}
+				tr.nv = out.Notify
+			}()
+		}
+		wg.Wait()
+		timedOut, resolved := 0, 0
+		for _, tr := range trials {
+			res := mustResult(t, tr.sub)
+			v := crashRunView(t, g.ep(rng.Intn(3)), tr.run)
+			require.Len(t, v.Waiters, 1)
+			if res.Timeout {
+				timedOut++
+				require.Equal(t, "TIMED_OUT", v.Waiters[0].State)
+				require.Empty(t, tr.nv.NotifyResponse, "run %s: the waiter timed out, yet the notify says it resolved it", tr.run)
+				require.NotNil(t, tr.nv.Lookback, "run %s: the notify after the time-out is stored", tr.run)
+				require.Len(t, v.LookbackEvents, 1)
+			} else {
+				resolved++
+				require.Equal(t, "NOTIFIED", v.Waiters[0].State)
+				require.Len(t, tr.nv.NotifyResponse, 1, "run %s: the waiter got the notify: %+v", tr.run, tr.nv)
+				require.Equal(t, tr.nv.NotifyResponse[0].MessageID, crashStr(res.MessageID))
+				require.Empty(t, v.LookbackEvents)
+			}
+		}
+		t.Logf("%d waiters: %d timed out (the notify stored), %d resolved by the notify", n, timedOut, resolved)
+	})
+
+	t.Run("cancel racing notifies", func(t *testing.T) {
+		const n = 30
+		notified, canceledFirst := 0, 0
+		for k := range n {
+			run, ev := g.trigger(rng.Intn(3)), uid("galera-cx")
+			sub, err := g.conn(rng, rng.Intn(3)).Subscribe(ctxT(t), waitSubscription, waitVars(ev, waitOpts{run: run, step: "w", timeout: "1h"}))
+			require.NoError(t, err)
+			eventually(t, 10*time.Second, func() bool { return len(sdWaiters(t, g.ep(k%3), ev)) == 1 }, "waiter of %s", run)
+			var (
+				nv           notifyView
+				nCode, cCode string
+				nErr, cErr   error
+				wg           sync.WaitGroup
+			)
+			wg.Add(2)
+			go func() {
+				defer wg.Done()
+				var out struct {
+					Notify notifyView `json:"notify"`
+				}
+				nCode, nErr = galeraPost(g.ep(rng.Intn(3)), notifyMutation, map[string]any{"ev": ev, "run": run, "data": k}, &out)
+				nv = out.Notify
+			}()
+			cancelOn := rng.Intn(3)
+			go func() {
+				defer wg.Done()
+				cCode, cErr = galeraPost(g.ep(cancelOn), cancelMutation2, map[string]any{"id": run}, nil)
+			}()
+			wg.Wait()
+			require.NoError(t, cErr, "cancel of %s (%s): the run was started", run, cCode)
+			o := result(t, sub, 15*time.Second)
+			v := crashRunView(t, g.ep(rng.Intn(3)), run)
+			require.Equal(t, "RUN_CANCELED", v.State)
+			require.Empty(t, v.LookbackEvents, "run %s: a canceled run keeps no lookback event", run)
+			require.Len(t, v.Waiters, 1)
+			if nErr == nil {
+				notified++
+				require.Len(t, nv.NotifyResponse, 1, "run %s: the notify before the cancel resolved the waiter: %+v", run, nv)
+				require.Nil(t, nv.Lookback)
+				require.Empty(t, o.Errors, "run %s: the notify was acknowledged, the subscriber must get it", run)
+				require.NotNil(t, o.Result)
+				require.Equal(t, nv.NotifyResponse[0].MessageID, crashStr(o.Result.MessageID))
+				require.Equal(t, "NOTIFIED", v.Waiters[0].State)
+			} else {
+				canceledFirst++
+				require.Equal(t, "RUN_NOT_ACTIVE", nCode, "run %s: the notify after the cancel: %v", run, nErr)
+				require.Equal(t, "RUN_NOT_ACTIVE", o.code(), "run %s: the subscriber of a canceled run: %+v", run, o)
+				require.Equal(t, "CANCELED", v.Waiters[0].State)
+			}
+		}
+		t.Logf("%d races: notify first %d, cancel first %d", n, notified, canceledFirst)
+	})
+}
