@@ -555,3 +555,75 @@ func TestGaleraBroadcastTimeoutCancel(t *testing.T) {
 		t.Logf("%d races: notify first %d, cancel first %d", n, notified, canceledFirst)
 	})
 }
+
+// Durable steps outlive their replica: the replica their clients used is
+// SIGKILLed, notifies keep arriving through the others, and the clients
+// re-attach through another replica (on another node) to the same waiters.
+func TestGaleraReattachAfterReplicaKill(t *testing.T) {
+	testgalera.Require(t)
+	g := newGaleraReplicas(t, redisURL(t))
+	rng := rand.New(rand.NewSource(time.Now().UnixNano()))
+	const n = 20
+	type step struct {
+		run, ev, waiterID string
+		nv                *notifyView
+	}
+	steps := make([]*step, n)
+	for k := range steps {
+		s := &step{run: g.trigger(rng.Intn(3)), ev: uid("galera-re")}
+		_, err := g.conn(rng, 0).Subscribe(ctxT(t), waitSubscription, waitVars(s.ev, waitOpts{run: s.run, step: "w", timeout: "1h"}))
+		require.NoError(t, err)
+		steps[k] = s
+	}
+	for _, s := range steps {
+		eventually(t, 10*time.Second, func() bool {
+			ws := sdWaiters(t, g.ep(1+rng.Intn(2)), s.ev)
+			if len(ws) == 1 {
+				s.waiterID = ws[0].ID
+			}
+			return len(ws) == 1
+		}, "the waiter of %s", s.run)
+	}
+	g.srvs[0].kill()
+	// Half are notified while their clients are away.
+	for _, s := range steps[:n/2] {
+		var out struct {
+			Notify notifyView `json:"notify"`
+		}
+		sdOK(t, g.ep(1+rng.Intn(2)), notifyMutation, map[string]any{"ev": s.ev, "run": s.run, "data": s.run}, &out)
+		require.Len(t, out.Notify.NotifyResponse, 1, "run %s: the durable waiter of a dead replica's client is resolved", s.run)
+		require.Equal(t, s.waiterID, out.Notify.NotifyResponse[0].Waiter.ID)
+		s.nv = &out.Notify
+	}
+	subs := make([]*gqlclient.Sub, n)
+	for k, s := range steps {
+		sub, err := g.conn(rng, 1+rng.Intn(2)).Subscribe(ctxT(t), waitSubscription, waitVars(s.ev, waitOpts{run: s.run, step: "w", timeout: "1h"}))
+		require.NoError(t, err)
+		subs[k] = sub
+	}
+	for k, s := range steps[:n/2] {
+		res := mustResult(t, subs[k])
+		require.Equal(t, s.waiterID, res.WaiterID)
+		require.Equal(t, s.nv.NotifyResponse[0].MessageID, crashStr(res.MessageID), "run %s: re-attached, the result of the notify", s.run)
+	}
+	for k, s := range steps[n/2:] {
+		k += n / 2
+		eventually(t, 10*time.Second, func() bool { return len(sdWaiters(t, g.ep(1+rng.Intn(2)), s.ev)) == 1 }, "still one waiter on %s", s.run)
+		var out struct {
+			Notify notifyView `json:"notify"`
+		}
+		sdOK(t, g.ep(1+rng.Intn(2)), notifyMutation, map[string]any{"ev": s.ev, "run": s.run, "data": s.run}, &out)
+		require.Len(t, out.Notify.NotifyResponse, 1, "run %s: %+v", s.run, out.Notify)
+		require.Equal(t, s.waiterID, out.Notify.NotifyResponse[0].Waiter.ID, "run %s: the re-attached client has the same waiter", s.run)
+		res := mustResult(t, subs[k])
+		require.Equal(t, s.waiterID, res.WaiterID)
+		require.Equal(t, out.Notify.NotifyResponse[0].MessageID, crashStr(res.MessageID))
+	}
+	g.srvs[0].start() // the replica comes back on its node
+	for _, s := range steps {
+		v := crashRunView(t, g.ep(0), s.run)
+		require.Len(t, v.Waiters, 1)
+		require.Equal(t, "NOTIFIED", v.Waiters[0].State)
+		require.Empty(t, v.LookbackEvents)
+	}
+}
