@@ -17,10 +17,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
+	"net/http"
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -626,4 +629,217 @@ func TestGaleraReattachAfterReplicaKill(t *testing.T) {
 		require.Equal(t, "NOTIFIED", v.Waiters[0].State)
 		require.Empty(t, v.LookbackEvents)
 	}
+}
+
+// galeraReadyStatus is the HTTP status of a replica's /readyz (0: no answer).
+func galeraReadyStatus(base string) int {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/readyz", nil)
+	if err != nil {
+		return 0
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// A Galera node killed mid-run, under a storm of targeted notifies spread
+// over the three replicas: the replica on the dead node turns unready, its
+// clients get SERVICE_UNAVAILABLE or OUTCOME_UNKNOWN (nothing else), the
+// others go on; the node rejoins, the replica recovers by itself; and every
+// acknowledged notify is found once at its waiter or lookback event, every
+// refused one nowhere.
+func TestGaleraNodeKilled(t *testing.T) {
+	testgalera.Require(t)
+	g := newGaleraReplicas(t, redisURL(t))
+	seed := time.Now().UnixNano()
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewSource(seed))
+	const (
+		victim    = 1 // replica 1, on node 2
+		waitRuns  = 24
+		plainRuns = 8
+		notifiers = 6
+	)
+	type nrun struct {
+		id, ev string
+		sub    *gqlclient.Sub
+	}
+	var runs []*nrun
+	for k := range waitRuns + plainRuns {
+		r := &nrun{id: g.trigger(rng.Intn(3)), ev: uid("galera-nk")}
+		if k < waitRuns {
+			sub, err := g.conn(rng, rng.Intn(3)).Subscribe(ctxT(t), waitSubscription, waitVars(r.ev, waitOpts{run: r.id, step: "w", timeout: "1h"}))
+			require.NoError(t, err)
+			r.sub = sub
+		}
+		runs = append(runs, r)
+	}
+	for _, r := range runs[:waitRuns] {
+		eventually(t, 10*time.Second, func() bool { return len(sdWaiters(t, g.ep(0), r.ev)) == 1 }, "the waiter of %s", r.id)
+	}
+
+	type sent struct {
+		run            *nrun
+		nonce, replica string
+		outcome, code  string
+		nv             notifyView
+	}
+	var (
+		mu    sync.Mutex
+		all   []*sent
+		stop  = make(chan struct{})
+		wg    sync.WaitGroup
+		phase atomic.Int32 // 0 before the kill, 1 node down, 2 rejoined
+	)
+	for w := range notifiers {
+		r := rand.New(rand.NewSource(seed + int64(w) + 1))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for seq := 0; ; seq++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				run := runs[r.Intn(len(runs))]
+				rep := r.Intn(3)
+				s := &sent{run: run, nonce: fmt.Sprintf("w%d-%d-%d", w, seq, r.Int63()), replica: strconv.Itoa(rep)}
+				var out struct {
+					Notify notifyView `json:"notify"`
+				}
+				code, err := galeraPost(g.ep(rep), notifyMutation, map[string]any{"ev": run.ev, "run": run.id, "data": map[string]any{"nonce": s.nonce}}, &out)
+				switch {
+				case err == nil:
+					s.outcome, s.nv = crashAcked, out.Notify
+				case code == "" || code == "OUTCOME_UNKNOWN":
+					s.outcome, s.code = crashUnknown, code
+				default:
+					s.outcome, s.code = crashFailed, code
+				}
+				s.replica += fmt.Sprintf("/phase%d", phase.Load())
+				mu.Lock()
+				all = append(all, s)
+				mu.Unlock()
+				if err != nil {
+					time.Sleep(20 * time.Millisecond) // a failing replica: pace the retries, not a wait for an event
+				}
+			}
+		}()
+	}
+	began := time.Now()
+	waitSent := func(n int) {
+		eventually(t, 30*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return len(all) >= n }, "%d notifies sent", n)
+	}
+	waitSent(200)
+	require.NoError(t, testgalera.Run(ctxT(t), "kill", strconv.Itoa(victim+1)))
+	phase.Store(1)
+	killedAt := time.Now()
+	eventually(t, 30*time.Second, func() bool { return galeraReadyStatus(g.srvs[victim].base) == http.StatusServiceUnavailable },
+		"replica %d's /readyz says 503 once its node is dead", victim)
+	t.Logf("replica %d unready %s after its node was killed", victim, time.Since(killedAt).Round(time.Millisecond))
+	mu.Lock()
+	before := len(all)
+	mu.Unlock()
+	waitSent(before + 200)
+	require.NoError(t, testgalera.Run(ctxT(t), "restart", strconv.Itoa(victim+1)))
+	restartedAt := time.Now()
+	eventually(t, 60*time.Second, func() bool { return galeraReadyStatus(g.srvs[victim].base) == http.StatusOK },
+		"replica %d ready again once its node rejoined", victim)
+	phase.Store(2)
+	t.Logf("node %d rejoined in %s; replica %d ready %s after", victim+1, restartedAt.Sub(killedAt).Round(time.Millisecond), victim, time.Since(restartedAt).Round(time.Millisecond))
+	mu.Lock()
+	before = len(all)
+	mu.Unlock()
+	waitSent(before + 200)
+	close(stop)
+	wg.Wait()
+
+	// The subscribers: a result, or (on the dead node's replica) an error
+	// saying the service is unavailable; then everyone re-attaches through
+	// replica 0 and the waiting ones get a finisher.
+	byNonce := map[string]*sent{}
+	codes := map[string]int{}
+	acked, failed, unknown := 0, 0, 0
+	for _, s := range all {
+		byNonce[s.nonce] = s
+		switch s.outcome {
+		case crashAcked:
+			acked++
+		case crashFailed:
+			failed++
+			codes[s.code]++
+			if s.code != "SERVICE_UNAVAILABLE" {
+				t.Errorf("notify %s through replica %s: %s (only SERVICE_UNAVAILABLE or OUTCOME_UNKNOWN may come of a dead node)", s.nonce, s.replica, s.code)
+			}
+		default:
+			unknown++
+			codes["unknown:"+s.code]++
+		}
+	}
+	conn := crashDial(t, g.ep(0))
+	deliveries := map[string][]string{}
+	subErrs := map[string]int{}
+	for _, r := range runs {
+		if r.sub != nil {
+			sub := crashSubscribe(t, conn, r.ev, waitOpts{run: r.id, step: "w", timeout: "1h"})
+			v := crashRunView(t, g.ep(0), r.id)
+			require.Len(t, v.Waiters, 1, "run %s", r.id)
+			if v.Waiters[0].State == "WAITING" {
+				require.Empty(t, v.LookbackEvents, "run %s: a waiting waiter beside lookback events", r.id)
+				sdOK(t, g.ep(0), notifyMutation, map[string]any{"ev": r.ev, "run": r.id, "data": map[string]any{"nonce": "finisher"}}, nil)
+			}
+			res := mustResult(t, sub)
+			if n := crashNonce(res.EventData); n != "finisher" {
+				deliveries[n] = append(deliveries[n], r.id+" waiter")
+			}
+			// The first subscriber, whichever replica it was on (the one on
+			// the dead node included), got the same result, or an error
+			// saying its replica could not reach the database.
+			o := result(t, r.sub, 15*time.Second)
+			switch {
+			case len(o.Errors) > 0:
+				subErrs[o.code()]++
+				if c := o.code(); c != "SERVICE_UNAVAILABLE" && c != "OUTCOME_UNKNOWN" {
+					t.Errorf("run %s: the first subscriber got %+v", r.id, o.Errors)
+				}
+			case o.Result == nil:
+				t.Errorf("run %s: the first subscriber's stream ended without a result", r.id)
+			default:
+				subErrs["result"]++
+				if d := crashSameResult(o.Result, res); d != "" {
+					t.Errorf("run %s: the first subscriber's result differs from the re-attached one: %s", r.id, d)
+				}
+			}
+		}
+		v := crashRunView(t, g.ep(0), r.id)
+		for _, lb := range v.LookbackEvents {
+			n := crashNonce(lb.EventData)
+			deliveries[n] = append(deliveries[n], r.id+" lookback "+lb.ID)
+		}
+	}
+	for n, where := range deliveries {
+		s := byNonce[n]
+		switch {
+		case s == nil:
+			t.Errorf("delivered a notification nobody sent: %q at %v", n, where)
+		case len(where) > 1:
+			t.Errorf("notify %s delivered %d times: %v", n, len(where), where)
+		case s.outcome == crashFailed:
+			t.Errorf("notify %s through replica %s answered %s, yet it was delivered at %v", n, s.replica, s.code, where)
+		}
+	}
+	for _, s := range all {
+		if s.outcome == crashAcked && len(deliveries[s.nonce]) != 1 {
+			t.Errorf("acknowledged notify %s through replica %s (%+v) found %d times: %v", s.nonce, s.replica, s.nv, len(deliveries[s.nonce]), deliveries[s.nonce])
+		}
+	}
+	t.Logf("%d notifies in %s: %d acknowledged (all audited), %d refused, %d unknown outcome; codes %v; subscribers' errors %v",
+		len(all), time.Since(began).Round(time.Millisecond), acked, failed, unknown, codes, subErrs)
 }
