@@ -19,11 +19,14 @@ import (
 	"fmt"
 	"io"
 	"math/rand"
+	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -156,7 +159,14 @@ func (s *raceStats) wrong(kind *int, format string, args ...any) {
 func TestGaleraNotifyWaitRace(t *testing.T) {
 	testgalera.Require(t)
 	g := newGaleraReplicas(t, redisURL(t))
-	trials := galeraTrials(t)
+	g.race(galeraTrials(t), nil)
+}
+
+// race runs the trials of the notify-vs-wait race on galeraWorkers
+// workers and fails the test on any wrong delivery. before, when set, is
+// called before trial k is handed out (to inject faults mid-run).
+func (g *galeraReplicas) race(trials int, before func(k int)) {
+	t := g.t
 	seed := time.Now().UnixNano()
 	t.Logf("seed %d, %d trials, %d workers", seed, trials, galeraWorkers)
 	st := &raceStats{notifyErrors: map[string]int{}}
@@ -174,6 +184,9 @@ func TestGaleraNotifyWaitRace(t *testing.T) {
 		}()
 	}
 	for k := range trials {
+		if before != nil {
+			before(k)
+		}
 		next <- k
 	}
 	close(next)
@@ -184,7 +197,7 @@ func TestGaleraNotifyWaitRace(t *testing.T) {
 	for _, e := range st.examples {
 		t.Log(e)
 	}
-	require.Zero(t, st.lost+st.duplicated+st.otherWrong, "rule 5 broken on Galera in %d of %d trials", st.lost+st.duplicated+st.otherWrong, st.trials)
+	require.Zero(t, st.lost+st.duplicated+st.otherWrong, "rule 5 broken on Galera in %d of %d trials", st.lost+st.duplicated+st.otherWrong, trials)
 	require.Equal(t, trials, st.trials)
 }
 
@@ -842,4 +855,85 @@ func TestGaleraNodeKilled(t *testing.T) {
 	}
 	t.Logf("%d notifies in %s: %d acknowledged (all audited), %d refused, %d unknown outcome; codes %v; subscribers' errors %v",
 		len(all), time.Since(began).Round(time.Millisecond), acked, failed, unknown, codes, subErrs)
+}
+
+// privateRedis is a redis-server of the test's own (the machine's Redis is
+// shared: the test must not kill it), on a fixed port so that a restart
+// comes back where the replicas look for it.
+type privateRedis struct {
+	t    *testing.T
+	port string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func newPrivateRedis(t *testing.T) *privateRedis {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv(testgalera.EnvRequire) == "1" {
+			t.Fatalf("redis-server not installed: %v", err)
+		}
+		t.Skipf("redis-server not installed: %v", err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	r := &privateRedis{t: t, port: strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)}
+	ln.Close()
+	r.start()
+	t.Cleanup(r.kill)
+	return r
+}
+
+func (r *privateRedis) url() string { return "redis://127.0.0.1:" + r.port + "/0" }
+
+func (r *privateRedis) start() {
+	r.t.Helper()
+	r.cmd = exec.Command("redis-server", "--port", r.port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning")
+	require.NoError(r.t, r.cmd.Start())
+	r.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); close(done) }(r.cmd, r.done)
+	eventually(r.t, 10*time.Second, func() bool {
+		c, err := net.DialTimeout("tcp", "127.0.0.1:"+r.port, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}, "redis-server on port %s answers", r.port)
+}
+
+func (r *privateRedis) kill() {
+	if r.cmd == nil {
+		return
+	}
+	_ = r.cmd.Process.Signal(syscall.SIGKILL)
+	<-r.done
+	r.cmd = nil
+}
+
+// Redis, the replicas' bus, SIGKILLed in the middle of the race and
+// started again: deliveries go on through the catch-up poll while it is
+// away, and through Redis once it is back; nothing is lost or doubled.
+func TestGaleraRedisKilled(t *testing.T) {
+	testgalera.Require(t)
+	rd := newPrivateRedis(t)
+	g := newGaleraReplicas(t, rd.url(), "RENDEZVOUS_CATCHUP_INTERVAL=300ms")
+	trials := max(150, galeraTrials(t)/4)
+	g.race(trials, func(k int) {
+		switch k {
+		case trials / 3:
+			rd.kill()
+			t.Logf("Redis killed before trial %d", k)
+		case 2 * trials / 3:
+			rd.start()
+			t.Logf("Redis started again before trial %d", k)
+		}
+	})
+}
+
+// No Redis at all: the replicas hear of each other's waiter ends only
+// through the catch-up poll.
+func TestGaleraNoRedis(t *testing.T) {
+	testgalera.Require(t)
+	g := newGaleraReplicas(t, "", "RENDEZVOUS_CATCHUP_INTERVAL=300ms")
+	g.race(max(100, galeraTrials(t)/10), nil)
 }
