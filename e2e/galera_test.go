@@ -14,6 +14,7 @@ package e2e
 
 import (
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,15 +22,18 @@ import (
 	"math/rand"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/go-sql-driver/mysql"
 	"github.com/stretchr/testify/require"
 
 	"rendezvous/internal/gqlclient"
@@ -301,7 +305,7 @@ func (g *galeraReplicas) raceTrial(k int, rng *rand.Rand, st *raceStats) {
 	res, stuck, err := g.awaitResult(sub, run, c)
 	switch {
 	case err != nil:
-		st.wrong(&st.otherWrong, "%s: %v", where, err)
+		st.wrong(&st.otherWrong, "%s: notify answered %s; %v", where, galeraNotifySummary(nv, nErr), err)
 		return
 	case stuck != nil:
 		st.wrong(&st.lost, "%s: LOST: notify answered %s; the waiter kept waiting beside lookback events %+v", where, galeraNotifySummary(nv, nErr), stuck.LookbackEvents)
@@ -393,7 +397,8 @@ func (g *galeraReplicas) awaitResult(sub *gqlclient.Sub, run string, replica int
 			res = d.WaitForEvent
 		}
 	}
-	return nil, nil, errors.New("no result within 20s, and no lookback event beside the waiting waiter")
+	v, err := galeraRunView(g.ep(replica), run)
+	return nil, nil, fmt.Errorf("no result within 20s, and no lookback event beside the waiting waiter: run %+v (%v); rows: %s", v, err, g.dump(run))
 }
 
 const cancelMutation2 = `mutation($id: ID!) { cancel(workflowRunId: $id) { state } }`
@@ -936,4 +941,47 @@ func TestGaleraNoRedis(t *testing.T) {
 	testgalera.Require(t)
 	g := newGaleraReplicas(t, "", "RENDEZVOUS_CATCHUP_INTERVAL=300ms")
 	g.race(max(100, galeraTrials(t)/10), nil)
+}
+
+// dump lists the run's rows as each node has them (for failure messages).
+func (g *galeraReplicas) dump(run string) string {
+	var b strings.Builder
+	for i, u := range g.urls {
+		p, _ := url.Parse(u)
+		cfg := mysql.NewConfig()
+		cfg.Net, cfg.Addr, cfg.User, cfg.DBName = "tcp", p.Host, "root", strings.TrimPrefix(p.Path, "/")
+		db, err := sql.Open("mysql", cfg.FormatDSN())
+		if err != nil {
+			fmt.Fprintf(&b, "node %d: %v; ", i+1, err)
+			continue
+		}
+		for _, q := range []string{
+			"SELECT seq, consumed, COALESCE(consumed_at,''), created_at, expires_at, message_id FROM lookback_events WHERE run_id = ?",
+			"SELECT seq, state, created_at, COALESCE(ended_at,''), COALESCE(message_id,''), '', '' FROM waiters WHERE run_id = ?",
+			"SELECT seq, state, lock_version, updated_at, '', '' FROM runs WHERE id = ?",
+		} {
+			rows, err := db.Query(q, run)
+			if err != nil {
+				fmt.Fprintf(&b, "node %d: %v; ", i+1, err)
+				continue
+			}
+			cols, _ := rows.Columns()
+			for rows.Next() {
+				vals := make([]sql.RawBytes, len(cols))
+				ptrs := make([]any, len(cols))
+				for k := range vals {
+					ptrs[k] = &vals[k]
+				}
+				_ = rows.Scan(ptrs...)
+				fmt.Fprintf(&b, "node %d %s:", i+1, strings.Fields(q)[len(strings.Fields(q))-5])
+				for _, v := range vals {
+					fmt.Fprintf(&b, " %s", v)
+				}
+				b.WriteString("; ")
+			}
+			rows.Close()
+		}
+		db.Close()
+	}
+	return b.String()
 }

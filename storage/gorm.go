@@ -31,6 +31,9 @@ type gormExecutor struct {
 	obs     Observer
 	// returning: the server knows INSERT … RETURNING (MariaDB ≥ 10.5).
 	returning bool
+	// galera: the server is a Galera node (wsrep_on). A COMMIT is then
+	// never sent along with an INSERT (see LookbackEventInsertCommit).
+	galera bool
 }
 
 // classify classifies a driver error (see the package function) and tells
@@ -81,7 +84,7 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, galera: s.galera}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {

@@ -39,6 +39,11 @@ type migration struct {
 //	                                                   oldest end first; a run's WAITING waiters when it ends
 //	waiters         (message_id)                       the purge: is a notification still referred to by a waiter
 //
+// runs.lock_version is written, never read: the run lock bumps it (see
+// bumpRunSQL), so that on Galera, which replicates writes and not row
+// locks, two transactions that lock the same run on different nodes
+// conflict at certification.
+//
 // Ids, event ids, step names and labels are VARBINARY on MySQL: compared byte
 // for byte, trailing spaces included (utf8mb4_bin pads spaces, so "a" and
 // "a " would be the same id there). They hold at most 256 bytes of caller
@@ -226,6 +231,16 @@ var migrations = []migration{
 			`CREATE INDEX runs_ended ON runs (ended_at, state)`,
 			`CREATE INDEX waiters_run_state_ended ON waiters (run_id, state, ended_at)`,
 			`CREATE INDEX waiters_message ON waiters (message_id)`,
+		},
+	},
+	{
+		version: 5,
+		name:    "galera: the run lock is a write",
+		mysql: []string{
+			`ALTER TABLE runs ADD COLUMN lock_version BIGINT NOT NULL DEFAULT 0`,
+		},
+		sqlite: []string{
+			`ALTER TABLE runs ADD COLUMN lock_version INTEGER NOT NULL DEFAULT 0`,
 		},
 	},
 }
