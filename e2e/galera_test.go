@@ -523,6 +523,45 @@ func TestGaleraBroadcastTimeoutCancel(t *testing.T) {
 		t.Logf("%d waiters: %d timed out (the notify stored), %d resolved by the notify", n, timedOut, resolved)
 	})
 
+	t.Run("notify steps racing", func(t *testing.T) {
+		// The same notify step sent through two replicas at once: one
+		// notifies, the other is its deduplicated repeat; the event is
+		// delivered once.
+		const n = 30
+		for k := range n {
+			target, notifier, ev := g.trigger(rng.Intn(3)), g.trigger(rng.Intn(3)), uid("galera-st")
+			a := rng.Intn(3)
+			b := (a + 1 + rng.Intn(2)) % 3 // another replica
+			var (
+				nvs  [2]notifyView
+				errs [2]error
+				wg   sync.WaitGroup
+			)
+			for j, rep := range []int{a, b} {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					var out struct {
+						Notify notifyView `json:"notify"`
+					}
+					_, errs[j] = galeraPost(g.ep(rep), notifyMutation, map[string]any{"ev": ev, "run": target, "data": k,
+						"step": map[string]any{"workflowRunId": notifier, "stepName": "s"}}, &out)
+					nvs[j] = out.Notify
+				}()
+			}
+			wg.Wait()
+			require.NoError(t, errs[0], "trial %d", k)
+			require.NoError(t, errs[1], "trial %d", k)
+			require.NotEqual(t, nvs[0].Deduplicated, nvs[1].Deduplicated, "trial %d: exactly one of the two is the repeat: %+v", k, nvs)
+			for _, nv := range nvs {
+				require.NotNil(t, nv.Lookback, "trial %d: nobody waits: the first stores, the repeat returns the same: %+v", k, nv)
+			}
+			require.Equal(t, nvs[0].Lookback.MessageID, nvs[1].Lookback.MessageID, "trial %d", k)
+			v := crashRunView(t, g.ep(rng.Intn(3)), target)
+			require.Len(t, v.LookbackEvents, 1, "trial %d: stored once", k)
+		}
+	})
+
 	t.Run("cancel racing notifies", func(t *testing.T) {
 		const n = 30
 		notified, canceledFirst := 0, 0
