@@ -576,16 +576,16 @@ func TestGaleraBroadcastTimeoutCancel(t *testing.T) {
 				nErr, cErr   error
 				wg           sync.WaitGroup
 			)
+			notifyOn, cancelOn := rng.Intn(3), rng.Intn(3) // rng is not for goroutines
 			wg.Add(2)
 			go func() {
 				defer wg.Done()
 				var out struct {
 					Notify notifyView `json:"notify"`
 				}
-				nCode, nErr = galeraPost(g.ep(rng.Intn(3)), notifyMutation, map[string]any{"ev": ev, "run": run, "data": k}, &out)
+				nCode, nErr = galeraPost(g.ep(notifyOn), notifyMutation, map[string]any{"ev": ev, "run": run, "data": k}, &out)
 				nv = out.Notify
 			}()
-			cancelOn := rng.Intn(3)
 			go func() {
 				defer wg.Done()
 				cCode, cErr = galeraPost(g.ep(cancelOn), cancelMutation2, map[string]any{"id": run}, nil)
