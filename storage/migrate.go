@@ -42,10 +42,10 @@ type migration struct {
 //	                                                   oldest end first; a run's WAITING waiters when it ends
 //	waiters         (message_id)                       the purge: is a notification still referred to by a waiter
 //
-// runs.lock_version is written, never read: on Galera the run lock bumps it (see
-// bumpRunSQL), so that on Galera, which replicates writes and not row
-// locks, two transactions that lock the same run on different nodes
-// conflict at certification.
+// runs.lock_version is written, never read: on Galera, which replicates
+// writes and not row locks, the run lock bumps it (see bumpRunSQL), so
+// that two transactions that lock the same run on different nodes conflict
+// at certification.
 //
 // Ids, event ids, step names and labels are VARBINARY on MySQL: compared byte
 // for byte, trailing spaces included (utf8mb4_bin pads spaces, so "a" and
