@@ -330,6 +330,17 @@ func TestReplicasWithFaults(t *testing.T) {
 		"subscriptions ended by timeout %d, WAITER_LOST %d, unavailable %d, not ended %d; codes %v",
 		loadTook.Round(time.Second), soak, len(races), acked, unacked, resolved, atRegistration, byAudit, timeouts, lost, unavailable, unended, codes)
 	t.Logf("faults:\n%s", strings.Join(faults, "\n"))
+	// Every process rode the faults out: none exited or panicked.
+	for i, s := range srvs {
+		s.mu.Lock()
+		exited := s.done != nil && isClosed(s.done)
+		s.mu.Unlock()
+		logs := s.logs.String()
+		if exited || strings.Contains(logs, "panic") || strings.Contains(logs, "fatal error") {
+			t.Errorf("replica %d exited (%v) or panicked during the faults; see its log", i, exited)
+		}
+		t.Logf("replica %d logged %d errors and %d warnings", i, strings.Count(logs, `"level":"ERROR"`), strings.Count(logs, `"level":"WARN"`))
+	}
 	if len(races) < 20 {
 		t.Errorf("only %d races ran", len(races))
 	}
@@ -546,4 +557,13 @@ func (s *hfSentinelWait) finish() {
 	began := time.Now()
 	r.out, r.outErr = raceReadOutcome(ctx, s.sub)
 	r.took = time.Since(began)
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
