@@ -37,6 +37,9 @@ type Config struct {
 	// Recorder hears what the engine did, for metrics; nil: nobody.
 	Recorder Recorder
 
+	// Outbound: HTTP dispatch through the outbox (outbox.go).
+	Outbound OutboundConfig
+
 	// Now is the clock; tests may replace it.
 	Now    func() time.Time
 	Logger *slog.Logger
@@ -89,6 +92,7 @@ func (c Config) withDefaults() Config {
 	if c.GaugeInterval <= 0 {
 		c.GaugeInterval = DefaultGaugeInterval
 	}
+	c.Outbound = c.Outbound.withDefaults()
 	if c.Recorder == nil {
 		c.Recorder = NopRecorder{}
 	}

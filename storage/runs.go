@@ -124,6 +124,8 @@ func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) e
 		Result:    run.Result,
 		CreatedAt: newDBTime(run.CreatedAt),
 		UpdatedAt: newDBTime(run.UpdatedAt),
+		// A run without dispatch waits for a runsToStart worker.
+		StartPending: run.StartPending,
 	}
 	return e.classify(e.q(ctx).Create(&row).Error)
 }

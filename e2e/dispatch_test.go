@@ -1,0 +1,236 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"rendezvous/auth"
+	"rendezvous/internal/testdb"
+	"rendezvous/service"
+)
+
+const signingSecret = "test-signing-secret-0123456789"
+
+// receiver is an HTTP endpoint that verifies signatures and deduplicates
+// on Rendezvous-Delivery-Id, as the README tells receivers to. fail decides,
+// per request, how it misbehaves ("" for a 200).
+type receiver struct {
+	t    *testing.T
+	srv  *httptest.Server
+	fail func(id string, attempt int) string
+
+	mu        sync.Mutex
+	processed map[string]json.RawMessage // delivery id -> body, first processing
+	dups      int
+	badSigs   int
+	arrivals  map[string][]time.Time // delivery id -> when each attempt arrived
+	attempts  map[string][]string
+}
+
+func newReceiver(t *testing.T, fail func(id string, attempt int) string) *receiver {
+	r := &receiver{t: t, fail: fail, processed: map[string]json.RawMessage{}, arrivals: map[string][]time.Time{}, attempts: map[string][]string{}}
+	r.srv = httptest.NewServer(http.HandlerFunc(r.serve))
+	t.Cleanup(func() {
+		r.srv.CloseClientConnections()
+		r.srv.Close()
+	})
+	return r
+}
+
+func (r *receiver) serve(w http.ResponseWriter, req *http.Request) {
+	body, _ := io.ReadAll(req.Body)
+	id := req.Header.Get("Rendezvous-Delivery-Id")
+	var attempt int
+	fmt.Sscan(req.Header.Get("Rendezvous-Attempt"), &attempt)
+	r.mu.Lock()
+	r.arrivals[id] = append(r.arrivals[id], time.Now())
+	r.attempts[id] = append(r.attempts[id], req.Header.Get("Rendezvous-Attempt"))
+	if err := auth.VerifyDeliverySignature(req.Header.Get("Rendezvous-Signature"), body, signingSecret, time.Now(), 5*time.Minute); err != nil {
+		r.badSigs++
+		r.mu.Unlock()
+		http.Error(w, "bad signature", http.StatusUnauthorized)
+		return
+	}
+	r.mu.Unlock()
+	mode := ""
+	if r.fail != nil {
+		mode = r.fail(id, attempt)
+	}
+	switch mode {
+	case "500":
+		http.Error(w, "boom", http.StatusInternalServerError)
+		return
+	case "hang":
+		select {
+		case <-req.Context().Done():
+		case <-time.After(10 * time.Second):
+		}
+		return
+	case "reset":
+		hj, _ := w.(http.Hijacker)
+		conn, _, err := hj.Hijack()
+		if err == nil {
+			if tc, ok := conn.(*net.TCPConn); ok {
+				tc.SetLinger(0) // RST, not FIN
+			}
+			conn.Close()
+		}
+		return
+	case "redirect":
+		http.Redirect(w, req, "/elsewhere", http.StatusFound)
+		return
+	case "huge":
+		w.WriteHeader(http.StatusOK)
+		w.Write([]byte(strings.Repeat("x", 200<<10)))
+		return
+	}
+	r.mu.Lock()
+	if _, seen := r.processed[id]; seen {
+		r.dups++
+	} else {
+		r.processed[id] = body
+	}
+	r.mu.Unlock()
+	w.WriteHeader(http.StatusOK)
+	io.WriteString(w, "ok")
+}
+
+func (r *receiver) processedCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.processed)
+}
+
+// dispatchEnv is a service allowed to call the receiver's URL, with short
+// timeouts and backoff.
+func dispatchEnv(t *testing.T, db, allowed string, mods ...func(*service.Config)) *env {
+	return newEnv(t, db, append([]func(*service.Config){func(c *service.Config) {
+		c.Outbound.Allowed = allowed
+		c.Outbound.SigningSecrets = []string{signingSecret}
+		c.Outbound.Delivery.Timeout = time.Second
+		c.Outbound.Delivery.Poll = 100 * time.Millisecond
+		c.Engine.Outbound.RetryBase = 50 * time.Millisecond
+		c.Engine.Outbound.RetryMax = 400 * time.Millisecond
+	}}, mods...)...)
+}
+
+const dispatchTrigger = `mutation($id: ID, $body: JSON, $label: String, $d: DispatchInput) {
+  trigger(workflowRunId: $id, body: $body, label: $label, dispatch: $d) { workflowRunId created run { state dispatch { state url attempts } } }
+}`
+
+type dispatchView struct {
+	State         string  `json:"state"`
+	URL           string  `json:"url"`
+	Attempts      int     `json:"attempts"`
+	LastStatus    *int    `json:"lastStatus"`
+	LastError     *string `json:"lastError"`
+	NextAttemptAt *string `json:"nextAttemptAt"`
+	DeliveredAt   *string `json:"deliveredAt"`
+}
+
+func (e *env) dispatchOf(id string) (string, json.RawMessage, *dispatchView) {
+	e.t.Helper()
+	var out struct {
+		WorkflowRun struct {
+			State    string          `json:"state"`
+			Result   json.RawMessage `json:"result"`
+			Dispatch *dispatchView   `json:"dispatch"`
+		} `json:"workflowRun"`
+	}
+	e.ok(`query($id: ID!) { workflowRun(workflowRunId: $id) { state result dispatch { state url attempts lastStatus lastError nextAttemptAt deliveredAt } } }`, map[string]any{"id": id}, &out)
+	return out.WorkflowRun.State, out.WorkflowRun.Result, out.WorkflowRun.Dispatch
+}
+
+func hashOf(s string) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(s))
+	return h.Sum32()
+}
+
+// Every run triggered with dispatch reaches a receiver that fails at random
+// (500, hangs past the timeout, connection resets) before it answers 200:
+// each delivery id is processed once, every signature verifies, the body is
+// the contract's, retries keep their backoff, and the dispatch ends
+// DELIVERED.
+func TestDispatchDeliveredOnceThroughFailures(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		modes := []string{"500", "hang", "reset"}
+		rcv := newReceiver(t, func(id string, attempt int) string {
+			// Deterministic per delivery: the first k attempts fail, k in 0..3.
+			h := hashOf(id)
+			if attempt <= int(h%4) {
+				return modes[(int(h)+attempt)%len(modes)]
+			}
+			return ""
+		})
+		e := dispatchEnv(t, db, rcv.srv.URL+"/hooks")
+		const n = 12
+		ids := make([]string, n)
+		for i := range ids {
+			var out struct {
+				Trigger struct {
+					WorkflowRunID string `json:"workflowRunId"`
+					Run           struct {
+						Dispatch dispatchView `json:"dispatch"`
+					} `json:"run"`
+				} `json:"trigger"`
+			}
+			e.ok(dispatchTrigger, map[string]any{"id": uid("disp"), "body": map[string]any{"i": i}, "label": "mail",
+				"d": map[string]any{"url": rcv.srv.URL + "/hooks/run", "retries": 5, "headers": map[string]any{"X-Tenant": "t1"}}}, &out)
+			ids[i] = out.Trigger.WorkflowRunID
+		}
+		eventually(t, 30*time.Second, func() bool { return rcv.processedCount() == n }, "every run delivered")
+		for _, id := range ids {
+			eventually(t, 10*time.Second, func() bool {
+				_, _, d := e.dispatchOf(id)
+				return d != nil && d.State == "DELIVERED"
+			}, "dispatch of %s DELIVERED", id)
+		}
+		rcv.mu.Lock()
+		defer rcv.mu.Unlock()
+		require.Zero(t, rcv.badSigs, "every signature verifies")
+		require.Zero(t, rcv.dups, "no delivery processed twice")
+		seen := map[string]bool{}
+		for did, body := range rcv.processed {
+			var b struct {
+				WorkflowRunID string          `json:"workflowRunId"`
+				Body          json.RawMessage `json:"body"`
+				Label         string          `json:"label"`
+				CreatedAt     string          `json:"createdAt"`
+				RunToken      string          `json:"runToken"`
+			}
+			require.NoError(t, json.Unmarshal(body, &b))
+			require.Equal(t, "mail", b.Label)
+			require.NotEmpty(t, b.CreatedAt)
+			require.NotEmpty(t, b.RunToken)
+			seen[b.WorkflowRunID] = true
+			// Attempts are numbered 1, 2, … under one delivery id, and
+			// each retry waits its backoff (base 50ms doubling, ±20%).
+			for i, a := range rcv.attempts[did] {
+				require.Equal(t, fmt.Sprint(i+1), a)
+			}
+			arr := rcv.arrivals[did]
+			for i := 1; i < len(arr); i++ {
+				low := time.Duration(float64(50*time.Millisecond<<(i-1)) * 0.8)
+				require.GreaterOrEqual(t, arr[i].Sub(arr[i-1]), low, "retry %d of %s too early", i, did)
+				// At most: the attempt itself (a hang lasts the 1s timeout),
+				// the backoff, and the loop's wake-up.
+				require.Less(t, arr[i].Sub(arr[i-1]), 1*time.Second+480*time.Millisecond+time.Second, "retry %d of %s too late", i, did)
+			}
+		}
+		for _, id := range ids {
+			require.True(t, seen[id], id)
+		}
+	})
+}
