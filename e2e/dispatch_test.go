@@ -234,3 +234,114 @@ func TestDispatchDeliveredOnceThroughFailures(t *testing.T) {
 		}
 	})
 }
+
+// Dispatch is refused up front when it cannot be allowed, and a delivery
+// that cannot succeed (redirect, oversized response, nobody listening)
+// ends FAILED after its retries, its run RUN_FAILED with a result saying
+// why. A run that ends first cancels its pending dispatch.
+func TestDispatchRefusalsAndFailures(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		// No allow-list: refused, naming the variable.
+		plain := newEnv(t, db)
+		err := plain.fails("BAD_USER_INPUT", dispatchTrigger, map[string]any{"d": map[string]any{"url": "https://example.com/x"}})
+		require.Contains(t, err.Message, "RENDEZVOUS_OUTBOUND_ALLOWED")
+
+		var elsewhere int
+		var emu sync.Mutex
+		rcv := newReceiver(t, func(id string, attempt int) string { return "" })
+		rcv.srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/hooks/redirect":
+				http.Redirect(w, r, "/hooks/elsewhere", http.StatusFound)
+			case "/hooks/huge":
+				w.WriteHeader(http.StatusOK)
+				w.Write([]byte(strings.Repeat("x", 200<<10)))
+			case "/hooks/elsewhere":
+				emu.Lock()
+				elsewhere++
+				emu.Unlock()
+			default:
+				rcv.serve(w, r)
+			}
+		})
+		down, err2 := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err2)
+		downURL := "http://" + down.Addr().String() + "/hooks"
+		down.Close() // nobody listens there any more
+		e := dispatchEnv(t, db, rcv.srv.URL+"/hooks,"+downURL)
+
+		for _, d := range []map[string]any{
+			{"url": "https://example.com/hooks"},
+			{"url": rcv.srv.URL + "/hooksx"},
+			{"url": rcv.srv.URL + "/hooks/../admin"},
+			{"url": strings.Replace(rcv.srv.URL, "127.0.0.1", "127.0.0.1.nip.io", 1) + "/hooks"},
+			{"url": rcv.srv.URL + "/hooks", "retries": 21},
+			{"url": rcv.srv.URL + "/hooks", "retries": -1},
+			{"url": rcv.srv.URL + "/hooks", "headers": map[string]any{"Host": "evil"}},
+			{"url": rcv.srv.URL + "/hooks", "headers": map[string]any{"Rendezvous-Signature": "t=1,v1=00"}},
+			{"url": rcv.srv.URL + "/hooks", "headers": map[string]any{"X-A": "a\r\nX-B: b"}},
+			{"url": rcv.srv.URL + "/hooks", "headers": []any{"x"}},
+			{"url": rcv.srv.URL + "/hooks", "headers": map[string]any{"X-N": 1}},
+		} {
+			plainErr := e.fails("BAD_USER_INPUT", dispatchTrigger, map[string]any{"d": d})
+			require.NotContains(t, plainErr.Message, signingSecret)
+		}
+
+		trig := func(url string, retries int) string {
+			var out struct {
+				Trigger struct {
+					WorkflowRunID string `json:"workflowRunId"`
+				} `json:"trigger"`
+			}
+			e.ok(dispatchTrigger, map[string]any{"id": uid("fail"), "d": map[string]any{"url": url, "retries": retries}}, &out)
+			return out.Trigger.WorkflowRunID
+		}
+		redirect := trig(rcv.srv.URL+"/hooks/redirect", 1)
+		huge := trig(rcv.srv.URL+"/hooks/huge", 0)
+		nobody := trig(downURL, 2)
+		for id, want := range map[string]string{redirect: "redirects are not followed", huge: "response body over", nobody: "connect"} {
+			eventually(t, 20*time.Second, func() bool {
+				state, _, d := e.dispatchOf(id)
+				return state == "RUN_FAILED" && d != nil && d.State == "FAILED"
+			}, "run %s failed", id)
+			_, result, d := e.dispatchOf(id)
+			require.NotNil(t, d.LastError)
+			require.Contains(t, *d.LastError, want)
+			var why map[string]any
+			require.NoError(t, json.Unmarshal(result, &why))
+			require.Equal(t, "dispatch failed", why["error"])
+			require.Equal(t, float64(d.Attempts), why["attempts"])
+		}
+		_, _, d := e.dispatchOf(redirect)
+		require.Equal(t, 2, d.Attempts, "retries: 1 means two attempts")
+		require.Equal(t, 302, *d.LastStatus)
+		emu.Lock()
+		require.Zero(t, elsewhere, "a redirect is never followed")
+		emu.Unlock()
+
+		// A run canceled before its (delayed) dispatch cancels it.
+		var out struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		e.ok(dispatchTrigger, map[string]any{"d": map[string]any{"url": rcv.srv.URL + "/hooks", "delay": "1h"}}, &out)
+		late := out.Trigger.WorkflowRunID
+		_, _, d = e.dispatchOf(late)
+		require.Equal(t, "PENDING", d.State)
+		require.NotNil(t, d.NextAttemptAt)
+		e.ok(`mutation($id: ID!) { cancel(workflowRunId: $id) { state } }`, map[string]any{"id": late}, nil)
+		_, _, d = e.dispatchOf(late)
+		require.Equal(t, "CANCELED", d.State)
+
+		var st struct {
+			Stats struct {
+				Outbox struct{ Pending, Delivered, Failed, Canceled int } `json:"outbox"`
+			} `json:"stats"`
+		}
+		e.ok(`{ stats { outbox { pending delivered failed canceled } } }`, nil, &st)
+		require.Equal(t, 3, st.Stats.Outbox.Failed)
+		require.Equal(t, 1, st.Stats.Outbox.Canceled)
+		require.NotContains(t, e.logs.String(), signingSecret, "the signing secret is never logged")
+	})
+}
