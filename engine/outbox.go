@@ -157,7 +157,11 @@ func validHeaderName(k string) bool {
 func (e *Engine) insertRun(ctx context.Context, run *models.WorkflowRun, ob *storage.OutboxRecord, delay time.Duration) error {
 	if ob == nil {
 		run.StartPending = true
-		return e.store.RunInsert(ctx, run)
+		if err := e.store.RunInsert(ctx, run); err != nil {
+			return err
+		}
+		e.wakeWorkers(ctx, run.Label)
+		return nil
 	}
 	body, err := json.Marshal(dispatchBody{WorkflowRunID: run.WorkflowRunID, Body: run.Body, Label: run.Label,
 		CreatedAt: run.CreatedAt.Format("2006-01-02T15:04:05.000000Z07:00")})

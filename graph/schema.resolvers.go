@@ -8,7 +8,6 @@ package graph
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"rendezvous/engine"
 	"rendezvous/models"
 	"time"
@@ -36,7 +35,7 @@ func (r *mutationResolver) FinishRun(ctx context.Context, workflowRunID string, 
 
 // AckRun is the resolver for the ackRun field.
 func (r *mutationResolver) AckRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error) {
-	panic(fmt.Errorf("not implemented: AckRun - ackRun"))
+	return r.Engine.AckRun(ctx, workflowRunID)
 }
 
 // WorkflowRun is the resolver for the workflowRun field.
@@ -70,7 +69,7 @@ func (r *subscriptionResolver) WaitForEvent(ctx context.Context, eventID string,
 
 // RunsToStart is the resolver for the runsToStart field.
 func (r *subscriptionResolver) RunsToStart(ctx context.Context, label *string, lease *time.Duration, maxUnacked *int) (<-chan *models.WorkflowRun, error) {
-	panic(fmt.Errorf("not implemented: RunsToStart - runsToStart"))
+	return r.Engine.RunsToStart(ctx, engine.StartParams{Label: label, Lease: lease, MaxUnacked: maxUnacked})
 }
 
 // RunToken is the resolver for the runToken field.

@@ -37,6 +37,9 @@ type RunClaimExecutor interface {
 	// that the next worker may have them at once (a subscription that
 	// ended).
 	RunReleaseClaims(ctx context.Context, worker string) (int64, error)
+	// RunCountClaimed counts the runs the worker holds under a claim live
+	// at now and not acked.
+	RunCountClaimed(ctx context.Context, worker string, now time.Time) (int64, error)
 	// RunStartEnd takes the run out of the hand-over for good (it ended).
 	RunStartEnd(ctx context.Context, runID string) error
 }
@@ -116,4 +119,10 @@ func (e *gormExecutor) RunReleaseClaims(ctx context.Context, worker string) (int
 func (e *gormExecutor) RunStartEnd(ctx context.Context, runID string) error {
 	return e.classify(e.q(ctx).Model(&runRow{}).Where("id = ? AND start_pending = ?", runID, true).
 		Updates(map[string]any{"start_pending": false, "claim_until": nil, "claimed_by": nil}).Error)
+}
+
+func (e *gormExecutor) RunCountClaimed(ctx context.Context, worker string, now time.Time) (int64, error) {
+	var n int64
+	err := e.q(ctx).Model(&runRow{}).Where("claimed_by = ? AND start_pending = ? AND claim_until > ?", worker, true, newDBTime(now)).Count(&n).Error
+	return n, e.classify(err)
 }
