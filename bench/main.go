@@ -48,6 +48,7 @@ type sizes struct {
 	FanOutPerConn     []int // one fan-out per entry: waiters per websocket
 	SeedWaiters       int
 	SeedLookback      int
+	PurgeRows         int // ended rows the retention purge deletes in the purge phase
 }
 
 var fullSizes = sizes{
@@ -63,6 +64,7 @@ var fullSizes = sizes{
 	FanOutPerConn:     []int{100, 1},
 	SeedWaiters:       1000000,
 	SeedLookback:      100000,
+	PurgeRows:         1000000,
 }
 
 var quickSizes = sizes{
@@ -78,6 +80,7 @@ var quickSizes = sizes{
 	FanOutPerConn:     []int{100, 1},
 	SeedWaiters:       50000,
 	SeedLookback:      5000,
+	PurgeRows:         50000,
 }
 
 type options struct {
@@ -112,13 +115,14 @@ func main() {
 	flag.StringVar(&o.MemProfile, "memprofile", "", "write heap and goroutine profiles of the server process before and while the idle subscriptions are connected (FILE-idle-heap.pprof, FILE-mux-goroutines.txt, …)")
 	flag.StringVar(&o.PprofAddr, "pprof", "", "serve net/http/pprof of the server process on this address (127.0.0.1:6060)")
 	flag.BoolVar(&o.Verbose, "v", false, "log each figure as it is measured, and the service's warnings")
-	only := flag.String("only", "", "run only these phases (comma-separated: baseline, latency, throughput, growth, idle, mux, fanout); figures of the others are left out")
+	only := flag.String("only", "", "run only these phases (comma-separated: baseline, latency, throughput, growth, purge, idle, mux, fanout); figures of the others are left out")
 	s := fullSizes
 	flag.IntVar(&s.Idle, "idle", 0, "idle subscriptions, one websocket each (default 15000, -quick 1500)")
 	flag.IntVar(&s.Mux, "mux", 0, "idle subscriptions multiplexed 100 per websocket (default 50000, -quick 5000)")
 	flag.IntVar(&s.FanOut, "fanout", 0, "waiters of the broadcast fan-out (default 10000, -quick 1000)")
 
 	flag.IntVar(&s.SeedWaiters, "seed-waiters", 0, "ended waiters seeded for the cost-growth figure (default 1000000, -quick 50000)")
+	flag.IntVar(&s.PurgeRows, "purge-rows", 0, "ended rows purged while the purge figure is measured (default 1000000, -quick 50000)")
 	flag.IntVar(&s.SeedLookback, "seed-lookback", 0, "lookback events seeded for the cost-growth figure (default 100000, -quick 5000)")
 	flag.DurationVar(&s.ThroughputFor, "throughput-for", 0, "length of the throughput phase (default 15s, -quick 3s)")
 	flag.DurationVar(&s.DeliveryFor, "delivery-for", 0, "length of the delivery-latency phase (default 20s, -quick 3s)")
@@ -152,6 +156,7 @@ func main() {
 	override(&o.Sizes.FanOut, s.FanOut)
 	override(&o.Sizes.SeedWaiters, s.SeedWaiters)
 	override(&o.Sizes.SeedLookback, s.SeedLookback)
+	override(&o.Sizes.PurgeRows, s.PurgeRows)
 	if s.ThroughputFor > 0 {
 		o.Sizes.ThroughputFor = s.ThroughputFor
 	}

@@ -146,6 +146,21 @@ func (s *suite) rows() []row {
 				fmt.Sprintf("empty tables: %s / %s", fmtDur(r.latEmpty.Lat.P50), fmtDur(r.latEmpty.Lat.P99)),
 				ratio <= 1.25 && r.latFull.Errors == 0, true
 		})
+	add([]string{"purge"},
+		fmt.Sprintf("notify latency p50/p99 (as above) while the retention purge deletes %s ended rows (runs, their waiters, steps, lookback events, notifications, and waiters without a run)", fmtInt(z.PurgeRows)),
+		"p50 ≤ 1.25 × baseline",
+		func() (string, string, bool, bool) {
+			ratio := float64(r.latPurge.Lat.P50) / float64(r.latNoPurge.Lat.P50)
+			covered := fmt.Sprintf("%d rounds alternating no purge / purge running, medians of the rounds; the purge ran through every purge round", purgeRounds)
+			if r.purgeEndedFirst {
+				covered = "⚠ the purge ran out of rows before a round was over"
+			}
+			return fmt.Sprintf("%s / %s = %.2f × baseline (p99 %.2f ×); purged %s rows in %s (%.0f rows/s); %s%s%s", fmtDur(r.latPurge.Lat.P50), fmtDur(r.latPurge.Lat.P99), ratio,
+					float64(r.latPurge.Lat.P99)/float64(r.latNoPurge.Lat.P99), fmtInt(int(r.purge.res.Rows())), r.purge.took.Round(time.Second),
+					float64(r.purge.res.Rows())/r.purge.took.Seconds(), covered, trouble(r.latPurge), s.busy("notify latency, backlog in place", "notify latency, during the purge")),
+				fmt.Sprintf("the same notifies with the %s rows in place and no purge running: %s / %s (seeded in %s)", fmtInt(z.PurgeRows), fmtDur(r.latNoPurge.Lat.P50), fmtDur(r.latNoPurge.Lat.P99), r.purgeSeedTook.Round(time.Second)),
+				ratio <= 1.25 && !r.purgeEndedFirst && r.latPurge.Errors == 0, true
+		})
 	add([]string{"throughput"},
 		"server CPU time per notify (getrusage of the server process over the throughput phase ÷ notifies)",
 		"— (reported)",

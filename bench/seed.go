@@ -38,7 +38,7 @@ func (p *seedPlan) seedRun(i int) string { return "wfr_seed-" + strconv.Itoa(i%p
 
 func (p *seedPlan) runRow(i int) string {
 	t := p.now.Add(-48*time.Hour + time.Duration(i)*time.Millisecond)
-	return "('" + p.seedRun(i) + "','RUN_SUCCESS','{\"seed\":" + strconv.Itoa(i) + "}',NULL,'{\"ok\":true}'," + ts(t) + "," + ts(t.Add(time.Hour)) + ")"
+	return "('" + p.seedRun(i) + "','RUN_SUCCESS','{\"seed\":" + strconv.Itoa(i) + "}',NULL,'{\"ok\":true}'," + ts(t) + "," + ts(t.Add(time.Hour)) + "," + ts(t.Add(time.Hour)) + ")"
 }
 
 func (p *seedPlan) waiterRow(i int) string {
@@ -76,15 +76,22 @@ func (p *seedPlan) lookbackRow(i int) string {
 }
 
 func seedHistory(ctx context.Context, db *sql.DB, dialect string, p *seedPlan) error {
-	tables := []struct {
-		name, cols string
-		n          int
-		row        func(int) string
-	}{
-		{"runs", "id, state, body, label, result, created_at, updated_at", p.runs, p.runRow},
+	return seedTables(ctx, db, dialect, []seedTable{
+		{"runs", "id, state, body, label, result, created_at, updated_at, ended_at", p.runs, p.runRow},
 		{"waiters", "event_id, run_id, step_name, state, deadline, created_at, ended_at, message_id, event_data, replica_id", p.waiters, p.waiterRow},
 		{"lookback_events", "run_id, event_id, event_data, message_id, consumed, created_at, expires_at, consumed_at", p.lookback, p.lookbackRow},
-	}
+	})
+}
+
+// seedTable is n rows of a table, row(i) giving the VALUES tuple of row i.
+type seedTable struct {
+	name, cols string
+	n          int
+	row        func(int) string
+}
+
+// seedTables writes the rows in multi-row INSERTs of seedBatch rows.
+func seedTables(ctx context.Context, db *sql.DB, dialect string, tables []seedTable) error {
 	workers := 2 // MariaDB: two writers keep both cores busy
 	if dialect == "sqlite" {
 		workers = 1 // one writer; batches are grouped in transactions below

@@ -63,27 +63,35 @@ type suite struct {
 }
 
 type results struct {
-	insertRate   float64
-	insertN      int64
-	insertDBCPU  time.Duration // database server CPU over the insert throughput run
-	insertLat    latency
-	latEmpty     reply
-	latMem       reply   // the same requests, one client, to the in-memory handler
-	insertStmts  float64 // statements the database server ran per bare insert
-	tpStmts      float64 // … per notify
-	tp           reply
-	tpCPU        time.Duration // this process
-	tpDBCPU      time.Duration
-	memTP        reply
-	memTPCPU     time.Duration
-	seedTook     time.Duration
-	latFull      reply
-	idle         memDelta
-	delivery     reply
-	deliveryBase reply
-	mux          memDelta
-	fan          []fanResult
-	cpu          []cpuUse // the timed windows
+	insertRate  float64
+	insertN     int64
+	insertDBCPU time.Duration // database server CPU over the insert throughput run
+	insertLat   latency
+	latEmpty    reply
+	latMem      reply   // the same requests, one client, to the in-memory handler
+	insertStmts float64 // statements the database server ran per bare insert
+	tpStmts     float64 // … per notify
+	tp          reply
+	tpCPU       time.Duration // this process
+	tpDBCPU     time.Duration
+	memTP       reply
+	memTPCPU    time.Duration
+	seedTook    time.Duration
+	// purge: the latency notifies with the backlog in place, then while
+	// the retention pass purges it.
+	purgeSeedTook   time.Duration
+	latNoPurge      reply
+	latPurge        reply
+	purge           purgeOutcome
+	purgeMeasured   time.Duration // from the purge's start to the end of the measured notifies
+	purgeEndedFirst bool          // the purge was over before the measured notifies
+	latFull         reply
+	idle            memDelta
+	delivery        reply
+	deliveryBase    reply
+	mux             memDelta
+	fan             []fanResult
+	cpu             []cpuUse // the timed windows
 }
 
 type fanResult struct {
@@ -113,6 +121,7 @@ func (s *suite) run(ctx context.Context) []row {
 	s.phase(ctx, "latency", s.phaseLatency)
 	s.phase(ctx, "throughput", s.phaseThroughput)
 	s.phase(ctx, "growth", s.phaseGrowth)
+	s.phase(ctx, "purge", s.phasePurge)
 	s.phase(ctx, "idle", s.phaseIdle)
 	s.phase(ctx, "mux", s.phaseMux)
 	s.phase(ctx, "fanout", s.phaseFanOut)
@@ -166,6 +175,9 @@ func (s *suite) setup(ctx context.Context) error {
 		Logger:        slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
 	}
 	cfg.HTTP.RateLimit = 0 // off: the bench is one caller sending thousands per second
+	// The retention loop purges once at start (an empty database) and then
+	// not again: the purge phase runs its pass itself, when it measures.
+	cfg.Engine.PurgeInterval = 24 * time.Hour
 	cfg.HTTP.MaxSubscriptionsPerConnection = 100000
 	sctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()

@@ -18,6 +18,7 @@ import (
 	"rendezvous/auth"
 	"rendezvous/internal/testdb"
 	"rendezvous/service"
+	"rendezvous/storage"
 )
 
 const signingSecret = "test-signing-secret-0123456789"
@@ -343,5 +344,39 @@ func TestDispatchRefusalsAndFailures(t *testing.T) {
 		require.Equal(t, 3, st.Stats.Outbox.Failed)
 		require.Equal(t, 1, st.Stats.Outbox.Canceled)
 		require.NotContains(t, e.logs.String(), signingSecret, "the signing secret is never logged")
+	})
+}
+
+// Outbox rows go with their run when retention purges it, and stay with a
+// run that has not ended.
+func TestRetentionPurgesDispatch(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		rcv := newReceiver(t, nil)
+		e := dispatchEnv(t, db, rcv.srv.URL+"/hooks", func(c *service.Config) {
+			c.Engine.RunRetention = 48 * time.Hour
+			c.Engine.PurgeInterval = 50 * time.Millisecond
+		})
+		ctx := ctxT(t)
+		trig := func(delay string) string {
+			var out struct {
+				Trigger struct {
+					WorkflowRunID string `json:"workflowRunId"`
+				} `json:"trigger"`
+			}
+			e.ok(dispatchTrigger, map[string]any{"d": map[string]any{"url": rcv.srv.URL + "/hooks", "delay": delay}}, &out)
+			return out.Trigger.WorkflowRunID
+		}
+		delivered, canceled, live := trig("1s"), trig("100d"), trig("100d")
+		eventually(t, 10*time.Second, func() bool { _, _, d := e.dispatchOf(delivered); return d.State == "DELIVERED" }, "delivered")
+		e.ok(`mutation($id: ID!) { finishRun(workflowRunId: $id, state: RUN_SUCCESS) { state } }`, map[string]any{"id": delivered}, nil)
+		e.ok(`mutation($id: ID!) { cancel(workflowRunId: $id) { state } }`, map[string]any{"id": canceled}, nil)
+		e.clock.Advance(49 * time.Hour)
+		for _, id := range []string{delivered, canceled} {
+			eventually(t, 10*time.Second, func() bool { return e.run(id) == nil }, "run %s purged", id)
+			_, err := e.svc.Store.OutboxGetByRun(ctx, id)
+			require.ErrorIs(t, err, storage.ErrNotFound)
+		}
+		_, _, d := e.dispatchOf(live)
+		require.Equal(t, "PENDING", d.State)
 	})
 }

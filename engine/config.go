@@ -13,6 +13,20 @@ type Config struct {
 	MaxTimeout time.Duration
 	// LookbackRetention is how long a stored lookback event can be consumed.
 	LookbackRetention time.Duration
+	// RunRetention is how long an ended run is kept, counted from its end,
+	// with its waiters, steps, lookback events and the notifications they
+	// alone refer to; then it is purged.
+	RunRetention time.Duration
+	// RunlessWaiterRetention is how long a waiter without a run is kept
+	// after it ended. Such a waiter belongs to one subscription, which reads
+	// its end within moments (a wake-up, or the catch-up poll); nobody can
+	// ask for it afterwards (waiters lists only WAITING ones, and it is in
+	// no run), so it need not stay as long as a run. Capped at RunRetention.
+	RunlessWaiterRetention time.Duration
+	// PurgeInterval is how often the retention purge looks for what has
+	// passed its retention. A pass goes on, batch after batch, until
+	// nothing is left to purge.
+	PurgeInterval time.Duration
 	// MaxPayloadBytes caps eventData, body and result (compact JSON bytes).
 	MaxPayloadBytes int
 	// MaxIDBytes caps event ids, caller-chosen run ids, step names and labels.
@@ -50,6 +64,9 @@ const (
 	DefaultTimeout           = 7 * 24 * time.Hour
 	DefaultMaxTimeout        = 365 * 24 * time.Hour
 	DefaultLookbackRetention = 7 * 24 * time.Hour
+	DefaultRunRetention      = 30 * 24 * time.Hour
+	DefaultRunlessRetention  = time.Hour
+	DefaultPurgeInterval     = time.Minute
 	DefaultMaxPayloadBytes   = 1 << 20
 	DefaultMaxIDBytes        = 256
 	DefaultSweepInterval     = time.Second
@@ -70,6 +87,16 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LookbackRetention <= 0 {
 		c.LookbackRetention = DefaultLookbackRetention
+	}
+	if c.RunRetention <= 0 {
+		c.RunRetention = DefaultRunRetention
+	}
+	if c.RunlessWaiterRetention <= 0 {
+		c.RunlessWaiterRetention = DefaultRunlessRetention
+	}
+	c.RunlessWaiterRetention = min(c.RunlessWaiterRetention, c.RunRetention)
+	if c.PurgeInterval <= 0 {
+		c.PurgeInterval = DefaultPurgeInterval
 	}
 	if c.MaxPayloadBytes <= 0 {
 		c.MaxPayloadBytes = DefaultMaxPayloadBytes

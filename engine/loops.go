@@ -2,6 +2,8 @@ package engine
 
 import (
 	"context"
+	"fmt"
+	"sync"
 	"time"
 
 	"rendezvous/hub"
@@ -16,6 +18,12 @@ const (
 )
 
 func (e *Engine) runLoops(ctx context.Context) {
+	// The retention purge runs in its own goroutine: a pass over a large
+	// backlog takes minutes, and must not hold up lease renewal or sweeps.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { e.retentionLoop(ctx) })
+
 	sweep := time.NewTicker(e.cfg.SweepInterval)
 	defer sweep.Stop()
 	catchUp := time.NewTicker(e.cfg.CatchUpInterval)
@@ -189,4 +197,91 @@ func (e *Engine) catchUp(ctx context.Context) {
 	for _, id := range ended {
 		e.hub.Publish(id, hub.Wake{})
 	}
+}
+
+// purgeBatchRows bounds the rows one purge transaction deletes: small enough
+// that its locks are held for milliseconds.
+const purgeBatchRows = 500
+
+// purgeRest: after each batch the purge rests this many times as long as
+// the batch took. The database does more for a delete than the batch's
+// own time shows (InnoDB removes the delete-marked rows and their index
+// entries later, in its own purge threads, and every commit is a log
+// flush), so resting twice as long keeps the purge's share of the database
+// near a half at most, whatever the database's speed.
+const purgeRest = 2
+
+// retentionLoop purges what has passed its retention, once at start and
+// then every PurgeInterval, until ctx ends.
+func (e *Engine) retentionLoop(ctx context.Context) {
+	next := time.NewTimer(0)
+	defer next.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-next.C:
+		}
+		if _, err := e.Purge(ctx); err != nil && ctx.Err() == nil {
+			e.log.Warn("retention purge", "err", err)
+		}
+		next.Reset(e.cfg.PurgeInterval)
+	}
+}
+
+// Purge runs one retention pass now: ended runs whose end is older than
+// RunRetention, with their waiters, steps, lookback events and the
+// notifications nothing else refers to; then waiters without a run ended
+// longer than RunlessWaiterRetention ago. Nothing live goes: a started
+// run, a WAITING waiter, a lookback event not consumed and not expired.
+//
+// It works in transactions of at most purgeBatchRows rows, each found by an
+// index and deleted by primary key, and after each one rests (purgeRest),
+// so that other transactions (notifies) get the locks and the database in
+// between. Several replicas may purge at once: they delete the same rows
+// or wait for each other, nothing worse.
+func (e *Engine) Purge(ctx context.Context) (storage.PurgeResult, error) {
+	var total storage.PurgeResult
+	now := e.now()
+	passes := []struct {
+		what  string
+		p     storage.PurgeParams
+		purge func(storage.Executor, context.Context, *storage.PurgeParams) (storage.PurgeResult, error)
+	}{
+		{"ended runs", storage.PurgeParams{EndedBefore: now.Add(-e.cfg.RunRetention), Now: now, Limit: purgeBatchRows}, storage.Executor.RunPurge},
+		{"ended waiters without a run", storage.PurgeParams{EndedBefore: now.Add(-e.cfg.RunlessWaiterRetention), Now: now, Limit: purgeBatchRows}, storage.Executor.WaiterPurgeRunless},
+	}
+	defer func() {
+		if total.Rows() > 0 {
+			e.log.Info("retention purge", "runs", total.Runs, "waiters", total.Waiters, "steps", total.Steps,
+				"lookback_events", total.LookbackEvents, "notifications", total.Notifications)
+		}
+	}()
+	for _, pass := range passes {
+		for {
+			started := time.Now()
+			var res storage.PurgeResult
+			err := e.store.InTx(ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = pass.purge(tx, ctx, &pass.p)
+				return err
+			})
+			if err != nil {
+				return total, fmt.Errorf("purge %s: %w", pass.what, err)
+			}
+			total = total.Add(res)
+			if !res.More || res.Rows() == 0 {
+				break
+			}
+			rest := time.NewTimer(purgeRest * time.Since(started))
+			select {
+			case <-ctx.Done():
+				rest.Stop()
+				return total, ctx.Err()
+			case <-rest.C:
+			}
+		}
+	}
+	total.More = false
+	return total, nil
 }

@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -139,7 +138,7 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 			return err
 		}
 		if step != nil {
-			encoded, err := encodeStepResult(result)
+			encoded, err := encodeNotifyStepResult(result)
 			if err != nil {
 				return fmt.Errorf("encode step result: %w", err)
 			}
@@ -252,40 +251,13 @@ func (e *Engine) repeatNotifyStep(rec *storage.StepRecord, eventID string) (*mod
 	if rec.EventID != eventID {
 		return nil, errorf(CodeBadUserInput, "step %q of run %s already notified event %q, not %q", rec.StepName, rec.RunID, rec.EventID, eventID)
 	}
-	var first models.NotifyResult
-	if err := json.Unmarshal(rec.Result, &first); err != nil {
+	first, err := decodeNotifyStepResult(rec.Result)
+	if err != nil {
 		return nil, fmt.Errorf("decode result of step %s/%s: %w", rec.RunID, rec.StepName, err)
 	}
-	first.EventData = nullJSON(first.EventData)
 	first.Deduplicated = true
 	for _, r := range first.NotifyResponse {
 		r.Deduplicated = true
 	}
-	if first.NotifyResponse == nil {
-		first.NotifyResponse = []*models.NotifyResponse{}
-	}
-	return &first, nil
-}
-
-// encodeStepResult keeps a notify step's first result for its repeats. The
-// waiters' copies of the event data are left out (the Waiter type does not
-// show them; the data is in the result once), and HTML characters are not
-// escaped, so the repeat returns the same bytes.
-func encodeStepResult(r *models.NotifyResult) ([]byte, error) {
-	c := *r
-	c.NotifyResponse = make([]*models.NotifyResponse, len(r.NotifyResponse))
-	for i, resp := range r.NotifyResponse {
-		rc := *resp
-		w := *resp.Waiter
-		w.EventData = nil
-		rc.Waiter = &w
-		c.NotifyResponse[i] = &rc
-	}
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(&c); err != nil {
-		return nil, err
-	}
-	return bytes.TrimRight(buf.Bytes(), "\n"), nil
+	return first, nil
 }

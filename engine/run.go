@@ -126,16 +126,15 @@ func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState
 			return err
 		}
 
-		waiters, err := tx.WaiterListByRun(ctx, id)
+		// Only the waiters still WAITING, chosen by the database: a long
+		// run's ended waiters stay where they are, outside the run's lock.
+		waiters, err := tx.WaiterListWaitingByRun(ctx, id)
 		if err != nil {
 			return err
 		}
 		var live, expired []string
-		byID := map[string]*models.Waiter{}
+		byID := make(map[string]*models.Waiter, len(waiters))
 		for _, w := range waiters {
-			if w.State != models.WaiterWaiting {
-				continue
-			}
 			byID[w.ID] = w
 			if w.Deadline.After(now) {
 				live = append(live, w.ID)
@@ -277,31 +276,20 @@ func (e *Engine) RunLookbackEvents(ctx context.Context, runID string) ([]*models
 }
 
 // RunSteps lists the run's durable steps in the order they were first run. A
-// waitForEvent step completes when its waiter ends.
+// waitForEvent step completes when its waiter ends; the store reads each
+// step's waiter with the step, not every waiter the run has had.
 func (e *Engine) RunSteps(ctx context.Context, runID string) ([]*models.Step, error) {
 	recs, err := e.store.StepListByRun(ctx, runID)
 	if err != nil {
 		return nil, storageErr("list steps of "+runID, err)
 	}
-	var waiters map[string]*models.Waiter
 	out := make([]*models.Step, len(recs))
 	now := e.now()
 	for i, r := range recs {
 		s := &models.Step{StepName: r.StepName, Type: r.Type, EventID: r.EventID, CreatedAt: r.CreatedAt, CompletedAt: r.CompletedAt}
-		if r.Type == models.StepWaitForEvent {
-			if waiters == nil {
-				ws, err := e.store.WaiterListByRun(ctx, runID)
-				if err != nil {
-					return nil, storageErr("list waiters of "+runID, err)
-				}
-				waiters = make(map[string]*models.Waiter, len(ws))
-				for _, w := range ws {
-					waiters[w.ID] = w
-				}
-			}
-			if w := waiters[r.WaiterID]; w != nil {
-				s.CompletedAt = effective(w, now).EndedAt
-			}
+		if r.Type == models.StepWaitForEvent && r.Waiter != nil {
+			w := &models.Waiter{State: r.Waiter.State, Deadline: r.Waiter.Deadline, EndedAt: r.Waiter.EndedAt}
+			s.CompletedAt = effective(w, now).EndedAt
 		}
 		out[i] = s
 	}

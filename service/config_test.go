@@ -39,6 +39,7 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 		"RENDEZVOUS_DEFAULT_TIMEOUT":                  "1h",
 		"RENDEZVOUS_MAX_TIMEOUT":                      "30d",
 		"RENDEZVOUS_LOOKBACK_RETENTION":               "2d",
+		"RENDEZVOUS_RUN_RETENTION":                    "90d",
 		"RENDEZVOUS_MAX_PAYLOAD_BYTES":                "4096",
 		"RENDEZVOUS_MAX_EVENT_ID_BYTES":               "64",
 		"RENDEZVOUS_PLAYGROUND":                       "false",
@@ -71,6 +72,7 @@ func TestConfigFromEnvSetsEverything(t *testing.T) {
 	require.Equal(t, time.Hour, cfg.Engine.DefaultTimeout)
 	require.Equal(t, 30*24*time.Hour, cfg.Engine.MaxTimeout)
 	require.Equal(t, 48*time.Hour, cfg.Engine.LookbackRetention)
+	require.Equal(t, 90*24*time.Hour, cfg.Engine.RunRetention)
 	require.Equal(t, 4096, cfg.Engine.MaxPayloadBytes)
 	require.Equal(t, 64, cfg.Engine.MaxIDBytes)
 	require.False(t, cfg.Playground)
@@ -98,6 +100,7 @@ func TestConfigFromEnvRejectsNonsense(t *testing.T) {
 		"port":      {"PORT": "http"},
 		"timeout":   {"RENDEZVOUS_MAX_TIMEOUT": "forever"},
 		"negative":  {"RENDEZVOUS_LOOKBACK_RETENTION": "-1h"},
+		"retention": {"RENDEZVOUS_RUN_RETENTION": "0s"},
 		"payload":   {"RENDEZVOUS_MAX_PAYLOAD_BYTES": "-5"},
 		"playgound": {"RENDEZVOUS_PLAYGROUND": "maybe"},
 		"idbytes":   {"RENDEZVOUS_MAX_EVENT_ID_BYTES": "1000"},

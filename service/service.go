@@ -148,6 +148,7 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	dur("RENDEZVOUS_DEFAULT_TIMEOUT", &cfg.Engine.DefaultTimeout)
 	dur("RENDEZVOUS_MAX_TIMEOUT", &cfg.Engine.MaxTimeout)
 	dur("RENDEZVOUS_LOOKBACK_RETENTION", &cfg.Engine.LookbackRetention)
+	dur("RENDEZVOUS_RUN_RETENTION", &cfg.Engine.RunRetention)
 	dur("RENDEZVOUS_SWEEP_INTERVAL", &cfg.Engine.SweepInterval)
 	dur("RENDEZVOUS_CATCHUP_INTERVAL", &cfg.Engine.CatchUpInterval)
 	dur("RENDEZVOUS_LEASE_TTL", &cfg.Engine.LeaseTTL)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"regexp"
+	"strings"
 	"time"
 )
 
@@ -31,6 +33,11 @@ type migration struct {
 //	notifications   UNIQUE(message_id)                 a notified waiter's event data (one row per notify, not per waiter)
 //	waiters         (replica_id, state)                reaping waiters whose replica died
 //	replicas        PRIMARY(id)                        the lease check in every notify
+//	runs            (ended_at, state)                  the retention purge: ended runs, oldest end first (NULL while started);
+//	                                                   runs ended by an older binary, without ended_at (NULL, ended state)
+//	waiters         (run_id, state, ended_at)          the purge of waiters without a run (run_id NULL), per ended state,
+//	                                                   oldest end first; a run's WAITING waiters when it ends
+//	waiters         (message_id)                       the purge: is a notification still referred to by a waiter
 //	outbox          (state, next_attempt_at)           the delivery loop claiming due rows; counting by state
 //	outbox          (run_id)                           run.dispatch, ending a run (cancel its delivery)
 //	outbox          UNIQUE(id)                         recording an attempt's result by delivery id
@@ -209,7 +216,24 @@ var migrations = []migration{
 		},
 	},
 	{
-		// Version 4 is the retention migration (branch retention).
+		version: 4,
+		name:    "retention: when a run ended, and indexes for purging",
+		mysql: []string{
+			`ALTER TABLE runs ADD COLUMN ended_at DATETIME(6) NULL`,
+			`UPDATE runs SET ended_at = updated_at WHERE state <> 'RUN_STARTED' AND ended_at IS NULL`,
+			`CREATE INDEX runs_ended ON runs (ended_at, state)`,
+			`CREATE INDEX waiters_run_state_ended ON waiters (run_id, state, ended_at)`,
+			`CREATE INDEX waiters_message ON waiters (message_id)`,
+		},
+		sqlite: []string{
+			`ALTER TABLE runs ADD COLUMN ended_at TEXT NULL`,
+			`UPDATE runs SET ended_at = updated_at WHERE state <> 'RUN_STARTED' AND ended_at IS NULL`,
+			`CREATE INDEX runs_ended ON runs (ended_at, state)`,
+			`CREATE INDEX waiters_run_state_ended ON waiters (run_id, state, ended_at)`,
+			`CREATE INDEX waiters_message ON waiters (message_id)`,
+		},
+	},
+	{
 		version: 5,
 		name:    "outbox (HTTP dispatch) and the hand-over of runs to workers",
 		mysql: []string{
@@ -283,11 +307,26 @@ func SchemaVersion() int { return migrations[len(migrations)-1].version }
 
 const migrationsTable = `schema_migrations`
 
+// afterStep, when set (tests only), runs after each statement of a
+// migration has been applied; an error stops the migration there, as a
+// crash would.
+type afterStep func(version, step int) error
+
 // migrate applies the missing migrations. On MySQL it holds a named lock
 // (GET_LOCK) on one connection for the whole run, so replicas starting
 // together apply each migration once; SQLite has a single writer anyway.
 // A database newer than this binary is refused rather than silently used.
-func migrate(ctx context.Context, db *sql.DB, dialect string) error {
+//
+// A migration may have been left half applied: MySQL commits every DDL
+// statement by itself, so a crash between two statements of one migration
+// keeps the first and not the second, with the migration unrecorded. Each
+// statement is therefore a step that is skipped when its effect is already
+// there (see stepDone), and a restart finishes the job. Why not a migration
+// library with a dirty flag (golang-migrate): a dirty database stops every
+// replica from starting until an operator forces a version by hand, while
+// here the next start repairs it by itself. SQLite runs the whole set in one
+// transaction (its DDL is transactional), so there it is all or nothing.
+func migrate(ctx context.Context, db *sql.DB, dialect string, after afterStep) error {
 	conn, err := db.Conn(ctx)
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
@@ -315,7 +354,7 @@ func migrate(ctx context.Context, db *sql.DB, dialect string) error {
 		if _, err := conn.ExecContext(ctx, `BEGIN IMMEDIATE`); err != nil {
 			return fmt.Errorf("migrate: begin: %w", err)
 		}
-		if err := applyMigrations(ctx, conn, dialect); err != nil {
+		if err := applyMigrations(ctx, conn, dialect, after); err != nil {
 			conn.ExecContext(context.WithoutCancel(ctx), `ROLLBACK`)
 			return err
 		}
@@ -326,10 +365,10 @@ func migrate(ctx context.Context, db *sql.DB, dialect string) error {
 	}
 	// MySQL commits each DDL statement on its own; the named lock above
 	// keeps other replicas out meanwhile.
-	return applyMigrations(ctx, conn, dialect)
+	return applyMigrations(ctx, conn, dialect, after)
 }
 
-func applyMigrations(ctx context.Context, conn *sql.Conn, dialect string) error {
+func applyMigrations(ctx context.Context, conn *sql.Conn, dialect string, after afterStep) error {
 	var current int
 	if err := conn.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_migrations`).Scan(&current); err != nil {
 		return fmt.Errorf("migrate: read version: %w", err)
@@ -341,13 +380,24 @@ func applyMigrations(ctx context.Context, conn *sql.Conn, dialect string) error 
 		if m.version <= current {
 			continue
 		}
-		stmts := m.mysql
-		if dialect == DialectSQLite {
-			stmts = m.sqlite
-		}
-		for _, stmt := range stmts {
-			if _, err := conn.ExecContext(ctx, stmt); err != nil {
-				return fmt.Errorf("migrate %d (%s): %w", m.version, m.name, err)
+		for i, stmt := range m.statements(dialect) {
+			st, err := parseStep(stmt)
+			if err != nil {
+				return fmt.Errorf("migrate %d (%s) step %d: %w", m.version, m.name, i+1, err)
+			}
+			done, err := st.done(ctx, conn, dialect)
+			if err != nil {
+				return fmt.Errorf("migrate %d (%s) step %d: look at the schema: %w", m.version, m.name, i+1, err)
+			}
+			if !done {
+				if _, err := conn.ExecContext(ctx, stmt); err != nil {
+					return fmt.Errorf("migrate %d (%s) step %d: %w", m.version, m.name, i+1, err)
+				}
+			}
+			if after != nil {
+				if err := after(m.version, i+1); err != nil {
+					return fmt.Errorf("migrate %d (%s) step %d: %w", m.version, m.name, i+1, err)
+				}
 			}
 		}
 		if _, err := conn.ExecContext(ctx, `INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)`,
@@ -356,4 +406,74 @@ func applyMigrations(ctx context.Context, conn *sql.Conn, dialect string) error 
 		}
 	}
 	return nil
+}
+
+func (m migration) statements(dialect string) []string {
+	if dialect == DialectSQLite {
+		return m.sqlite
+	}
+	return m.mysql
+}
+
+// step is one migration statement and how to tell it has been applied.
+// Only these forms are allowed, so that every step can be run again:
+//
+//	CREATE TABLE IF NOT EXISTS t …       idempotent by itself
+//	CREATE [UNIQUE] INDEX i ON t …       skipped when t has an index named i
+//	ALTER TABLE t ADD COLUMN c …         skipped when t has a column named c
+//	UPDATE …                             must change nothing when run again (say so in its WHERE)
+//
+// Anything else is refused before it runs (TestMigrationStepsAreRecoverable
+// checks every shipped statement), rather than risk a statement that fails
+// or does twice what it did once when a restart repeats it.
+type step struct {
+	kind        string // "table", "index", "column", "data"
+	table, name string
+}
+
+var (
+	createTableRe = regexp.MustCompile(`^CREATE TABLE IF NOT EXISTS (\w+)\s`)
+	createIndexRe = regexp.MustCompile(`^CREATE (?:UNIQUE )?INDEX (\w+) ON (\w+)\s`)
+	addColumnRe   = regexp.MustCompile(`^ALTER TABLE (\w+) ADD COLUMN (\w+)\s`)
+)
+
+func parseStep(stmt string) (step, error) {
+	s := strings.TrimSpace(stmt)
+	if m := createTableRe.FindStringSubmatch(s); m != nil {
+		return step{kind: "table", table: m[1]}, nil
+	}
+	if m := createIndexRe.FindStringSubmatch(s); m != nil {
+		return step{kind: "index", table: m[2], name: m[1]}, nil
+	}
+	if m := addColumnRe.FindStringSubmatch(s); m != nil {
+		return step{kind: "column", table: m[1], name: m[2]}, nil
+	}
+	if strings.HasPrefix(s, "UPDATE ") {
+		return step{kind: "data"}, nil
+	}
+	return step{}, fmt.Errorf("statement %.60q is not one a restart can repeat safely (see step)", s)
+}
+
+// done says whether the step's effect is already in the schema. Tables
+// (IF NOT EXISTS) and data steps are safe to repeat and report false.
+func (st step) done(ctx context.Context, conn *sql.Conn, dialect string) (bool, error) {
+	var q string
+	args := []any{st.table, st.name}
+	switch {
+	case st.kind == "index" && dialect == DialectMySQL:
+		q = `SELECT COUNT(*) FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?`
+	case st.kind == "index":
+		q = `SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND name = ?`
+	case st.kind == "column" && dialect == DialectMySQL:
+		q = `SELECT COUNT(*) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?`
+	case st.kind == "column":
+		q = `SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?`
+	default:
+		return false, nil
+	}
+	var n int
+	if err := conn.QueryRowContext(ctx, q, args...).Scan(&n); err != nil {
+		return false, err
+	}
+	return n > 0, nil
 }

@@ -213,6 +213,9 @@ var wantIndexes = map[string]index{
 	"lookback_expires":            {"lookback_events", false, "expires_at"},
 	"steps_run_step":              {"steps", true, "run_id,step_name"},
 	"notifications_message":       {"notifications", true, "message_id"},
+	"runs_ended":                  {"runs", false, "ended_at,state"},
+	"waiters_run_state_ended":     {"waiters", false, "run_id,state,ended_at"},
+	"waiters_message":             {"waiters", false, "message_id"},
 }
 
 func TestMigrateIndexes(t *testing.T) {

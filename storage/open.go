@@ -97,7 +97,7 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		sqlDB.Close()
 		return nil, fmt.Errorf("open %s database: %w", dialect, classify(err))
 	}
-	if err := migrate(ctx, sqlDB, dialect); err != nil {
+	if err := migrate(ctx, sqlDB, dialect, nil); err != nil {
 		sqlDB.Close()
 		return nil, err
 	}

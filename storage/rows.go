@@ -22,6 +22,9 @@ type runRow struct {
 	Result    []byte  `gorm:"column:result"`
 	CreatedAt dbTime  `gorm:"column:created_at"`
 	UpdatedAt dbTime  `gorm:"column:updated_at"`
+	// EndedAt is when the run left RUN_STARTED (NULL while started): the
+	// retention purge counts from it.
+	EndedAt dbTime `gorm:"column:ended_at"`
 	// Hand-over to workers (runsToStart); see claims.go.
 	StartPending bool    `gorm:"column:start_pending"`
 	ClaimedBy    *string `gorm:"column:claimed_by"`

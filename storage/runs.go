@@ -127,15 +127,22 @@ func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) e
 		// A run without dispatch waits for a runsToStart worker.
 		StartPending: run.StartPending,
 	}
+	if run.State != models.RunStarted {
+		row.EndedAt = row.UpdatedAt
+	}
 	return e.classify(e.q(ctx).Create(&row).Error)
 }
 
 func (e *gormExecutor) RunEnd(ctx context.Context, p *RunEndParams) error {
-	res := e.q(ctx).Model(&runRow{}).Where("id = ? AND state = ?", p.RunID, string(models.RunStarted)).Updates(map[string]any{
+	set := map[string]any{
 		"state":      string(p.State),
 		"result":     p.Result,
 		"updated_at": newDBTime(p.UpdatedAt),
-	})
+	}
+	if p.State != models.RunStarted {
+		set["ended_at"] = newDBTime(p.UpdatedAt)
+	}
+	res := e.q(ctx).Model(&runRow{}).Where("id = ? AND state = ?", p.RunID, string(models.RunStarted)).Updates(set)
 	if res.Error != nil {
 		return e.classify(res.Error)
 	}

@@ -4,7 +4,10 @@ package storage
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
+
+	"rendezvous/models"
 )
 
 func (e *gormExecutor) StepGet(ctx context.Context, runID, stepName string) (*StepRecord, error) {
@@ -37,14 +40,42 @@ func (e *gormExecutor) StepInsert(ctx context.Context, s *StepRecord) error {
 	return e.classify(e.q(ctx).Create(&row).Error)
 }
 
+// stepListSQL joins each wait step to its waiter by primary key, so a run's
+// step listing reads only the waiters its steps name.
+const stepListSQL = `SELECT s.seq, s.run_id, s.step_name, s.type, s.event_id, s.waiter_seq, s.result, s.created_at, s.completed_at,
+	w.state, w.deadline, w.ended_at
+FROM steps s LEFT JOIN waiters w ON w.seq = s.waiter_seq
+WHERE s.run_id = ? ORDER BY s.seq`
+
 func (e *gormExecutor) StepListByRun(ctx context.Context, runID string) ([]*StepRecord, error) {
-	var rows []stepRow
-	if err := e.q(ctx).Where("run_id = ?", runID).Order("seq").Find(&rows).Error; err != nil {
+	rows, err := e.q(ctx).Raw(stepListSQL, runID).Rows()
+	if err != nil {
 		return nil, e.classify(err)
 	}
-	out := make([]*StepRecord, len(rows))
-	for i := range rows {
-		out[i] = rows[i].record()
+	defer rows.Close()
+	var out []*StepRecord
+	for rows.Next() {
+		var (
+			r        stepRow
+			wState   sql.NullString
+			deadline dbTime
+			endedAt  dbTime
+		)
+		if err := rows.Scan(&r.Seq, &r.RunID, &r.StepName, &r.Type, &r.EventID, &r.WaiterSeq, &r.Result, &r.CreatedAt, &r.CompletedAt,
+			&wState, &deadline, &endedAt); err != nil {
+			return nil, e.classify(err)
+		}
+		rec := r.record()
+		if wState.Valid {
+			rec.Waiter = &StepWaiter{State: models.WaiterState(wState.String), Deadline: deadline.Time, EndedAt: endedAt.ptr()}
+		}
+		out = append(out, rec)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, e.classify(err)
+	}
+	if out == nil {
+		out = []*StepRecord{}
 	}
 	return out, nil
 }

@@ -94,6 +94,9 @@ type Executor interface {
 	// forUpdate locks them.
 	WaiterListWaiting(ctx context.Context, p *WaiterListWaitingParams) ([]*models.Waiter, error)
 	WaiterListByRun(ctx context.Context, runID string) ([]*models.Waiter, error)
+	// WaiterListWaitingByRun lists the run's waiters in state WAITING,
+	// deadline passed or not, oldest first.
+	WaiterListWaitingByRun(ctx context.Context, runID string) ([]*models.Waiter, error)
 	// WaiterEnd moves the given waiters from WAITING to p.State (compare and
 	// set) and returns the IDs it moved; the others had already ended.
 	// With more than one id it must run inside InTx.
@@ -150,9 +153,22 @@ type Executor interface {
 	// and not expired at now.
 	LookbackEventCountPending(ctx context.Context, now time.Time) (int64, error)
 
+	// RunPurge deletes, in one bounded batch, runs ended at or before
+	// p.EndedBefore with their waiters, steps and lookback events, and the
+	// notifications left without a waiter; never a started run, a WAITING
+	// waiter or a pending lookback event (see purge.go). Run it in InTx.
+	RunPurge(ctx context.Context, p *PurgeParams) (PurgeResult, error)
+	// WaiterPurgeRunless deletes, in one bounded batch, waiters without a
+	// run that ended at or before p.EndedBefore, and the notifications left
+	// without a waiter. Run it in InTx.
+	WaiterPurgeRunless(ctx context.Context, p *PurgeParams) (PurgeResult, error)
+
 	StepGet(ctx context.Context, runID, stepName string) (*StepRecord, error)
 	// StepInsert inserts a step; ErrDuplicate if (run, step name) exists.
 	StepInsert(ctx context.Context, s *StepRecord) error
+	// StepListByRun lists the run's steps in the order they were first
+	// run, each wait step with its waiter's state (StepRecord.Waiter), read
+	// in the same statement.
 	StepListByRun(ctx context.Context, runID string) ([]*StepRecord, error)
 
 	OutboxExecutor
@@ -192,6 +208,18 @@ type StepRecord struct {
 	Result      []byte // NOTIFY steps: the first call's result, encoded by the engine
 	CreatedAt   time.Time
 	CompletedAt *time.Time // NOTIFY steps; a wait step completes when its waiter ends
+
+	// Waiter is a WAIT_FOR_EVENT step's waiter as it is now, filled by
+	// StepListByRun only (nil if the waiter is gone).
+	Waiter *StepWaiter
+}
+
+// StepWaiter is what a step listing needs of a wait step's waiter to tell
+// when the step completed.
+type StepWaiter struct {
+	State    models.WaiterState
+	Deadline time.Time
+	EndedAt  *time.Time
 }
 
 type RunEndParams struct {

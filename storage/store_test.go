@@ -16,6 +16,7 @@ import (
 	"time"
 
 	mysqldriver "github.com/go-sql-driver/mysql"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"rendezvous/internal/testdb"
@@ -1046,6 +1047,338 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 			names = append(names, s.StepName)
 		}
 		require.Equal(t, []string{"wait", "notify", "Wait"}, names)
+		// The wait step comes with its waiter, read in the same statement.
+		require.Equal(t, &storage.StepWaiter{State: models.WaiterWaiting, Deadline: b.now.Add(time.Hour).Truncate(time.Microsecond)}, list[0].Waiter)
+		require.Nil(t, list[1].Waiter)
+		_, err = b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w.ID}, State: models.WaiterCanceled, EndedAt: done})
+		require.NoError(t, err)
+		list, err = b.store.StepListByRun(b.ctx, "wfr_S")
+		require.NoError(t, err)
+		require.Equal(t, models.WaiterCanceled, list[0].Waiter.State)
+		require.Equal(t, done.Truncate(time.Microsecond), *list[0].Waiter.EndedAt)
+	})
+
+	t.Run("Purge", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		old, recent := b.now.Add(-40*24*time.Hour), b.now.Add(-24*time.Hour)
+		cutoff := b.now.Add(-30 * 24 * time.Hour)
+		ended := func(id string, at time.Time) {
+			insertRun(t, b, id, func(r *models.WorkflowRun) { r.State, r.CreatedAt, r.UpdatedAt = models.RunSuccess, at, at })
+		}
+		endWaiters := func(ids []string, state models.WaiterState, at time.Time, msg string) {
+			p := &storage.WaiterEndParams{WaiterIDs: ids, State: state, EndedAt: at}
+			if msg != "" {
+				p.MessageID, p.EventData = &msg, []byte(`{"m":"`+msg+`"}`)
+			}
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				got, err := tx.WaiterEnd(b.ctx, p)
+				require.Len(t, got, len(ids))
+				return err
+			}))
+		}
+		waiter := func(ev string, run *string, created time.Time) *models.Waiter {
+			w := &models.Waiter{EventID: ev, WorkflowRunID: run, State: models.WaiterWaiting, Deadline: b.now.Add(time.Hour), CreatedAt: created}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			return w
+		}
+
+		// Runs to purge: ended long ago, with waiters, steps, lookback events.
+		insertRun(t, b, "wfr_old", func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old, old })
+		oldShared := waiter("ev", ptr("wfr_old"), old)
+		oldCanceled := waiter("ev", ptr("wfr_old"), old)
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_old", StepName: "wait", Type: models.StepWaitForEvent, EventID: "ev", WaiterID: oldCanceled.ID, CreatedAt: old}))
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_old", StepName: "tell", Type: models.StepNotify, EventID: "ev", Result: []byte(`{}`), CreatedAt: old, CompletedAt: &old}))
+		require.NoError(t, b.store.LookbackEventInsert(b.ctx, &models.LookbackEvent{WorkflowRunID: "wfr_old", EventID: "lb", MessageID: "msg_lb", CreatedAt: old, ExpiresAt: old.Add(time.Hour)}))
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_old", State: models.RunCanceled, UpdatedAt: old}))
+		ended("wfr_old2", old)
+		old2 := waiter("ev2", ptr("wfr_old2"), old)
+		endWaiters([]string{old2.ID}, models.WaiterNotified, old, "msg_only_old2")
+
+		// A notification shared with a waiter of a started run stays.
+		insertRun(t, b, "wfr_started", func(r *models.WorkflowRun) {
+			r.CreatedAt, r.UpdatedAt = old.Add(-300*24*time.Hour), old.Add(-300*24*time.Hour)
+		})
+		startedEnded := waiter("ev", ptr("wfr_started"), old)
+		endWaiters([]string{oldShared.ID, startedEnded.ID}, models.WaiterNotified, old, "msg_shared")
+		endWaiters([]string{oldCanceled.ID}, models.WaiterCanceled, old, "")
+		require.NoError(t, b.store.StepInsert(b.ctx, &storage.StepRecord{RunID: "wfr_started", StepName: "s", Type: models.StepNotify, EventID: "ev", CreatedAt: old}))
+		startedWaiting := waiter("ev", ptr("wfr_started"), old)
+
+		// Kept: ended too recently; ended long ago but something live left
+		// (which ending a run forbids, but if it happens the run stays).
+		ended("wfr_recent", recent)
+		recentW := waiter("ev", ptr("wfr_recent"), recent)
+		endWaiters([]string{recentW.ID}, models.WaiterCanceled, recent, "")
+		ended("wfr_stuck", old)
+		stuck := waiter("ev", ptr("wfr_stuck"), old)
+		ended("wfr_pending", old)
+		require.NoError(t, b.store.LookbackEventInsert(b.ctx, &models.LookbackEvent{WorkflowRunID: "wfr_pending", EventID: "lb", MessageID: "msg_p", CreatedAt: old, ExpiresAt: b.now.Add(time.Hour)}))
+
+		// Waiters without a run.
+		runlessOld := waiter("free", nil, old)
+		endWaiters([]string{runlessOld.ID}, models.WaiterNotified, old, "msg_runless")
+		runlessWaiting := waiter("free", nil, old)
+		runlessRecent := waiter("free", nil, old)
+		endWaiters([]string{runlessRecent.ID}, models.WaiterTimedOut, b.now.Add(-time.Minute), "")
+
+		// Small batches: each call stays within its limit.
+		const limit = 2
+		var total storage.PurgeResult
+		for calls := 0; ; calls++ {
+			require.Less(t, calls, 50, "purge does not finish")
+			var res storage.PurgeResult
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: cutoff, Now: b.now, Limit: limit})
+				return err
+			}))
+			require.LessOrEqual(t, res.Waiters+res.Steps+res.LookbackEvents, int64(limit))
+			total = total.Add(res)
+			if !res.More {
+				break
+			}
+		}
+		total.More = false
+		require.Equal(t, storage.PurgeResult{Runs: 2, Waiters: 3, Steps: 2, LookbackEvents: 1, Notifications: 1}, total)
+		for {
+			var res storage.PurgeResult
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = tx.WaiterPurgeRunless(b.ctx, &storage.PurgeParams{EndedBefore: b.now.Add(-time.Hour), Now: b.now, Limit: 1})
+				return err
+			}))
+			require.LessOrEqual(t, res.Waiters, int64(1))
+			total = total.Add(res)
+			if !res.More {
+				break
+			}
+		}
+		total.More = false
+		require.Equal(t, storage.PurgeResult{Runs: 2, Waiters: 4, Steps: 2, LookbackEvents: 1, Notifications: 2}, total)
+
+		for _, id := range []string{"wfr_old", "wfr_old2"} {
+			_, err := b.store.RunGet(b.ctx, id, false)
+			require.ErrorIs(t, err, storage.ErrNotFound, id)
+			steps, err := b.store.StepListByRun(b.ctx, id)
+			require.NoError(t, err)
+			require.Empty(t, steps)
+			ws, err := b.store.WaiterListByRun(b.ctx, id)
+			require.NoError(t, err)
+			require.Empty(t, ws)
+		}
+		for _, id := range []string{"wfr_started", "wfr_recent", "wfr_stuck", "wfr_pending"} {
+			_, err := b.store.RunGet(b.ctx, id, false)
+			require.NoError(t, err, id)
+		}
+		for _, w := range []*models.Waiter{oldShared, oldCanceled, old2, runlessOld} {
+			_, err := b.store.WaiterGet(b.ctx, w.ID)
+			require.ErrorIs(t, err, storage.ErrNotFound, w.ID)
+		}
+		for _, w := range []*models.Waiter{startedEnded, startedWaiting, recentW, stuck, runlessWaiting, runlessRecent} {
+			_, err := b.store.WaiterGet(b.ctx, w.ID)
+			require.NoError(t, err, w.ID)
+		}
+		// The shared notification still gives its waiter its data.
+		got, err := b.store.WaiterGet(b.ctx, startedEnded.ID)
+		require.NoError(t, err)
+		require.JSONEq(t, `{"m":"msg_shared"}`, string(got.EventData))
+		steps, err := b.store.StepListByRun(b.ctx, "wfr_started")
+		require.NoError(t, err)
+		require.Len(t, steps, 1)
+		pending, err := b.store.LookbackEventListByRun(b.ctx, "wfr_pending", b.now)
+		require.NoError(t, err)
+		require.Len(t, pending, 1)
+		var notifications []string
+		rows, err := rawDB(t, b.url).QueryContext(b.ctx, `SELECT message_id FROM notifications ORDER BY message_id`)
+		require.NoError(t, err)
+		for rows.Next() {
+			var m string
+			require.NoError(t, rows.Scan(&m))
+			notifications = append(notifications, m)
+		}
+		require.NoError(t, rows.Err())
+		rows.Close()
+		require.Equal(t, []string{"msg_shared"}, notifications)
+
+		// Nothing more to do: a second pass deletes nothing.
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			res, err := tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: cutoff, Now: b.now, Limit: 100})
+			require.Zero(t, res.Rows())
+			return err
+		}))
+	})
+
+	t.Run("PurgeLargeRunInBoundedBatches", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		old := b.now.Add(-40 * 24 * time.Hour)
+		insertRun(t, b, "wfr_big", func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old, old })
+		var ids []string
+		for range 25 {
+			w := &models.Waiter{EventID: "ev", WorkflowRunID: ptr("wfr_big"), State: models.WaiterWaiting, Deadline: b.now, CreatedAt: old}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			ids = append(ids, w.ID)
+		}
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			_, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: ids, State: models.WaiterNotified, EndedAt: old, MessageID: ptr("msg_big"), EventData: []byte(`1`)})
+			return err
+		}))
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_big", State: models.RunSuccess, UpdatedAt: old}))
+		var calls int
+		for ; ; calls++ {
+			var res storage.PurgeResult
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: b.now.Add(-time.Hour), Now: b.now, Limit: 10})
+				return err
+			}))
+			require.LessOrEqual(t, res.Waiters, int64(10))
+			if calls < 2 {
+				// The run and the notification its waiters share go last.
+				require.Zero(t, res.Runs)
+				require.Zero(t, res.Notifications)
+				_, err := b.store.RunGet(b.ctx, "wfr_big", false)
+				require.NoError(t, err)
+			}
+			if !res.More {
+				require.Equal(t, int64(1), res.Runs)
+				require.Equal(t, int64(1), res.Notifications)
+				break
+			}
+		}
+		require.Equal(t, 2, calls)
+		_, err := b.store.RunGet(b.ctx, "wfr_big", false)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+	})
+
+	// Two replicas purging at once: every row goes once, and no
+	// notification is left behind because each saw the other's waiter still
+	// referring to it.
+	t.Run("PurgeConcurrent", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		other := openStore(t, b.url)
+		old := b.now.Add(-40 * 24 * time.Hour)
+		const runs, perMsg = 30, 4
+		var all []string
+		for i := range runs {
+			id := "wfr_c" + strconv.Itoa(i)
+			insertRun(t, b, id, func(r *models.WorkflowRun) { r.CreatedAt, r.UpdatedAt = old, old })
+			for range 3 {
+				var run *string
+				if len(all)%2 == 0 {
+					run = &id
+				}
+				w := &models.Waiter{EventID: "ev", WorkflowRunID: run, State: models.WaiterWaiting, Deadline: b.now, CreatedAt: old}
+				require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+				all = append(all, w.ID)
+			}
+		}
+		// Each notification is shared by perMsg waiters of different runs,
+		// with and without a run.
+		for i := 0; i < len(all); i += perMsg {
+			ids := all[i:min(i+perMsg, len(all))]
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				_, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: ids, State: models.WaiterNotified, EndedAt: old,
+					MessageID: ptr("msg_c" + strconv.Itoa(i)), EventData: []byte(`1`)})
+				return err
+			}))
+		}
+		for i := range runs {
+			require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_c" + strconv.Itoa(i), State: models.RunSuccess, UpdatedAt: old}))
+		}
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		var total storage.PurgeResult
+		// One purges runs while the other purges waiters without a run: the
+		// two delete different waiters of the same notifications at once.
+		purges := []func(storage.Executor, context.Context, *storage.PurgeParams) (storage.PurgeResult, error){
+			storage.Executor.RunPurge, storage.Executor.WaiterPurgeRunless,
+		}
+		for i, s := range []storage.Store{b.store, other} {
+			wg.Go(func() {
+				p := &storage.PurgeParams{EndedBefore: b.now.Add(-time.Hour), Now: b.now, Limit: 5}
+				for _, purge := range []func(storage.Executor, context.Context, *storage.PurgeParams) (storage.PurgeResult, error){
+					purges[i], purges[1-i],
+				} {
+					for {
+						var res storage.PurgeResult
+						err := s.InTx(b.ctx, func(tx storage.Executor) error {
+							var err error
+							res, err = purge(tx, b.ctx, p)
+							return err
+						})
+						if !assert.NoError(t, err) {
+							return
+						}
+						mu.Lock()
+						total = total.Add(res)
+						mu.Unlock()
+						if !res.More {
+							break
+						}
+					}
+				}
+			})
+		}
+		wg.Wait()
+		db := rawDB(t, b.url)
+		for _, table := range []string{"runs", "waiters", "notifications"} {
+			var n int
+			require.NoError(t, db.QueryRowContext(b.ctx, `SELECT COUNT(*) FROM `+table).Scan(&n))
+			require.Zero(t, n, table)
+		}
+		require.Equal(t, int64(runs), total.Runs)
+		require.Equal(t, int64(len(all)), total.Waiters)
+		require.Equal(t, int64((len(all)+perMsg-1)/perMsg), total.Notifications)
+	})
+
+	// During a rolling upgrade, replicas on the binary before ended_at end
+	// runs without it: the purge still finds them, by updated_at.
+	t.Run("PurgeRunEndedByOlderBinary", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		old := b.now.Add(-40 * 24 * time.Hour)
+		insertRun(t, b, "wfr_legacy")
+		insertRun(t, b, "wfr_legacy_recent")
+		insertRun(t, b, "wfr_started")
+		db := rawDB(t, b.url)
+		for id, at := range map[string]time.Time{"wfr_legacy": old, "wfr_legacy_recent": b.now} {
+			_, err := db.ExecContext(b.ctx, `UPDATE runs SET state = 'RUN_FAILED', updated_at = ? WHERE id = ?`, at.UTC().Format("2006-01-02 15:04:05.000000"), id)
+			require.NoError(t, err)
+		}
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			res, err := tx.RunPurge(b.ctx, &storage.PurgeParams{EndedBefore: b.now.Add(-30 * 24 * time.Hour), Now: b.now, Limit: 10})
+			require.Equal(t, int64(1), res.Runs)
+			return err
+		}))
+		_, err := b.store.RunGet(b.ctx, "wfr_legacy", false)
+		require.ErrorIs(t, err, storage.ErrNotFound)
+		for _, id := range []string{"wfr_legacy_recent", "wfr_started"} {
+			_, err := b.store.RunGet(b.ctx, id, false)
+			require.NoError(t, err, id)
+		}
+	})
+
+	t.Run("WaiterListWaitingByRun", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		insertRun(t, b, "wfr_L")
+		live := insertWaiter(t, b, "a", ptr("wfr_L"), b.now.Add(time.Hour))
+		overdue := insertWaiter(t, b, "b", ptr("wfr_L"), b.now.Add(-time.Hour))
+		ended := insertWaiter(t, b, "a", ptr("wfr_L"), b.now.Add(time.Hour))
+		insertWaiter(t, b, "a", ptr("wfr_other"), b.now.Add(time.Hour))
+		insertWaiter(t, b, "a", nil, b.now.Add(time.Hour))
+		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{ended.ID}, State: models.WaiterCanceled, EndedAt: b.now})
+		require.NoError(t, err)
+		ws, err := b.store.WaiterListWaitingByRun(b.ctx, "wfr_L")
+		require.NoError(t, err)
+		var ids []string
+		for _, w := range ws {
+			ids = append(ids, w.ID)
+		}
+		require.Equal(t, []string{live.ID, overdue.ID}, ids)
 	})
 
 	t.Run("InTxRollsBack", func(t *testing.T) {

@@ -94,6 +94,16 @@ func (e *gormExecutor) WaiterListByRun(ctx context.Context, runID string) ([]*mo
 	return waiterModels(rows), nil
 }
 
+func (e *gormExecutor) WaiterListWaitingByRun(ctx context.Context, runID string) ([]*models.Waiter, error) {
+	var rows []waiterRow
+	// Served by waiters_run_state_ended: only the waiting ones are read.
+	if err := e.q(ctx).Where("run_id = ? AND state = ?", runID, string(models.WaiterWaiting)).
+		Order("seq").Find(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	return waiterModels(rows), nil
+}
+
 func waiterModels(rows []waiterRow) []*models.Waiter {
 	out := make([]*models.Waiter, len(rows))
 	for i := range rows {
