@@ -127,7 +127,7 @@ func (c Config) withDefaults() Config {
 // Lease is how long a claim lasts: longer than an attempt can take, with
 // room to record its result, so that no two replicas send one attempt at
 // once.
-func (c Config) Lease() time.Duration { return c.withDefaults().Timeout*2 + 5*time.Second }
+func (c Config) Lease() time.Duration { return c.withDefaults().Timeout*2 + time.Second }
 
 // Deliverer runs the delivery loop. Start it, Wake it after a commit that
 // wrote a row, Stop it.
