@@ -344,6 +344,12 @@ func TestDispatchRefusalsAndFailures(t *testing.T) {
 		require.Equal(t, 3, st.Stats.Outbox.Failed)
 		require.Equal(t, 1, st.Stats.Outbox.Canceled)
 		require.NotContains(t, e.logs.String(), signingSecret, "the signing secret is never logged")
+
+		m := e.scrape(nil)
+		// redirect: 2 attempts, huge: 1, nobody: 3.
+		require.Equal(t, 6.0, m.value("rendezvous_outbox_attempts_total", "result", "failed"))
+		require.Equal(t, 0.0, m.value("rendezvous_outbox_pending"), "three failed, one canceled")
+		require.Equal(t, 6.0, m.value("rendezvous_outbox_attempt_duration_seconds"))
 	})
 }
 

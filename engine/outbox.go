@@ -350,3 +350,12 @@ func (e *Engine) failRun(ctx context.Context, runID string, rec *storage.OutboxR
 	}
 	return err
 }
+
+// OutboxPending counts the deliveries PENDING in the whole database.
+func (e *Engine) OutboxPending(ctx context.Context) (int64, error) {
+	counts, err := e.store.OutboxCountByState(ctx)
+	if err != nil {
+		return 0, storageErr("count pending deliveries", err)
+	}
+	return counts[models.DispatchPending], nil
+}

@@ -302,6 +302,7 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 			return nil, fmt.Errorf("RENDEZVOUS_METRICS_TOKEN_REQUIRED=true but no server token is configured (RENDEZVOUS_TOKENS or RENDEZVOUS_TOKENS_FILE)")
 		}
 	}
+	cfg.Outbound.Delivery.Observer = m
 	buildDeliverer, err := prepareOutbound(&cfg, authn)
 	if err != nil {
 		return nil, err
@@ -336,6 +337,7 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	eng := engine.New(store, h, engBus, cfg.Engine)
 	deliverer := buildDeliverer(eng)
+	m.ObserveOutboxPending(eng.OutboxPending)
 	streams, endStreams := context.WithCancel(context.Background())
 	hc := cfg.HTTP
 	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, cfg.Engine.Now
