@@ -229,6 +229,9 @@ func (e *Engine) ClaimDeliveries(ctx context.Context, limit int, lease time.Dura
 	}
 	out := make([]delivery.Delivery, 0, len(recs))
 	for _, r := range recs {
+		if r.Attempts > 1 && r.RunID != nil && e.runEnded(ctx, r) {
+			continue
+		}
 		d := delivery.Delivery{ID: r.ID, URL: r.URL, Body: r.Body, Attempt: r.Attempts, Claim: r.Claim}
 		if len(r.Headers) > 0 {
 			if err := json.Unmarshal(r.Headers, &d.Headers); err != nil {
@@ -243,6 +246,21 @@ func (e *Engine) ClaimDeliveries(ctx context.Context, limit int, lease time.Dura
 		out = append(out, d)
 	}
 	return out, nil
+}
+
+// runEnded cancels a claimed retry whose run has ended, and says so. Only
+// a delivery that was in flight when its run ended gets here (ending a run
+// cancels the others): its claimer died before recording the result.
+func (e *Engine) runEnded(ctx context.Context, r *storage.OutboxRecord) bool {
+	run, err := e.store.RunGet(ctx, *r.RunID, false)
+	if err != nil || run.State == models.RunStarted {
+		return false // send it: at least once
+	}
+	if _, err := e.store.OutboxRecordAttempt(ctx, &storage.OutboxAttemptParams{ID: r.ID, Claim: r.Claim,
+		State: models.DispatchCanceled, LastStatus: r.LastStatus, LastError: r.LastError, NextAttemptAt: e.now(), Now: e.now()}); err != nil {
+		e.log.Warn("cancel the delivery of an ended run", "delivery_id", r.ID, "err", err)
+	}
+	return true
 }
 
 // withRunToken adds "runToken" to a JSON object body.
@@ -312,7 +330,7 @@ func (e *Engine) RecordDelivery(ctx context.Context, r delivery.Result) error {
 	if p.State != models.DispatchFailed || rec.RunID == nil {
 		err = e.store.InTx(ctx, func(tx storage.Executor) error { return record(tx, e.now()) })
 	} else {
-		err = e.failRun(ctx, *rec.RunID, rec, r, record)
+		err = e.failRun(ctx, *rec.RunID, rec, r, p, record)
 	}
 	if errors.Is(err, errClaimLost) {
 		// Another replica claimed it after our lease passed, or the run
@@ -327,9 +345,9 @@ func (e *Engine) RecordDelivery(ctx context.Context, r delivery.Result) error {
 }
 
 // failRun records a delivery FAILED and ends its run RUN_FAILED with a
-// result that says why, in one transaction. A run that already ended has
-// canceled its delivery, so there is nothing to record.
-func (e *Engine) failRun(ctx context.Context, runID string, rec *storage.OutboxRecord, r delivery.Result, record func(storage.Executor, time.Time) error) error {
+// result that says why, in one transaction. A run that ended while the
+// delivery was in flight no longer wants it: the delivery ends CANCELED.
+func (e *Engine) failRun(ctx context.Context, runID string, rec *storage.OutboxRecord, r delivery.Result, p0 *storage.OutboxAttemptParams, record func(storage.Executor, time.Time) error) error {
 	why := map[string]any{
 		"error":      "dispatch failed",
 		"deliveryId": rec.ID,
@@ -346,7 +364,18 @@ func (e *Engine) failRun(ctx context.Context, runID string, rec *storage.OutboxR
 	result, _ := json.Marshal(why)
 	_, err := e.endRun(ctx, runID, models.RunFailed, result, record)
 	if ErrorCode(err) == CodeRunNotActive || ErrorCode(err) == CodeNotFound {
-		return errClaimLost
+		// The run ended while this delivery was in flight: nothing to
+		// fail, the delivery is no longer wanted.
+		cancelParams := *p0
+		cancelParams.State = models.DispatchCanceled
+		return e.store.InTx(ctx, func(tx storage.Executor) error {
+			cancelParams.Now, cancelParams.NextAttemptAt = e.now(), e.now()
+			ok, err := tx.OutboxRecordAttempt(ctx, &cancelParams)
+			if err == nil && !ok {
+				err = errClaimLost
+			}
+			return err
+		})
 	}
 	return err
 }

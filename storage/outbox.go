@@ -188,7 +188,10 @@ func cut(s *string) *string {
 }
 
 func (e *gormExecutor) OutboxCancelByRun(ctx context.Context, runID string, now time.Time) (int64, error) {
-	res := e.q(ctx).Model(&outboxRow{}).Where("run_id = ? AND state = ?", runID, string(models.DispatchPending)).
+	// A delivery in flight (claimed) is left to its claimer: the run may
+	// have ended because of it (the receiver finished the run before it
+	// answered), and its result is the truth.
+	res := e.q(ctx).Model(&outboxRow{}).Where("run_id = ? AND state = ? AND claim IS NULL", runID, string(models.DispatchPending)).
 		Updates(map[string]any{"state": string(models.DispatchCanceled), "ended_at": newDBTime(now), "claim": nil})
 	return res.RowsAffected, e.classify(res.Error)
 }

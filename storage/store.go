@@ -190,7 +190,8 @@ type OutboxExecutor interface {
 	// the row's; false when it is not (the lease passed and another
 	// claimed it, or the run ended and canceled it).
 	OutboxRecordAttempt(ctx context.Context, p *OutboxAttemptParams) (bool, error)
-	// OutboxCancelByRun cancels the run's PENDING deliveries.
+	// OutboxCancelByRun cancels the run's PENDING deliveries that are not
+	// in flight (claimed); the claimer records those.
 	OutboxCancelByRun(ctx context.Context, runID string, now time.Time) (int64, error)
 	OutboxCountByState(ctx context.Context) (map[models.DispatchState]int64, error)
 	// OutboxNextDue is the earliest due time of a PENDING row; nil if none.
