@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"os"
 	"encoding/json"
 	"os/exec"
 	"path/filepath"
@@ -30,11 +31,12 @@ func buildExample(t *testing.T, name string) string {
 
 // startExample runs a built example with the environment until the test
 // ends (then it is killed).
-func startExample(t *testing.T, bin string, env ...string) *syncBuffer {
+func startExample(t *testing.T, argv []string, env ...string) *syncBuffer {
 	t.Helper()
+	bin := argv[0]
 	logs := &syncBuffer{}
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, bin)
+	cmd := exec.CommandContext(ctx, bin, argv[1:]...)
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logs, logs
 	require.NoError(t, cmd.Start())
@@ -65,7 +67,7 @@ func TestExampleWorker(t *testing.T) {
 		bin := buildExample(t, "worker")
 		e := newEnv(t, db)
 		label := uid("orders")
-		startExample(t, bin, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_LABEL="+label)
+		startExample(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_LABEL="+label)
 		var out struct {
 			Trigger struct {
 				WorkflowRunID string `json:"workflowRunId"`
@@ -99,7 +101,7 @@ func TestExampleEndpoint(t *testing.T) {
 		port := strconv.Itoa(freePort(t))
 		url := "http://127.0.0.1:" + port + "/workflow"
 		e := dispatchEnv(t, db, url)
-		startExample(t, bin, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_SIGNING_SECRET="+signingSecret, "PORT="+port)
+		startExample(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_SIGNING_SECRET="+signingSecret, "PORT="+port)
 		var out struct {
 			Trigger struct {
 				WorkflowRunID string `json:"workflowRunId"`
@@ -122,4 +124,51 @@ func TestExampleEndpoint(t *testing.T) {
 		resp := secHTTP(t, "POST", url, secHeader("Rendezvous-Signature", "t="+strconv.FormatInt(time.Now().Unix(), 10)+",v1=00ff"), strings.NewReader(`{"workflowRunId":"wfr_x"}`))
 		require.Equal(t, 401, resp.Status)
 	})
+}
+
+// examples/worker-ts (TypeScript, graphql-ws), compiled and run with node:
+// the same workflow as examples/worker. Needs node and `npm install` in
+// examples/worker-ts (.ci/run does it; RENDEZVOUS_REQUIRE_JS=1 fails
+// instead of skipping).
+func TestExampleWorkerTS(t *testing.T) {
+	node, err := exec.LookPath("node")
+	dir := filepath.Join("..", "examples", "worker-ts")
+	_, modErr := os.Stat(filepath.Join(dir, "node_modules", "graphql-ws"))
+	if err != nil || modErr != nil {
+		if os.Getenv("RENDEZVOUS_REQUIRE_JS") == "1" {
+			t.Fatalf("node (%v) and examples/worker-ts/node_modules (%v) are required", err, modErr)
+		}
+		t.Skip("TypeScript worker example SKIPPED: need node and `cd examples/worker-ts && npm install --no-package-lock`")
+	}
+	out := filepath.Join(t.TempDir(), "dist")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	tsc := exec.CommandContext(ctx, node, filepath.Join("node_modules", "typescript", "bin", "tsc"), "-p", ".", "--outDir", out)
+	tsc.Dir = dir
+	b, err := tsc.CombinedOutput()
+	require.NoError(t, err, "tsc: %s", b)
+	// The compiled file imports its packages from the example's node_modules.
+	require.NoError(t, os.WriteFile(filepath.Join(out, "package.json"), []byte(`{"type":"module"}`), 0o644))
+	require.NoError(t, os.Symlink(filepath.Join(mustAbs(t, dir), "node_modules"), filepath.Join(out, "node_modules")))
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		e := newEnv(t, db)
+		label := uid("ts")
+		startExample(t, []string{node, filepath.Join(out, "worker.js")}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_LABEL="+label, "PATH="+os.Getenv("PATH"))
+		var trig struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		e.ok(triggerMutation, map[string]any{"id": uid("tsrun"), "label": label}, &trig)
+		run := trig.Trigger.WorkflowRunID
+		e.notify("approve-"+run, "yes", run)
+		r := e.awaitRunState(run, "RUN_SUCCESS")
+		require.JSONEq(t, `{"approval":"yes","worker":"ts"}`, string(r.Result))
+	})
+}
+
+func mustAbs(t *testing.T, p string) string {
+	a, err := filepath.Abs(p)
+	require.NoError(t, err)
+	return a
 }
