@@ -43,8 +43,12 @@ type Result struct {
 	Delivered bool // a 2xx
 	// Refused: the attempt was not made and never will be (the URL is no
 	// longer allowed); the delivery fails without retries.
-	Refused  bool
-	Status   int    // 0 when no response came
+	Refused bool
+	// Interrupted: this replica stopped during the attempt; it does not
+	// count, and the delivery is due again at once (for another replica,
+	// or this one after restart).
+	Interrupted bool
+	Status      int    // 0 when no response came
 	Error    string // why it failed; "" when delivered
 	Duration time.Duration
 }
@@ -269,6 +273,8 @@ func (d *Deliverer) attempt(ctx context.Context, dl Delivery) {
 	switch {
 	case res.Refused:
 		result = "refused"
+	case res.Interrupted:
+		result = "interrupted"
 	case !res.Delivered:
 		result = "failed"
 	}
@@ -314,6 +320,7 @@ func (d *Deliverer) send(ctx context.Context, dl Delivery) Result {
 	resp, err := d.client.Do(req)
 	if err != nil {
 		res.Error = describe(err)
+		res.Interrupted = ctx.Err() != nil
 		return res
 	}
 	defer resp.Body.Close()

@@ -386,3 +386,47 @@ func TestRetentionPurgesDispatch(t *testing.T) {
 		require.Equal(t, "PENDING", d.State)
 	})
 }
+
+// A graceful stop during a delivery does not spend one of its attempts:
+// with retries 0, the attempt cut short is made again after the restart,
+// and the dispatch ends DELIVERED, not FAILED.
+func TestDispatchInterruptedByStopIsNotCounted(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		var (
+			mu      sync.Mutex
+			arrived = make(chan struct{}, 4)
+			first   = true
+		)
+		rcv := newReceiver(t, func(id string, attempt int) string {
+			mu.Lock()
+			defer mu.Unlock()
+			arrived <- struct{}{}
+			if first {
+				first = false
+				return "hang"
+			}
+			return ""
+		})
+		e := dispatchEnv(t, db, rcv.srv.URL+"/hooks", func(c *service.Config) { c.Outbound.Delivery.Timeout = 30 * time.Second })
+		var out struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		e.ok(dispatchTrigger, map[string]any{"d": map[string]any{"url": rcv.srv.URL + "/hooks", "retries": 0}}, &out)
+		select {
+		case <-arrived:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the delivery never arrived")
+		}
+		e.restart()
+		eventually(t, 10*time.Second, func() bool {
+			_, _, d := e.dispatchOf(out.Trigger.WorkflowRunID)
+			return d.State != "PENDING"
+		}, "the dispatch ends")
+		state, _, d := e.dispatchOf(out.Trigger.WorkflowRunID)
+		require.Equal(t, "DELIVERED", d.State, "%+v", d)
+		require.Equal(t, "RUN_STARTED", state)
+		require.Equal(t, 1, d.Attempts)
+	})
+}

@@ -310,6 +310,8 @@ func (e *Engine) RecordDelivery(ctx context.Context, r delivery.Result) error {
 	switch {
 	case r.Delivered:
 		p.State = models.DispatchDelivered
+	case r.Interrupted:
+		p.State, p.Uncount = models.DispatchPending, true
 	case r.Refused || r.Attempt >= rec.MaxAttempts:
 		p.State = models.DispatchFailed
 	default:
@@ -317,7 +319,7 @@ func (e *Engine) RecordDelivery(ctx context.Context, r delivery.Result) error {
 	}
 	record := func(tx storage.Executor, now time.Time) error {
 		p.Now, p.NextAttemptAt = now, now
-		if p.State == models.DispatchPending {
+		if p.State == models.DispatchPending && !p.Uncount {
 			o := e.cfg.Outbound
 			p.NextAttemptAt = now.Add(delivery.Backoff(o.RetryBase, o.RetryMax, r.Attempt))
 		}

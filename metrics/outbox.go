@@ -18,13 +18,13 @@ type outboxMetrics struct {
 	duration prometheus.Histogram
 }
 
-var deliveryResults = []string{"delivered", "failed", "refused"}
+var deliveryResults = []string{"delivered", "failed", "refused", "interrupted"}
 
 func newOutboxMetrics(reg *prometheus.Registry) outboxMetrics {
 	o := outboxMetrics{
 		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "rendezvous_outbox_attempts_total",
-			Help: "HTTP delivery attempts (dispatches) made by this replica, by result: delivered (2xx), failed (anything else, a timeout, a refused connection; retried until its retries are used up), refused (the URL is no longer allowed).",
+			Help: "HTTP delivery attempts (dispatches) made by this replica, by result: delivered (2xx), failed (anything else, a timeout, a refused connection; retried until its retries are used up), refused (the URL is no longer allowed), interrupted (this replica stopped during it; it does not count).",
 		}, []string{"result"}),
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "rendezvous_outbox_attempt_duration_seconds",

@@ -171,6 +171,9 @@ func (e *gormExecutor) OutboxRecordAttempt(ctx context.Context, p *OutboxAttempt
 	if p.State != models.DispatchPending {
 		set["ended_at"] = newDBTime(p.Now)
 	}
+	if p.Uncount {
+		set["attempts"] = gorm.Expr("attempts - 1")
+	}
 	res := e.q(ctx).Model(&outboxRow{}).
 		Where("id = ? AND claim = ? AND state = ?", p.ID, p.Claim, string(models.DispatchPending)).Updates(set)
 	if res.Error != nil {

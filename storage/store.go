@@ -294,4 +294,6 @@ type OutboxAttemptParams struct {
 	LastError     *string
 	NextAttemptAt time.Time
 	Now           time.Time
+	// Uncount: the attempt was interrupted and does not count.
+	Uncount bool
 }
