@@ -21,7 +21,7 @@ const runsToStartSub = `subscription($label: String, $lease: Duration, $max: Int
   runsToStart(label: $label, lease: $lease, maxUnacked: $max) { workflowRunId label attempts claimedAt }
 }`
 
-const ackMutation = `mutation($id: ID!) { ackRun(workflowRunId: $id) { workflowRunId ackedAt attempts } }`
+const ackMutation = `mutation($id: ID!, $attempt: Int) { ackRun(workflowRunId: $id, attempt: $attempt) { workflowRunId ackedAt attempts } }`
 
 // hold is one hand-over of a run as a worker saw it.
 type hold struct {
@@ -134,7 +134,7 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 							continue
 						}
 					}
-					resp, err := gqlclient.Post(ctx, e.endpoint, ackMutation, map[string]any{"id": run})
+					resp, err := gqlclient.Post(ctx, e.endpoint, ackMutation, map[string]any{"id": run, "attempt": got.RunsToStart.Attempts})
 					if err != nil {
 						return
 					}
@@ -300,13 +300,17 @@ func TestAckRunRefusals(t *testing.T) {
 		require.NoError(t, err)
 		require.NoError(t, ev.Response.Decode(&got))
 		require.Equal(t, 2, got.RunsToStart.Attempts)
+		// The first hand-over's ack comes too late: it cannot take the
+		// run from the second.
+		e.fails("RUN_NOT_CLAIMED", ackMutation, map[string]any{"id": run, "attempt": 1})
+		e.fails("BAD_USER_INPUT", ackMutation, map[string]any{"id": run, "attempt": 0})
 		var acked struct {
 			AckRun struct {
 				AckedAt  *string `json:"ackedAt"`
 				Attempts int     `json:"attempts"`
 			} `json:"ackRun"`
 		}
-		e.ok(ackMutation, map[string]any{"id": run}, &acked)
+		e.ok(ackMutation, map[string]any{"id": run, "attempt": 2}, &acked)
 		require.NotNil(t, acked.AckRun.AckedAt)
 		e.fails("RUN_NOT_CLAIMED", ackMutation, map[string]any{"id": run})
 		e.ok(`mutation($id: ID!) { finishRun(workflowRunId: $id, state: RUN_SUCCESS) { state } }`, map[string]any{"id": run}, nil)

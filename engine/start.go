@@ -185,13 +185,18 @@ func (w *worker) release() {
 }
 
 // AckRun ends a run's hand-over: the worker holding it under a live lease
-// owns it, and it is never handed to anyone else.
-func (e *Engine) AckRun(ctx context.Context, rawID string) (*models.WorkflowRun, error) {
+// owns it, and it is never handed to anyone else. With attempt, only the
+// hand-over runsToStart numbered so: the ack of a worker whose lease passed
+// cannot take the run from the worker it went to next.
+func (e *Engine) AckRun(ctx context.Context, rawID string, attempt *int) (*models.WorkflowRun, error) {
 	id, err := e.normalizeRunID(rawID)
 	if err != nil {
 		return nil, err
 	}
-	ok, err := e.store.RunAck(ctx, id, e.now())
+	if attempt != nil && *attempt < 1 {
+		return nil, errorf(CodeBadUserInput, "attempt must be at least 1, got %d", *attempt)
+	}
+	ok, err := e.store.RunAck(ctx, id, e.now(), attempt)
 	if err != nil {
 		return nil, storageErr("ack run "+id, err)
 	}
@@ -208,6 +213,8 @@ func (e *Engine) AckRun(ctx context.Context, rawID string) (*models.WorkflowRun,
 			return nil, errorf(CodeRunNotActive, "workflow run %s is %s", id, run.State)
 		case run.AckedAt != nil:
 			return nil, errorf(CodeRunNotClaimed, "workflow run %s was already acked", id)
+		case attempt != nil && *attempt != run.Attempts:
+			return nil, errorf(CodeRunNotClaimed, "workflow run %s: hand-over %d is over (its lease passed or it was given back); the run went to another worker (hand-over %d)", id, *attempt, run.Attempts)
 		default:
 			return nil, errorf(CodeRunNotClaimed, "workflow run %s is not held under a live hand-over: its lease passed or it was given back, and it goes (or went) to another worker", id)
 		}

@@ -62,7 +62,7 @@ type ComplexityRoot struct {
 	}
 
 	Mutation struct {
-		AckRun    func(childComplexity int, workflowRunID string) int
+		AckRun    func(childComplexity int, workflowRunID string, attempt *int) int
 		Cancel    func(childComplexity int, workflowRunID string) int
 		FinishRun func(childComplexity int, workflowRunID string, state models.RunState, result json.RawMessage) int
 		Notify    func(childComplexity int, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) int
@@ -204,7 +204,7 @@ type MutationResolver interface {
 	Notify(ctx context.Context, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) (*models.NotifyResult, error)
 	Cancel(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
 	FinishRun(ctx context.Context, workflowRunID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error)
-	AckRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
+	AckRun(ctx context.Context, workflowRunID string, attempt *int) (*models.WorkflowRun, error)
 }
 type QueryResolver interface {
 	WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
@@ -340,7 +340,7 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 			return 0, false
 		}
 
-		return e.ComplexityRoot.Mutation.AckRun(childComplexity, args["workflowRunId"].(string)), true
+		return e.ComplexityRoot.Mutation.AckRun(childComplexity, args["workflowRunId"].(string), args["attempt"].(*int)), true
 	case "Mutation.cancel":
 		if e.ComplexityRoot.Mutation.Cancel == nil {
 			break
@@ -1031,8 +1031,12 @@ type Mutation {
   cancel(workflowRunId: ID!): WorkflowRun!
   "End a started run with RUN_SUCCESS or RUN_FAILED, keeping result."
   finishRun(workflowRunId: ID!, state: RunState!, result: JSON): WorkflowRun!
-  "A worker that received the run from runsToStart confirms it owns it: the run is never handed to anyone else."
-  ackRun(workflowRunId: ID!): WorkflowRun!
+  """
+  A worker that received the run from runsToStart confirms it owns it: the run is never handed to anyone else.
+  Pass attempt: the run's attempts as runsToStart gave it, so that an ack that comes after the worker's lease
+  passed cannot take the run from the worker it went to next (RUN_NOT_CLAIMED). Without it, any live hand-over is acked.
+  """
+  ackRun(workflowRunId: ID!, attempt: Int): WorkflowRun!
 }
 
 type Subscription {
@@ -1646,6 +1650,14 @@ func (ec *executionContext) field_Mutation_ackRun_args(ctx context.Context, rawA
 		return nil, err
 	}
 	args["workflowRunId"] = arg0
+	arg1, err := graphql.ProcessArgField(ctx, rawArgs, "attempt",
+		func(ctx context.Context, v any) (*int, error) {
+			return ec.unmarshalOInt2ᚖint(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["attempt"] = arg1
 	return args, nil
 }
 
@@ -2499,7 +2511,7 @@ func (ec *executionContext) _Mutation_ackRun(ctx context.Context, field graphql.
 		},
 		func(ctx context.Context) (any, error) {
 			fc := graphql.GetFieldContext(ctx)
-			return ec.Resolvers.Mutation().AckRun(ctx, fc.Args["workflowRunId"].(string))
+			return ec.Resolvers.Mutation().AckRun(ctx, fc.Args["workflowRunId"].(string), fc.Args["attempt"].(*int))
 		},
 		nil,
 		func(ctx context.Context, selections ast.SelectionSet, v *models.WorkflowRun) graphql.Marshaler {

@@ -34,8 +34,8 @@ func (r *mutationResolver) FinishRun(ctx context.Context, workflowRunID string, 
 }
 
 // AckRun is the resolver for the ackRun field.
-func (r *mutationResolver) AckRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error) {
-	return r.Engine.AckRun(ctx, workflowRunID)
+func (r *mutationResolver) AckRun(ctx context.Context, workflowRunID string, attempt *int) (*models.WorkflowRun, error) {
+	return r.Engine.AckRun(ctx, workflowRunID, attempt)
 }
 
 // WorkflowRun is the resolver for the workflowRun field.

@@ -32,7 +32,8 @@ type RunClaimExecutor interface {
 	RunClaim(ctx context.Context, p *RunClaimParams) ([]*models.WorkflowRun, error)
 	// RunAck ends the run's hand-over if it is held under a claim live at
 	// now and not acked yet; false otherwise.
-	RunAck(ctx context.Context, runID string, now time.Time) (bool, error)
+	// With attempt, only that hand-over (attempts = attempt) is acked.
+	RunAck(ctx context.Context, runID string, now time.Time, attempt *int) (bool, error)
 	// RunReleaseClaims gives back the worker's runs it has not acked, so
 	// that the next worker may have them at once (a subscription that
 	// ended).
@@ -99,11 +100,14 @@ func (e *gormExecutor) RunClaim(ctx context.Context, p *RunClaimParams) ([]*mode
 	return out, nil
 }
 
-func (e *gormExecutor) RunAck(ctx context.Context, runID string, now time.Time) (bool, error) {
+func (e *gormExecutor) RunAck(ctx context.Context, runID string, now time.Time, attempt *int) (bool, error) {
 	t := newDBTime(now)
-	res := e.q(ctx).Model(&runRow{}).
-		Where("id = ? AND start_pending = ? AND state = ? AND claim_until > ?", runID, true, string(models.RunStarted), t).
-		Updates(map[string]any{"start_pending": false, "acked_at": t})
+	q := e.q(ctx).Model(&runRow{}).
+		Where("id = ? AND start_pending = ? AND state = ? AND claim_until > ?", runID, true, string(models.RunStarted), t)
+	if attempt != nil {
+		q = q.Where("attempts = ?", *attempt)
+	}
+	res := q.Updates(map[string]any{"start_pending": false, "acked_at": t})
 	if res.Error != nil {
 		return false, e.classify(res.Error)
 	}

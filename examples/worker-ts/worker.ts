@@ -79,8 +79,10 @@ client.subscribe<{ runsToStart: Run }>(
       if (errors?.length || !data) { console.error("worker-ts:", errors); return; }
       const run = data.runsToStart;
       try {
-        // Ack first: from now on the run is ours alone.
-        await mutate(`mutation($id: ID!) { ackRun(workflowRunId: $id) { workflowRunId } }`, { id: run.workflowRunId });
+        // Ack first: from now on the run is ours alone. attempt names this
+        // hand-over, so a late ack cannot take the run from its next worker.
+        await mutate(`mutation($id: ID!, $attempt: Int) { ackRun(workflowRunId: $id, attempt: $attempt) { workflowRunId } }`,
+          { id: run.workflowRunId, attempt: run.attempts });
       } catch (e) {
         console.log(`worker-ts: ${run.workflowRunId} is not ours (${(e as Error).message})`);
         return;

@@ -80,15 +80,18 @@ func (c *client) work(ctx context.Context, label string) error {
 			RunsToStart struct {
 				WorkflowRunID string          `json:"workflowRunId"`
 				Body          json.RawMessage `json:"body"`
+				Attempts      int             `json:"attempts"`
 			} `json:"runsToStart"`
 		}
 		if err := json.Unmarshal(msg.data, &got); err != nil {
 			return fmt.Errorf("decode run: %w", err)
 		}
 		run := got.RunsToStart.WorkflowRunID
-		// Ack first: from now on the run is ours alone. An ack that fails
-		// means our lease passed and another worker has it.
-		if err := c.mutate(ctx, `mutation($id: ID!) { ackRun(workflowRunId: $id) { workflowRunId } }`, map[string]any{"id": run}); err != nil {
+		// Ack first: from now on the run is ours alone. attempt names this
+		// hand-over: an ack that fails means our lease passed and another
+		// worker has it.
+		if err := c.mutate(ctx, `mutation($id: ID!, $attempt: Int) { ackRun(workflowRunId: $id, attempt: $attempt) { workflowRunId } }`,
+			map[string]any{"id": run, "attempt": got.RunsToStart.Attempts}); err != nil {
 			log.Printf("worker: %s not ours: %v", run, err)
 			continue
 		}
