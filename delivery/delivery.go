@@ -49,8 +49,8 @@ type Result struct {
 	// or this one after restart).
 	Interrupted bool
 	Status      int    // 0 when no response came
-	Error    string // why it failed; "" when delivered
-	Duration time.Duration
+	Error       string // why it failed; "" when delivered
+	Duration    time.Duration
 }
 
 // Source is where deliveries come from and results go (the engine).

@@ -2,8 +2,8 @@ package e2e
 
 import (
 	"context"
-	"os"
 	"encoding/json"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
