@@ -174,7 +174,12 @@ func (w *worker) claim(ctx context.Context) ([]*models.WorkflowRun, error) {
 func (w *worker) release() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	n, err := w.e.store.RunReleaseClaims(ctx, w.id)
+	var n int64
+	err := w.e.store.InTx(ctx, func(tx storage.Executor) error {
+		var err error
+		n, err = tx.RunReleaseClaims(ctx, w.id)
+		return err
+	})
 	if err != nil {
 		w.e.log.Warn("give back a gone worker's runs (their leases will run out instead)", "worker", w.id, "err", err)
 		return
@@ -196,7 +201,15 @@ func (e *Engine) AckRun(ctx context.Context, rawID string, attempt *int) (*model
 	if attempt != nil && *attempt < 1 {
 		return nil, errorf(CodeBadUserInput, "attempt must be at least 1, got %d", *attempt)
 	}
-	ok, err := e.store.RunAck(ctx, id, e.now(), attempt)
+	// In a transaction of InTx, for its retry: the ack's UPDATE and a
+	// concurrent claim (which locks the runs index first, then the rows)
+	// can deadlock on MySQL.
+	var ok bool
+	err = e.store.InTx(ctx, func(tx storage.Executor) error {
+		var err error
+		ok, err = tx.RunAck(ctx, id, e.now(), attempt)
+		return err
+	})
 	if err != nil {
 		return nil, storageErr("ack run "+id, err)
 	}
