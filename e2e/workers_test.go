@@ -149,7 +149,9 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 							t.Errorf("worker %s: ack %s: %+v", id, run, resp.Errors)
 						}
 						mineMu.Lock()
-						h.end, h.how = time.Now(), "lost"
+						if h.end.IsZero() { // not already let go when its connection was killed
+							h.end, h.how = time.Now(), "lost"
+						}
 						mineMu.Unlock()
 						continue
 					}
