@@ -106,7 +106,7 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 					}
 					var got struct {
 						RunsToStart struct {
-							WorkflowRunID string  `json:"workflowRunId"`
+							WorkflowRunID string    `json:"workflowRunId"`
 							Label         *string   `json:"label"`
 							Attempts      int       `json:"attempts"`
 							ClaimedAt     time.Time `json:"claimedAt"`

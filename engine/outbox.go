@@ -239,7 +239,7 @@ func (e *Engine) ClaimDeliveries(ctx context.Context, limit int, lease time.Dura
 			}
 		}
 		if r.Kind == storage.OutboxKindDispatch && r.RunID != nil && e.cfg.Outbound.RunToken != nil {
-			if tok, ok := e.cfg.Outbound.RunToken(*r.RunID, e.cfg.Now()); ok {
+			if tok, ok := e.cfg.Outbound.RunToken(*r.RunID, e.now()); ok {
 				d.Body = withRunToken(r.Body, tok)
 			}
 		}

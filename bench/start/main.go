@@ -3,14 +3,16 @@
 //
 //   - trigger → worker received (runsToStart), p50/p99, beside an in-memory
 //     relay (an HTTP POST whose handler writes to a websocket, no database);
+//
 //   - trigger → HTTP receiver received (dispatch through the outbox),
 //     p50/p99, beside the same relay;
+//
 //   - outbox delivery throughput (runs triggered with dispatch and delivered
 //     to a local receiver, per second) beside bare INSERT+COMMIT/s on the
 //     same database with as many connections (target: at least 0.25x).
 //
-//	go run ./bench/start            # MariaDB at 127.0.0.1:3306 (root), a throwaway database
-//	go run ./bench/start -quick     # smaller sizes
+//     go run ./bench/start            # MariaDB at 127.0.0.1:3306 (root), a throwaway database
+//     go run ./bench/start -quick     # smaller sizes
 //
 // It creates and drops its own database and sends traffic only to 127.0.0.1.
 package main
