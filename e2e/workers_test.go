@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -28,8 +29,10 @@ type hold struct {
 	worker   string
 	received time.Time
 	claimed  time.Time // claimedAt, on the server's (database's) clock
+	attempt  int       // the hand-over's number (attempts)
 	end      time.Time // when the worker let go: acked, killed, or its lease passed
-	how      string    // "acked", "killed", "forgot"
+	how      string    // "acked", "killed", "forgot", "lost"
+	connEnd  *time.Time // when its connection ended, for the report
 }
 
 // workerLog records every hand-over and ack of a test's workers.
@@ -117,7 +120,7 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 						return
 					}
 					run := got.RunsToStart.WorkflowRunID
-					h := &hold{worker: id, received: time.Now(), claimed: got.RunsToStart.ClaimedAt}
+					h := &hold{worker: id, received: time.Now(), claimed: got.RunsToStart.ClaimedAt, attempt: got.RunsToStart.Attempts}
 					log.mu.Lock()
 					log.holds[run] = append(log.holds[run], h)
 					if got.RunsToStart.Label != nil {
@@ -167,6 +170,15 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 		select {
 		case <-ctx.Done():
 		case <-c.Done():
+			now := time.Now()
+			mineMu.Lock()
+			for _, h := range mine {
+				h.connEnd = &now
+			}
+			mineMu.Unlock()
+			if !killed.Load() {
+				t.Logf("worker %s/%d: the server closed the connection: %v (%d)", name, gen, c.Err(), c.CloseStatus())
+			}
 		}
 		kill()
 		wg.Wait()
@@ -241,8 +253,13 @@ func TestRunsToStartCompetingWorkers(t *testing.T) {
 		for id := range ids {
 			require.Equal(t, 1, log.acks[id], "run %s acked once", id)
 			require.Equal(t, label, log.label[id])
-			hs := log.holds[id]
+			// In the order the server handed them over (arrival order can
+			// differ: a slow delivery of an earlier hand-over).
+			hs := slices.SortedFunc(slices.Values(log.holds[id]), func(a, b *hold) int { return a.attempt - b.attempt })
 			for i := 1; i < len(hs); i++ {
+				// Never one hand-over to two workers. (A number may be
+				// missing: handed to a connection that died before it read it.)
+				require.Less(t, hs[i-1].attempt, hs[i].attempt, "run %s: hand-over %d went to two workers", id, hs[i].attempt)
 				prev := hs[i-1]
 				require.NotEqual(t, "acked", prev.how, "run %s handed over after it was acked", id)
 				// Handed again only once the previous holder let go (it
@@ -250,7 +267,8 @@ func TestRunsToStartCompetingWorkers(t *testing.T) {
 				// (counted from its claim, on the database's clock).
 				leasePassed := !hs[i].claimed.Before(prev.claimed.Add(lease))
 				require.True(t, leasePassed || (!prev.end.IsZero() && !hs[i].received.Before(prev.end)),
-					"run %s went to %s at %s while %s held it until %s (%s)", id, hs[i].worker, hs[i].received, prev.worker, prev.end, prev.how)
+					"run %s went to %s (hand-over %d claimed %s) at %s while %s (hand-over %d claimed %s) held it until %s (%s; its connection ended %v)",
+					id, hs[i].worker, hs[i].attempt, hs[i].claimed, hs[i].received, prev.worker, prev.attempt, prev.claimed, prev.end, prev.how, prev.connEnd)
 			}
 		}
 		for run := range log.holds {
