@@ -70,13 +70,15 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 		var (
 			wg     sync.WaitGroup
 			killed atomic.Bool
-			mine   []*hold
-			mineMu sync.Mutex
+			mine     []*hold
+			mineMu   sync.Mutex
+			killedAt time.Time // under mineMu
 		)
 		kill := func() {
 			if killed.CompareAndSwap(false, true) {
 				now := time.Now()
 				mineMu.Lock()
+				killedAt = now
 				for _, h := range mine {
 					// A run it forgot to ack is given back too, before
 					// its lease passes.
@@ -128,6 +130,11 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 					}
 					log.mu.Unlock()
 					mineMu.Lock()
+					if !killedAt.IsZero() {
+						// Read from the buffer after its connection was
+						// closed: it was let go then.
+						h.end, h.how = killedAt, "killed"
+					}
 					mine = append(mine, h)
 					mineMu.Unlock()
 					if chaos {

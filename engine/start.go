@@ -131,8 +131,16 @@ func (w *worker) run(ctx context.Context) {
 		case <-timer.C:
 		}
 		runs, err := w.claim(ctx)
-		if err != nil && ctx.Err() == nil {
-			w.e.log.Warn("hand runs to a worker", "worker", w.id, "err", err)
+		if err != nil {
+			// Nothing was handed over: the claim did not (or may not
+			// have) committed; its lease runs out if it did.
+			if ctx.Err() == nil {
+				w.e.log.Warn("hand runs to a worker", "worker", w.id, "err", err)
+			}
+			runs = nil
+		}
+		for _, r := range runs {
+			w.e.log.Debug("run handed to a worker", "worker", w.id, "run", r.WorkflowRunID, "attempt", r.Attempts)
 		}
 		for _, r := range runs {
 			select {
@@ -185,6 +193,7 @@ func (w *worker) release() {
 		return
 	}
 	if n > 0 {
+		w.e.log.Debug("runs given back by a worker whose subscription ended", "worker", w.id, "runs", n)
 		w.e.wakeWorkers(ctx, w.label)
 	}
 }
