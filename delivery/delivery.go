@@ -33,13 +33,16 @@ type Delivery struct {
 	Headers map[string]string // the caller's extra headers
 	Body    []byte
 	Attempt int    // 1 for the first
-	Claim   string // hand back in Result
+	// MaxAttempts: attempts allowed in all (retries + 1), for the Source.
+	MaxAttempts int
+	Claim       string // hand back in Result
 }
 
 // Result is what one attempt came to.
 type Result struct {
-	ID, Claim string
-	Attempt   int
+	ID, Claim   string
+	Attempt     int
+	MaxAttempts int
 	Delivered bool // a 2xx
 	// Refused: the attempt was not made and never will be (the URL is no
 	// longer allowed); the delivery fails without retries.
@@ -58,8 +61,9 @@ type Source interface {
 	// ClaimDeliveries claims up to limit due deliveries for lease: no other
 	// replica sends them until the lease has passed.
 	ClaimDeliveries(ctx context.Context, limit int, lease time.Duration) ([]Delivery, error)
-	// RecordDelivery stores an attempt's result.
-	RecordDelivery(ctx context.Context, r Result) error
+	// RecordDeliveries stores attempts' results (in as few transactions
+	// as the rules allow: commits are what an outbox pays for).
+	RecordDeliveries(ctx context.Context, rs []Result) error
 	// NextDeliveryDue is the earliest due time of a pending delivery, on
 	// the local clock; ok false when none is pending.
 	NextDeliveryDue(ctx context.Context) (due time.Time, ok bool, err error)
@@ -217,7 +221,17 @@ func (d *Deliverer) Stop() {
 
 func (d *Deliverer) run(ctx context.Context) {
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	results := make(chan Result, d.cfg.Concurrency)
+	recorded := make(chan struct{})
+	go func() {
+		defer close(recorded)
+		d.record(ctx, results)
+	}()
+	defer func() {
+		wg.Wait()
+		close(results)
+		<-recorded
+	}()
 	slots := make(chan struct{}, d.cfg.Concurrency)
 	freed := make(chan struct{}, 1)
 	timer := time.NewTimer(0)
@@ -242,7 +256,7 @@ func (d *Deliverer) run(ctx context.Context) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					d.attempt(ctx, dl)
+					results <- d.attempt(ctx, dl)
 					<-slots
 					select {
 					case freed <- struct{}{}:
@@ -260,40 +274,67 @@ func (d *Deliverer) run(ctx context.Context) {
 	}
 }
 
+// record hands results to the Source as they come, those that came
+// together in one call. It runs until results is closed, so that every
+// attempt made is recorded even while the loop stops (with a few seconds'
+// bound): an attempt made is not made again for want of its result.
+func (d *Deliverer) record(ctx context.Context, results <-chan Result) {
+	for r := range results {
+		batch := []Result{r}
+	more:
+		for len(batch) < 64 {
+			select {
+			case r, ok := <-results:
+				if !ok {
+					break more
+				}
+				batch = append(batch, r)
+			default:
+				break more
+			}
+		}
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		err := d.src.RecordDeliveries(rctx, batch)
+		cancel()
+		for _, r := range batch {
+			if err != nil {
+				d.cfg.Logger.Warn("record delivery attempts", "delivery_id", r.ID, "attempt", r.Attempt, "err", err)
+				continue
+			}
+			d.cfg.Logger.Info("delivery attempt", "delivery_id", r.ID, "attempt", r.Attempt, "result", outcome(r), "status", r.Status, "duration_ms", r.Duration.Milliseconds())
+		}
+	}
+}
+
+func outcome(r Result) string {
+	switch {
+	case r.Refused:
+		return "refused"
+	case r.Interrupted:
+		return "interrupted"
+	case !r.Delivered:
+		return "failed"
+	}
+	return "delivered"
+}
+
 func (d *Deliverer) jitteredPoll() time.Duration {
 	return time.Duration(float64(d.cfg.Poll) * (0.5 + rand.Float64()/2))
 }
 
-// attempt makes one call and records its result. The recording outlives
-// a stopping loop by a few seconds, so an attempt made is not made again
-// for want of its result.
-func (d *Deliverer) attempt(ctx context.Context, dl Delivery) {
+// attempt makes one call and returns its result, for record.
+func (d *Deliverer) attempt(ctx context.Context, dl Delivery) Result {
 	res := d.send(ctx, dl)
-	result := "delivered"
-	switch {
-	case res.Refused:
-		result = "refused"
-	case res.Interrupted:
-		result = "interrupted"
-	case !res.Delivered:
-		result = "failed"
-	}
 	if d.cfg.Observer != nil {
-		d.cfg.Observer.DeliveryAttempt(result, res.Duration)
+		d.cfg.Observer.DeliveryAttempt(outcome(res), res.Duration)
 	}
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	if err := d.src.RecordDelivery(rctx, res); err != nil {
-		d.cfg.Logger.Warn("record delivery attempt", "delivery_id", dl.ID, "attempt", dl.Attempt, "err", err)
-		return
-	}
-	d.cfg.Logger.Info("delivery attempt", "delivery_id", dl.ID, "attempt", dl.Attempt, "result", result, "status", res.Status, "duration_ms", res.Duration.Milliseconds())
+	return res
 }
 
 // send makes the HTTP call. It never returns an error: every failure is a
 // Result.
 func (d *Deliverer) send(ctx context.Context, dl Delivery) Result {
-	res := Result{ID: dl.ID, Claim: dl.Claim, Attempt: dl.Attempt}
+	res := Result{ID: dl.ID, Claim: dl.Claim, Attempt: dl.Attempt, MaxAttempts: dl.MaxAttempts}
 	start := time.Now()
 	defer func() { res.Duration = time.Since(start) }()
 	// Checked again at send time: the list may have changed since the row

@@ -232,7 +232,7 @@ func (e *Engine) ClaimDeliveries(ctx context.Context, limit int, lease time.Dura
 		if r.Attempts > 1 && r.RunID != nil && e.runEnded(ctx, r) {
 			continue
 		}
-		d := delivery.Delivery{ID: r.ID, URL: r.URL, Body: r.Body, Attempt: r.Attempts, Claim: r.Claim}
+		d := delivery.Delivery{ID: r.ID, URL: r.URL, Body: r.Body, Attempt: r.Attempts, MaxAttempts: r.MaxAttempts, Claim: r.Claim}
 		if len(r.Headers) > 0 {
 			if err := json.Unmarshal(r.Headers, &d.Headers); err != nil {
 				e.log.Error("stored dispatch headers do not decode; sending without them", "delivery_id", r.ID, "err", err)
@@ -290,8 +290,77 @@ func (e *Engine) NextDeliveryDue(ctx context.Context) (time.Time, bool, error) {
 // errClaimLost stops a transaction whose claim is no longer the row's.
 var errClaimLost = errors.New("delivery claim lost")
 
-// RecordDelivery implements delivery.Source: the rules after an attempt.
-func (e *Engine) RecordDelivery(ctx context.Context, r delivery.Result) error {
+// RecordDeliveries implements delivery.Source: the rules after attempts.
+// Results that leave the run as it is (delivered, to be retried) are
+// recorded together in one transaction; a delivery that failed for good
+// ends its run, in a transaction of its own.
+func (e *Engine) RecordDeliveries(ctx context.Context, rs []delivery.Result) error {
+	var (
+		together []delivery.Result
+		errs     []error
+	)
+	for _, r := range rs {
+		if r.Delivered || r.Interrupted || (!r.Refused && r.Attempt < r.MaxAttempts) {
+			together = append(together, r)
+		} else {
+			errs = append(errs, e.recordDelivery(ctx, r))
+		}
+	}
+	if len(together) == 0 {
+		return errors.Join(errs...)
+	}
+	var lost []string
+	retry := false
+	err := e.store.InTx(ctx, func(tx storage.Executor) error {
+		lost, retry = nil, false
+		now := e.now()
+		for _, r := range together {
+			p := e.attemptParams(r, now)
+			ok, err := tx.OutboxRecordAttempt(ctx, p)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				lost = append(lost, r.ID)
+			}
+			retry = retry || (ok && p.State == models.DispatchPending)
+		}
+		return nil
+	})
+	if err == nil && len(lost) > 0 {
+		e.log.Info("delivery results not recorded: the claims are no longer ours", "delivery_ids", lost)
+	}
+	if err == nil && retry && e.cfg.Outbound.Written != nil {
+		e.cfg.Outbound.Written()
+	}
+	return errors.Join(append(errs, storageErr("record deliveries", err))...)
+}
+
+// attemptParams is what a result that leaves its run as it is records.
+func (e *Engine) attemptParams(r delivery.Result, now time.Time) *storage.OutboxAttemptParams {
+	p := &storage.OutboxAttemptParams{ID: r.ID, Claim: r.Claim, Now: now, NextAttemptAt: now}
+	if r.Status != 0 {
+		s := r.Status
+		p.LastStatus = &s
+	}
+	if r.Error != "" {
+		s := r.Error
+		p.LastError = &s
+	}
+	switch {
+	case r.Delivered:
+		p.State = models.DispatchDelivered
+	case r.Interrupted:
+		p.State, p.Uncount = models.DispatchPending, true
+	default:
+		o := e.cfg.Outbound
+		p.State, p.NextAttemptAt = models.DispatchPending, now.Add(delivery.Backoff(o.RetryBase, o.RetryMax, r.Attempt))
+	}
+	return p
+}
+
+// recordDelivery records one result with the rules after an attempt.
+func (e *Engine) recordDelivery(ctx context.Context, r delivery.Result) error {
 	rec, err := e.store.OutboxGet(ctx, r.ID)
 	if err != nil {
 		return storageErr("get delivery "+r.ID, err)
