@@ -32,7 +32,7 @@ type Delivery struct {
 	URL     string
 	Headers map[string]string // the caller's extra headers
 	Body    []byte
-	Attempt int    // 1 for the first
+	Attempt int // 1 for the first
 	// MaxAttempts: attempts allowed in all (retries + 1), for the Source.
 	MaxAttempts int
 	Claim       string // hand back in Result
@@ -43,7 +43,7 @@ type Result struct {
 	ID, Claim   string
 	Attempt     int
 	MaxAttempts int
-	Delivered bool // a 2xx
+	Delivered   bool // a 2xx
 	// Refused: the attempt was not made and never will be (the URL is no
 	// longer allowed); the delivery fails without retries.
 	Refused bool

@@ -28,10 +28,10 @@ const ackMutation = `mutation($id: ID!, $attempt: Int) { ackRun(workflowRunId: $
 type hold struct {
 	worker   string
 	received time.Time
-	claimed  time.Time // claimedAt, on the server's (database's) clock
-	attempt  int       // the hand-over's number (attempts)
-	end      time.Time // when the worker let go: acked, killed, or its lease passed
-	how      string    // "acked", "killed", "forgot", "lost"
+	claimed  time.Time  // claimedAt, on the server's (database's) clock
+	attempt  int        // the hand-over's number (attempts)
+	end      time.Time  // when the worker let go: acked, killed, or its lease passed
+	how      string     // "acked", "killed", "forgot", "lost"
 	connEnd  *time.Time // when its connection ended, for the report
 }
 
@@ -68,8 +68,8 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 			return
 		}
 		var (
-			wg     sync.WaitGroup
-			killed atomic.Bool
+			wg       sync.WaitGroup
+			killed   atomic.Bool
 			mine     []*hold
 			mineMu   sync.Mutex
 			killedAt time.Time // under mineMu
