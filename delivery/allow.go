@@ -31,17 +31,19 @@ var ErrEmptyAllowList = errors.New("outbound calls are refused: RENDEZVOUS_OUTBO
 // ParseAllowList parses comma-separated URL prefixes.
 func ParseAllowList(v string) (*AllowList, error) {
 	a := &AllowList{}
-	for _, raw := range strings.Split(v, ",") {
+	// Errors name an entry by its position: an entry may carry what must
+	// not be logged (user info, by mistake).
+	for i, raw := range strings.Split(v, ",") {
 		raw = strings.TrimSpace(raw)
 		if raw == "" {
 			continue
 		}
 		p, err := parseURL(raw)
 		if err != nil {
-			return nil, fmt.Errorf("RENDEZVOUS_OUTBOUND_ALLOWED entry %q: %w", raw, err)
+			return nil, fmt.Errorf("RENDEZVOUS_OUTBOUND_ALLOWED entry %d: %w", i+1, err)
 		}
 		if p.query {
-			return nil, fmt.Errorf("RENDEZVOUS_OUTBOUND_ALLOWED entry %q: a prefix has no query", raw)
+			return nil, fmt.Errorf("RENDEZVOUS_OUTBOUND_ALLOWED entry %d: a prefix has no query", i+1)
 		}
 		a.prefixes = append(a.prefixes, p.prefix)
 	}

@@ -117,8 +117,12 @@ func TestExampleEndpoint(t *testing.T) {
 		require.NoError(t, json.Unmarshal(r.Result, &res))
 		require.Equal(t, "endpoint", res.HandledBy)
 		require.JSONEq(t, `{"x":1}`, string(res.Input))
-		_, _, d := e.dispatchOf(out.Trigger.WorkflowRunID)
-		require.Equal(t, "DELIVERED", d.State)
+		// The endpoint finished the run before it answered: the answer is
+		// recorded just after.
+		eventually(t, 10*time.Second, func() bool {
+			_, _, d := e.dispatchOf(out.Trigger.WorkflowRunID)
+			return d.State == "DELIVERED"
+		}, "the dispatch is DELIVERED (not CANCELED by the run's end)")
 
 		// A request with a signature made with another secret is refused.
 		resp := secHTTP(t, "POST", url, secHeader("Rendezvous-Signature", "t="+strconv.FormatInt(time.Now().Unix(), 10)+",v1=00ff"), strings.NewReader(`{"workflowRunId":"wfr_x"}`))

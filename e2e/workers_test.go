@@ -144,7 +144,9 @@ func runWorker(ctx context.Context, t *testing.T, e *env, name, protocol, label 
 							return
 						case r < 5:
 							mineMu.Lock()
-							h.end, h.how = h.received.Add(lease), "forgot"
+							if h.end.IsZero() { // not let go already by a kill
+								h.end, h.how = h.received.Add(lease), "forgot"
+							}
 							mineMu.Unlock()
 							continue
 						}
