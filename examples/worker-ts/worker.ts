@@ -17,19 +17,34 @@ const token = process.env.RENDEZVOUS_TOKEN;
 type Run = { workflowRunId: string; body: unknown; attempts: number };
 type WaitResult = { eventData: unknown; timeout: boolean };
 
-// Mutations go over HTTP POST.
-async function mutate<T>(query: string, variables: Record<string, unknown>): Promise<T> {
-  const res = await fetch(endpoint, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) },
-    body: JSON.stringify({ query, variables }),
-  });
-  const out = (await res.json()) as { data?: T; errors?: { message: string; extensions?: { code?: string } }[] };
-  if (out.errors?.length) {
-    const e = out.errors[0];
-    throw Object.assign(new Error(e.message), { code: e.extensions?.code });
+// Mutations go over HTTP POST, each try bounded; a try that gets no answer
+// (the network, a replica restarting) is made again. finishRun is safe to
+// repeat: a repeat of one that had landed answers RUN_NOT_ACTIVE, which
+// done() below accepts.
+async function mutate<T>(query: string, variables: Record<string, unknown>, done?: (code?: string) => boolean): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const res = await fetch(endpoint, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) },
+        body: JSON.stringify({ query, variables }),
+        signal: AbortSignal.timeout(10_000),
+      });
+      const out = (await res.json()) as { data?: T; errors?: { message: string; extensions?: { code?: string } }[] };
+      const e = out.errors?.[0];
+      if (!e) return out.data as T;
+      const code = e.extensions?.code;
+      if (attempt > 1 && done?.(code)) return out.data as T;
+      if (code !== "INTERNAL_SERVER_ERROR" && code !== "SERVICE_UNAVAILABLE" && code !== "OUTCOME_UNKNOWN") {
+        throw Object.assign(new Error(e.message), { code, final: true });
+      }
+      console.error(`worker-ts: ${code}, trying again`);
+    } catch (e) {
+      if ((e as { final?: boolean }).final || attempt >= 5) throw e;
+      console.error(`worker-ts: ${(e as Error).message}, trying again`);
+    }
+    await new Promise((r) => setTimeout(r, 200 * attempt));
   }
-  return out.data as T;
 }
 
 // The first result of a subscription (waitForEvent emits one, then completes).
@@ -60,7 +75,7 @@ async function runWorkflow(client: Client, run: Run) {
     : ["RUN_SUCCESS", { approval: r.waitForEvent.eventData, worker: "ts" }];
   await mutate(`mutation($id: ID!, $state: RunState!, $result: JSON) {
     finishRun(workflowRunId: $id, state: $state, result: $result) { state } }`,
-    { id: run.workflowRunId, state, result });
+    { id: run.workflowRunId, state, result }, (code) => code === "RUN_NOT_ACTIVE");
   console.log(`worker-ts: finished ${run.workflowRunId} as ${state}`);
 }
 
