@@ -174,6 +174,11 @@ func FuzzHandler(f *testing.F) {
 	add("POST", "/query", "", ct, sse, 1, "", js(`subscription { waitForEvent(eventId: "", timeout: "-1s") { eventId } }`, nil))
 	add("POST", "/query", "", ct, sse, 1, "", `{"query": "subscription {"`)
 	add("POST", "/query", "", ct, "", 1, "X-Request-Id: ../../etc/passwd", `{"query": "{ nope }"}`)
+	// Inline JSON literals (rewritten into variables of their own, rule 13).
+	add("POST", "/query", "", ct, "", 1, "", js(`mutation($v: JSON, $s: String) { notify(eventId: "e", eventData: {b: 1, a: [2, "x", $v, $s], n: 123456789012345678901234567890, f: 1e999, u: $unset}) { eventData } }`, map[string]any{"v": map[string]any{"k": 1}, "s": "<&>"}))
+	add("POST", "/query", "", ct, sse, 1, "", js(`mutation($d: JSON = {z: 1, a: [1.50]}) { notify(eventId: "e", eventData: $d) { eventData } }`, nil))
+	add("POST", "/query", "", ct, "", 1, "", js(`mutation { ...M } fragment M on Mutation { trigger(body: {b: FOO}) { created } }`, nil))
+	add("POST", "/query", "", ct, "", 1, "", js(`mutation { trigger(workflowRunId: "lit", body: """block""", dispatch: {url: "https://x.example", headers: {b: "1", a: "2"}}) { created } }`, nil))
 
 	f.Fuzz(func(t *testing.T, method, path, rawQuery, contentType, accept string, authKind uint8, header string, body []byte) {
 		if path == "" {

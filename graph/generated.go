@@ -996,7 +996,7 @@ var sources = []*ast.Source{
 	{Name: "../schema.graphqls", Input: `# Rendezvous: workflow runs wait for events, others notify them.
 # The names below are a contract (see DESIGN.md); fields may be added, never renamed.
 
-"Any JSON value: object, array, string, number, boolean or null. Sent as a variable it round-trips byte for byte."
+"Any JSON value: object, array, string, number, boolean or null. Sent as a variable, on any transport, it round-trips byte for byte (whitespace between tokens aside). Written inline, it is the JSON rendering of the GraphQL literal: fields in source order, numbers as written, strings re-encoded."
 scalar JSON
 "RFC 3339 timestamp in UTC with microseconds, e.g. 2026-11-26T20:12:34.123456Z."
 scalar Time

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/99designs/gqlgen/graphql"
@@ -18,7 +17,6 @@ import (
 	"github.com/99designs/gqlgen/graphql/handler/extension"
 	"github.com/99designs/gqlgen/graphql/handler/lru"
 	"github.com/99designs/gqlgen/graphql/handler/transport"
-	"github.com/99designs/gqlgen/graphql/playground"
 	"github.com/vektah/gqlparser/v2/ast"
 
 	"rendezvous/auth"
@@ -62,10 +60,11 @@ type HandlerConfig struct {
 	// Playground serves GraphQL Playground at / and allows introspection and
 	// field suggestions; off in production.
 	Playground bool
-	// PlaygroundAssets, when set, is a base URL serving the npm packages
-	// graphiql@4.1.2, react@18.2.0 and react-dom@18.2.0 (as <base>/graphiql/…,
-	// <base>/react/…, <base>/react-dom/…), for networks that cannot reach
-	// the public CDN Playground loads them from by default.
+	// PlaygroundAssets, when set, is where Playground loads the npm packages
+	// graphiql@4.1.2, react@18.2.0 and react-dom@18.2.0 from instead of the
+	// public CDN: a base URL (serving <base>/graphiql/…, <base>/react/…,
+	// <base>/react-dom/…) or a local directory laid out so (node_modules),
+	// which is then served at /playground-assets/ (see playground.go).
 	PlaygroundAssets string
 	// Streams, when done, ends every websocket and SSE request (graceful
 	// shutdown) while plain requests run to completion.
@@ -152,12 +151,14 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	limiter := newRateLimiter(callerRate{cfg.ServerRateLimit, cfg.ServerRateBurst}, callerRate{cfg.RateLimit, cfg.RateBurst}, cfg.MaxRateLimitedCallers, cfg.Now)
 
 	rec := cfg.Recorder
+	vars := newVariableDecoder()
 	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
 	srv.AddTransport(&wsTransport{
 		keepAlive:   cfg.KeepAlive,
 		initTimeout: cfg.InitTimeout,
 		readLimit:   cfg.MaxBodyBytes,
 		maxOps:      cfg.MaxSubscriptionsPerConnection,
+		vars:        vars,
 		init:        wsInit(cfg.Auth, cfg.Now),
 		present:     present,
 		recover:     recoverFunc(log),
@@ -166,14 +167,17 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 	srv.AddTransport(transport.Options{})
 	// SSE before POST: both take application/json POSTs; SSE only those
 	// that accept text/event-stream.
-	srv.AddTransport(transport.SSE{KeepAlivePingInterval: cfg.KeepAlive})
-	srv.AddTransport(newHTTPTransport(cfg.MaxBodyBytes))
+	srv.AddTransport(sseTransport{keepAlive: cfg.KeepAlive, vars: vars})
+	srv.AddTransport(newHTTPTransport(cfg.MaxBodyBytes, vars))
 	srv.AddTransport(unsupported{}) // last: takes whatever the others did not
 	srv.SetQueryCache(boundedCache[*ast.QueryDocument]{lru.New[*ast.QueryDocument](1000)})
 	srv.SetParserTokenLimit(cfg.MaxTokens)
 	// queryLimits first: it refuses fragment explosions that gqlgen's
 	// complexity walk would take exponential time over.
 	srv.Use(queryLimits{maxDepth: cfg.MaxDepth, maxAliases: cfg.MaxAliases, maxFields: cfg.MaxComplexity})
+	// jsonLiterals before the complexity limit, whose argument maps panic
+	// on a literal integer beyond 64 bits.
+	srv.Use(newJSONLiterals())
 	srv.Use(extension.FixedComplexityLimit(cfg.MaxComplexity))
 	if cfg.Playground {
 		srv.Use(extension.Introspection{})
@@ -207,7 +211,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		mux.Handle("GET /metrics", metrics)
 	}
 	if cfg.Playground {
-		mux.Handle("GET /{$}", playground.Handler("Rendezvous", "/query", playgroundAssets(cfg.PlaygroundAssets)...))
+		servePlayground(mux, cfg.PlaygroundAssets)
 	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeStatus(w, http.StatusOK, map[string]any{"status": "ok"})
@@ -265,11 +269,6 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		rc := http.NewResponseController(w)
 		rc.SetReadDeadline(time.Time{})
 		rc.SetWriteDeadline(time.Time{})
-		if transport == TransportSSE {
-			sw := &sseWriter{ResponseWriter: w}
-			defer sw.finish()
-			w = sw
-		}
 		if streams == nil {
 			next.ServeHTTP(w, r)
 			return
@@ -282,70 +281,9 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 	})
 }
 
-// sseWriter drops what gqlgen's SSE transport writes once its Do has
-// returned: its keep-alive goroutine stops only when the request's context
-// ends, and a tick in between wrote to a finished response (a data race).
-type sseWriter struct {
-	http.ResponseWriter
-	mu       sync.Mutex
-	finished bool
-}
-
-func (w *sseWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.finished {
-		return 0, http.ErrHandlerTimeout
-	}
-	return w.ResponseWriter.Write(p)
-}
-
-func (w *sseWriter) WriteHeader(status int) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.finished {
-		w.ResponseWriter.WriteHeader(status)
-	}
-}
-
-func (w *sseWriter) Flush() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.finished {
-		http.NewResponseController(w.ResponseWriter).Flush()
-	}
-}
-
-func (w *sseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-func (w *sseWriter) finish() {
-	w.mu.Lock()
-	w.finished = true
-	w.mu.Unlock()
-}
-
-// playgroundAssets points Playground at self-hosted copies of its scripts.
-// The integrity hashes are those of the published npm files, the same that
-// gqlgen pins for the CDN.
-func playgroundAssets(base string) []playground.GraphiqlConfigOption {
-	if base == "" {
-		return nil
-	}
-	base = strings.TrimRight(base, "/")
-	return []playground.GraphiqlConfigOption{
-		playground.WithGraphiqlVersion(
-			base+"/graphiql/graphiql.min.js", base+"/graphiql/graphiql.min.css",
-			"sha256-hnImuor1znlJkD/FOTL3jayfS/xsyNoP04abi8bFJWs=", "sha256-MEh+B2NdMSpj9kexQNN3QKc8UzMrCXW/Sx/phcpuyIU="),
-		playground.WithGraphiqlReactVersion(
-			base+"/react/umd/react.production.min.js", base+"/react-dom/umd/react-dom.production.min.js",
-			"sha256-S0lp+k7zWUMk2ixteM6HZvu8L9Eh//OVrt+ZfbCpmgY=", "sha256-IXWO0ITNDjfnNXIu5POVfqlgYoop36bDzhodR6LW5Pc="),
-	}
-}
-
 // limitBody caps every request body on /query; the websocket transport has
-// its own read limit. gqlgen's SSE transport reads bodies itself, without a
-// limit and echoing them in errors, so an SSE body is read here, whole or
-// refused with 413.
+// its own read limit. An SSE body is read here, whole or refused with 413,
+// so that the stream opens only for a body within the limit.
 func limitBody(n int64, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Body == nil || isUpgrade(r) {

@@ -1,9 +1,6 @@
 package graph
 
 import (
-	"bytes"
-	"context"
-	"encoding/json"
 	"errors"
 	"io"
 	"mime"
@@ -12,10 +9,8 @@ import (
 	"strconv"
 
 	"github.com/99designs/gqlgen/graphql"
-	"github.com/99designs/gqlgen/graphql/handler/lru"
 	"github.com/vektah/gqlparser/v2/ast"
 	"github.com/vektah/gqlparser/v2/gqlerror"
-	"github.com/vektah/gqlparser/v2/parser"
 )
 
 // httpTransport serves GraphQL over plain HTTP: POST with an application/json
@@ -29,14 +24,13 @@ import (
 // request open until the wait ends.
 type httpTransport struct {
 	maxBodyBytes int64
-	// jsonVars caches, per query text, the names of JSON-typed variables.
-	jsonVars *lru.LRU[map[string]bool]
+	vars         *variableDecoder
 }
 
 var _ graphql.Transport = httpTransport{}
 
-func newHTTPTransport(maxBodyBytes int64) httpTransport {
-	return httpTransport{maxBodyBytes: maxBodyBytes, jsonVars: lru.New[map[string]bool](1000)}
+func newHTTPTransport(maxBodyBytes int64, vars *variableDecoder) httpTransport {
+	return httpTransport{maxBodyBytes: maxBodyBytes, vars: vars}
 }
 
 func (httpTransport) Supports(r *http.Request) bool {
@@ -53,16 +47,10 @@ func (httpTransport) Supports(r *http.Request) bool {
 	return err == nil && mediaType == "application/json"
 }
 
-type requestBody struct {
-	Query         string                     `json:"query"`
-	OperationName string                     `json:"operationName"`
-	Variables     map[string]json.RawMessage `json:"variables"`
-	Extensions    map[string]any             `json:"extensions"`
-}
-
 func (t httpTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.GraphExecutor) {
 	ctx := r.Context()
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	start := graphql.Now()
 
 	var (
@@ -80,17 +68,12 @@ func (t httpTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.G
 		writeError(w, r, status, code, "%s", msg)
 		return
 	}
-	params := &graphql.RawParams{
-		Query:         rb.Query,
-		OperationName: rb.OperationName,
-		Extensions:    rb.Extensions,
-		Headers:       r.Header,
-	}
-	var err error
-	if params.Variables, err = t.variables(ctx, rb); err != nil {
+	params, err := t.vars.params(ctx, &rb)
+	if err != nil {
 		writeError(w, r, http.StatusBadRequest, codeBadRequest, "variables: %s", err.Error())
 		return
 	}
+	params.Headers = r.Header
 	params.ReadTime = graphql.TraceTiming{Start: start, End: graphql.Now()}
 
 	rc, opErr := exec.CreateOperationContext(ctx, params)
@@ -156,19 +139,6 @@ func (t httpTransport) readPOST(w http.ResponseWriter, r *http.Request, rb *requ
 	return 0, "", ""
 }
 
-// decodeOne decodes exactly one JSON value: trailing data is an error.
-func decodeOne(b []byte, v any) error {
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
-	if err := dec.Decode(v); err != nil {
-		return err
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("trailing data after the JSON value")
-	}
-	return nil
-}
-
 // unsupported answers requests to /query that no transport takes (another
 // method, another content type) with a coded error instead of gqlgen's
 // bare "transport not supported".
@@ -186,70 +156,16 @@ func (unsupported) Do(w http.ResponseWriter, r *http.Request, _ graphql.GraphExe
 	writeError(w, r, http.StatusMethodNotAllowed, codeBadRequest, "%s is not supported; use GET, POST or a websocket", r.Method)
 }
 
-// variables decodes each variable; JSON-typed ones stay raw.
-func (t httpTransport) variables(ctx context.Context, pb requestBody) (map[string]any, error) {
-	if len(pb.Variables) == 0 {
-		return nil, nil
-	}
-	raw := t.jsonTyped(ctx, pb.Query, pb.OperationName)
-	vars := make(map[string]any, len(pb.Variables))
-	for name, v := range pb.Variables {
-		if raw[name] {
-			if string(v) == "null" {
-				vars[name] = nil
-			} else {
-				vars[name] = v
-			}
-			continue
-		}
-		var decoded any
-		if err := decodeOne(v, &decoded); err != nil {
-			return nil, errors.New("not valid JSON")
-		}
-		vars[name] = decoded
-	}
-	return vars, nil
-}
-
-// jsonTyped returns the names of the operation's variables of type JSON.
-// A query that does not parse yields none; the executor reports its errors.
-func (t httpTransport) jsonTyped(ctx context.Context, query, operationName string) map[string]bool {
-	key := operationName + "\x00" + query
-	if names, ok := t.jsonVars.Get(ctx, key); ok {
-		return names
-	}
-	names := map[string]bool{}
-	doc, err := parser.ParseQuery(&ast.Source{Input: query})
-	if err != nil {
-		return names // not cached: the executor refuses it anyway
-	}
-	for _, op := range doc.Operations {
-		if operationName != "" && op.Name != operationName {
-			continue
-		}
-		for _, v := range op.VariableDefinitions {
-			if v.Type != nil && v.Type.Elem == nil && v.Type.NamedType == "JSON" {
-				names[v.Variable] = true
-			}
-		}
-	}
-	if len(key) <= maxCachedQueryBytes {
-		t.jsonVars.Add(ctx, key, names)
-	}
-	return names
-}
-
 func writeJSON(w io.Writer, resp *graphql.Response) {
-	b, err := json.Marshal(resp)
-	if err != nil {
-		b = []byte(`{"errors":[{"message":"internal server error","extensions":{"code":"INTERNAL_SERVER_ERROR"}}]}`)
+	if encodeJSON(w, resp) != nil {
+		io.WriteString(w, `{"errors":[{"message":"internal server error","extensions":{"code":"INTERNAL_SERVER_ERROR"}}]}`)
 	}
-	w.Write(b)
 }
 
 // writeError answers a request that never reached GraphQL execution.
 func writeError(w http.ResponseWriter, r *http.Request, status int, code, format string, args ...any) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)
 	writeJSON(w, &graphql.Response{Errors: gqlerror.List{{
 		Message:    sprintf(format, args...),

@@ -36,6 +36,8 @@ type wsTransport struct {
 	readLimit int64
 	// maxOps caps the operations running at once on one connection.
 	maxOps int
+	// vars keeps JSON-typed variables raw (rule 13).
+	vars *variableDecoder
 	// init authenticates connection_init and returns the connection's context.
 	init wsInitFunc
 	// present and recover turn a panic into the error a client may see

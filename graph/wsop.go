@@ -93,10 +93,18 @@ func (c *wsConn) dispatch(op *wsOp, start time.Time, payload json.RawMessage) {
 			c.fail(op, c.t.present(ctx, c.t.recover(ctx, p)))
 		}
 	}()
-	params := &graphql.RawParams{}
-	if decodeOne(payload, params) != nil {
+	var rb requestBody
+	if decodeOne(payload, &rb) != nil {
 		c.fail(op, &gqlerror.Error{
 			Message:    "the " + c.proto.subscribe + " payload is not a JSON object with a query",
+			Extensions: errorExtensions(ctx, codeBadRequest),
+		})
+		return
+	}
+	params, err := c.t.vars.params(ctx, &rb)
+	if err != nil {
+		c.fail(op, &gqlerror.Error{
+			Message:    "variables: " + err.Error(),
 			Extensions: errorExtensions(ctx, codeBadRequest),
 		})
 		return

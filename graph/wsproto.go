@@ -112,12 +112,14 @@ func (f *wsFrame) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// payload appends v as the payload, encoded as json.Marshal would
-// (HTML-safe, as gqlgen's transport sent it).
+// payload appends v as the payload, without escaping <, > and & (see
+// encodeJSON): eventData goes out with the bytes it came in with.
 func (f *wsFrame) payload(v any) error {
 	n := len(f.b)
 	f.b = append(f.b, `,"payload":`...)
-	if err := json.NewEncoder(f).Encode(v); err != nil {
+	enc := json.NewEncoder(f)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
 		f.b = f.b[:n]
 		return err
 	}

@@ -268,10 +268,10 @@ try {
     check(isDeepStrictEqual(t.trigger, { workflowRunId: `wfr_${id}`, created: true }), 'trigger', t);
 
     const n = await pg.do('notify (no waiter yet)',
-      `mutation { notify(eventId: "ready", workflowRunId: "${id}", eventData: "early bird") { lookback { id messageId } } }`);
+      `mutation { notify(eventId: "ready", workflowRunId: "wfr_${id}", eventData: "early bird") { lookback { id messageId } } }`);
     check(n.notify.lookback?.id && n.notify.lookback?.messageId, 'notify should find no waiter and store a lookback event', n);
 
-    await pg.execute(`subscription { waitForEvent(eventId: "ready", workflowRunId: "${id}") { eventData messageId } }`);
+    await pg.execute(`subscription { waitForEvent(eventId: "ready", workflowRunId: "wfr_${id}") { eventData messageId } }`);
     const r = await pg.waitResult('waitForEvent after the lookback', (r) => r.data?.waitForEvent || r.errors);
     check(isDeepStrictEqual(r, { data: { waitForEvent: { eventData: 'early bird', messageId: n.notify.lookback.messageId } } }),
       'waitForEvent should receive the lookback event', r);

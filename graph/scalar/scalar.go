@@ -41,10 +41,11 @@ func MarshalJSON(v json.RawMessage) graphql.Marshaler {
 	})
 }
 
-// UnmarshalJSON accepts a JSON value. A json.RawMessage (what our POST
-// transport passes for JSON-typed variables) is kept byte for byte, after
-// compaction; anything else (inline literals, other transports) is encoded
-// with the HTML escaping turned off, so strings and numbers survive exactly.
+// UnmarshalJSON accepts a JSON value. A json.RawMessage is kept byte for
+// byte, after compaction: every transport passes JSON-typed variables so,
+// and inline literals arrive rendered (LiteralJSON). Anything else (a JSON
+// field inside an input-object variable, decoded into Go values) is encoded
+// with the HTML escaping turned off; its object keys come out sorted.
 func UnmarshalJSON(v any) (json.RawMessage, error) {
 	switch raw := v.(type) {
 	case json.RawMessage:

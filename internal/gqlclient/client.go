@@ -282,6 +282,31 @@ func (c *Conn) Subscribe(ctx context.Context, query string, vars map[string]any)
 	return &Sub{ID: id, C: ch, c: c}, nil
 }
 
+// SubscribeRaw starts an operation whose payload ({"query":…,"variables":…})
+// is sent exactly as given, for tests that control every byte.
+func (c *Conn) SubscribeRaw(ctx context.Context, payload []byte) (*Sub, error) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return nil, c.err
+	}
+	c.nextID++
+	id := fmt.Sprint(c.nextID)
+	ch := make(chan Event, 16)
+	c.subs[id] = ch
+	c.mu.Unlock()
+	t := "subscribe"
+	if c.protocol == LegacyWS {
+		t = "start"
+	}
+	msg := append([]byte(`{"id":"`+id+`","type":"`+t+`","payload":`), payload...)
+	msg = append(msg, '}')
+	if err := c.ws.Write(ctx, websocket.MessageText, msg); err != nil {
+		return nil, err
+	}
+	return &Sub{ID: id, C: ch, c: c}, nil
+}
+
 // Stop ends the subscription from the client side.
 func (s *Sub) Stop(ctx context.Context) error {
 	t := "complete"
@@ -342,6 +367,11 @@ func (c *Conn) CloseNow() error {
 // responses until the stream completes or ctx ends.
 func SSE(ctx context.Context, endpoint, query string, vars map[string]any) ([]*Response, error) {
 	body, _ := json.Marshal(request{Query: query, Variables: vars})
+	return SSEBody(ctx, endpoint, body)
+}
+
+// SSEBody is SSE with the request body sent exactly as given.
+func SSEBody(ctx context.Context, endpoint string, body []byte) ([]*Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
