@@ -3,7 +3,7 @@ package e2e
 // The Upstash REST API (package upstash) over real HTTP, on SQLite and
 // MariaDB: the shapes Upstash's npm Client reads, its interplay with
 // GraphQL, and bad input answered in Upstash's error shape. The real npm
-// Client runs against it in upstash_js_test.go.
+// Client runs against it in upstash_npm_test.go.
 
 import (
 	"bytes"
