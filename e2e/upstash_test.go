@@ -475,6 +475,7 @@ func TestUpstashBadInput(t *testing.T) {
 	testdb.Dialects(t, func(t *testing.T, db string) {
 		const limit = 4 << 10
 		e := newEnv(t, db, func(c *service.Config) { c.Engine.MaxPayloadBytes = limit })
+		before := e.scrape(nil)
 		ev := uid("bad")
 		big := bytes.Repeat([]byte("a"), limit+1)
 		e.restFails(http.StatusRequestEntityTooLarge, http.MethodPost, notifyPath("", ev), []byte(`"`+string(big)+`"`))
@@ -495,6 +496,16 @@ func TestUpstashBadInput(t *testing.T) {
 		e.restOK(http.MethodGet, "/v2/waiters/"+strings.Repeat("e", 256), nil, nil)
 		// Nothing was notified or stored by the refused calls.
 		assert.Empty(t, e.waiters(ev))
+
+		// Counted with GraphQL's errors and operations, by code.
+		after := e.scrape(nil)
+		const errs = "rendezvous_graphql_errors_total"
+		for code, n := range map[string]float64{"PAYLOAD_TOO_LARGE": 2, "BAD_USER_INPUT": 8, "NOT_FOUND": 2} {
+			assert.Equal(t, n, after.value(errs, "code", code)-before.value(errs, "code", code), code)
+		}
+		const ops = "rendezvous_graphql_operation_duration_seconds"
+		assert.Equal(t, 2.0, after.value(ops, "type", "query")-before.value(ops, "type", "query"), "the waiters GET, and GraphQL's waiters query")
+		assert.Zero(t, after.value(ops, "type", "mutation")-before.value(ops, "type", "mutation"), "refused calls are errors, not operations")
 	})
 }
 
