@@ -336,6 +336,11 @@ func TestUpstashCancel(t *testing.T) {
 		e.restFails(http.StatusBadRequest, http.MethodDelete, "/v2/workflows/runs?count=1001", nil)
 		e.restFails(http.StatusBadRequest, http.MethodDelete, "/v2/workflows/runs?fromDate=yesterday", nil)
 		e.restFails(http.StatusBadRequest, http.MethodDelete, "/v2/workflows/runs", []byte(`{"workflowRunIds":["x"]}`))
+		// A malformed query string must not lose its filter and cancel everything.
+		spared := e.trigger()
+		e.restFails(http.StatusBadRequest, http.MethodDelete, "/v2/workflows/runs?label=%zz&count=100", nil)
+		e.restFails(http.StatusBadRequest, http.MethodDelete, "/v2/workflows/runs?workflowRunIds=%zz", nil)
+		assert.Equal(t, "RUN_STARTED", e.run(spared).State)
 	})
 }
 
@@ -462,6 +467,7 @@ func TestUpstashLogs(t *testing.T) {
 			"groupBy=workflowRunId&messageId=m",
 			"groupBy=workflowRunId&toDate=-1",
 			"groupBy=workflowRunId&state=RUN_STARTED&state=RUN_SUCCESS",
+			"groupBy=workflowRunId&label=%zz",
 			"",
 		} {
 			e.restFails(http.StatusBadRequest, http.MethodGet, "/v2/workflows/events?"+q, nil)

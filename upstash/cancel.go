@@ -39,7 +39,10 @@ func (a *api) cancelMany(c *call) (any, error) {
 	if err := noBody(c); err != nil {
 		return nil, err
 	}
-	q := c.URL.Query()
+	q, err := queryOf(c)
+	if err != nil {
+		return nil, err
+	}
 	p := engine.CancelRunsParams{RunIDs: q["workflowRunIds"]}
 	if len(p.RunIDs) > 0 {
 		if err := c.charge(len(p.RunIDs)); err != nil {
@@ -60,7 +63,6 @@ func (a *api) cancelMany(c *call) (any, error) {
 	if err := c.charge(1); err != nil {
 		return nil, err
 	}
-	var err error
 	p.Labels = q["label"]
 	if p.CreatedFrom, err = millisParam(q, "fromDate"); err != nil {
 		return nil, err
@@ -90,6 +92,16 @@ func noBody(c *call) error {
 		return apiErrorf(http.StatusBadRequest, codeBadUserInput, "this endpoint takes its filters in the query string, not in a body")
 	}
 	return nil
+}
+
+// queryOf parses the query string; a malformed one is refused rather than
+// read in part (url.Values drops what it cannot parse, filters included).
+func queryOf(c *call) (url.Values, error) {
+	q, err := url.ParseQuery(c.URL.RawQuery)
+	if err != nil {
+		return nil, apiErrorf(http.StatusBadRequest, codeBadUserInput, "the query string is malformed: %s", err.Error())
+	}
+	return q, nil
 }
 
 // onlyParams refuses query parameters other than allowed, naming the first.

@@ -17,17 +17,17 @@ const defaultLogsCount = 10
 // (repeated: any of them), fromDate and toDate (Unix ms), paged by count
 // and cursor. Other filters are refused rather than ignored.
 func (a *api) logs(c *call) (any, error) {
-	q := c.URL.Query()
+	q, err := queryOf(c)
+	if err != nil {
+		return nil, err
+	}
 	if err := onlyParams(q, "groupBy", "workflowRunId", "state", "label", "fromDate", "toDate", "count", "cursor"); err != nil {
 		return nil, err
 	}
 	if g := q.Get("groupBy"); g != "workflowRunId" {
 		return nil, apiErrorf(http.StatusBadRequest, codeBadUserInput, "groupBy must be workflowRunId (ungrouped events are not served), got %q", g)
 	}
-	var (
-		p   = engine.RunLogsParams{Labels: q["label"]}
-		err error
-	)
+	p := engine.RunLogsParams{Labels: q["label"]}
 	if v, ok, err := single(q, "workflowRunId"); err != nil {
 		return nil, err
 	} else if ok {
