@@ -51,9 +51,13 @@ type Config struct {
 	// Recorder hears what the engine did, for metrics; nil: nobody.
 	Recorder Recorder
 
-	// Now is the clock; tests may replace it.
-	Now    func() time.Time
-	Logger *slog.Logger
+	// Now is this machine's clock; tests may replace it (and move it on to
+	// make deadlines pass without sleeping).
+	Now func() time.Time
+	// ClockSkew is added to Now: it stands for this machine's clock being
+	// off, so that tests can run replicas whose clocks disagree.
+	ClockSkew time.Duration
+	Logger    *slog.Logger
 }
 
 // Defaults.

@@ -11,9 +11,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base32"
+	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"rendezvous/hub"
@@ -63,6 +66,13 @@ type Engine struct {
 	// whose removal failed; the sweep loop retries them.
 	unreleasedMu sync.Mutex
 	unreleased   map[string]struct{}
+	// reads batches the reads of woken waits (see reads.go).
+	readsMu sync.Mutex
+	reads   waiterReads
+	// clockOffset is the database's clock minus this machine's (with
+	// ClockSkew), in nanoseconds; see clock.go.
+	clockOffset atomic.Int64
+	clockSynced atomic.Bool
 	// healthySince is when lease renewals last started succeeding after a
 	// failure; only the loop goroutine touches it.
 	healthySince time.Time
@@ -127,7 +137,16 @@ func (e *Engine) holdLease(ctx context.Context, force bool) error {
 		return nil
 	}
 	until := now.Add(e.cfg.LeaseTTL)
-	if err := e.store.ReplicaRenew(ctx, e.replicaID, until); err != nil {
+	// Bounded: this holds leaseMu, which every registration of a waiter
+	// without a step and the lease loop need; a connection the network
+	// black-holed must not hold them all for good.
+	bctx, cancel := context.WithTimeout(ctx, max(e.cfg.LeaseTTL/4, time.Second))
+	defer cancel()
+	if err := e.store.ReplicaRenew(bctx, e.replicaID, until); err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+			// Our bound, not the caller's: the database did not answer.
+			err = fmt.Errorf("%w: %v", storage.ErrUnavailable, err)
+		}
 		return storageErr("renew replica lease", err)
 	}
 	e.leaseUntil = until
@@ -179,8 +198,6 @@ func (e *Engine) endWait() {
 func (e *Engine) Ready(ctx context.Context) error {
 	return storageErr("ping database", e.store.Ping(ctx))
 }
-
-func (e *Engine) now() time.Time { return e.cfg.Now().UTC().Truncate(time.Microsecond) }
 
 var idEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
 

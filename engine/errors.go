@@ -23,6 +23,10 @@ const (
 	// change may or may not have been made. A notify with a step can be
 	// repeated safely; read the run to find out otherwise.
 	CodeOutcomeUnknown Code = "OUTCOME_UNKNOWN"
+	// CodeWaiterLost: a subscription's waiter was removed while its
+	// server was cut off from the database (see errWaiterLost); it
+	// received nothing. Subscribe again.
+	CodeWaiterLost Code = "WAITER_LOST"
 )
 
 // Error is an error the engine made on purpose: its message is meant for the

@@ -32,18 +32,18 @@ func (e *Engine) runLoops(ctx context.Context) {
 	defer gauges.Stop()
 	lease := time.NewTimer(0)
 	defer lease.Stop()
-	e.sweep(ctx)
-	e.sampleBacklog(ctx)
+	bounded(ctx, e.sweep)
+	bounded(ctx, e.sampleBacklog)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-sweep.C:
-			e.sweep(ctx)
+			bounded(ctx, e.sweep)
 		case <-gauges.C:
-			e.sampleBacklog(ctx)
+			bounded(ctx, e.sampleBacklog)
 		case <-catchUp.C:
-			e.catchUp(ctx)
+			bounded(ctx, e.catchUp)
 		case <-lease.C:
 			next := e.cfg.LeaseTTL / 4
 			if !e.renewAndReap(ctx) {
@@ -54,12 +54,37 @@ func (e *Engine) runLoops(ctx context.Context) {
 	}
 }
 
+// loopTimeout bounds one tick of a background loop: a connection the
+// network black-holed (no reset, no answer) must not stop the loop, whose
+// lease renewals and catch-up polls other things rely on. When the
+// context ends the driver drops the connection; the next tick gets a new
+// one.
+const loopTimeout = 5 * time.Second
+
+func bounded(ctx context.Context, f func(context.Context)) {
+	ctx, cancel := context.WithTimeout(ctx, loopTimeout)
+	defer cancel()
+	f(ctx)
+}
+
 // renewAndReap keeps this replica's lease alive and deletes the waiters
 // without a step of replicas whose lease ran out (they died without
 // cleaning up). After a database outage every lease has lapsed, live
 // replicas' too, so it reaps only once renewals have succeeded for half a
 // TTL: by then every live replica has renewed (they do every quarter TTL).
 func (e *Engine) renewAndReap(ctx context.Context) bool {
+	// Bounded, so that a connection the network black-holed (no reset, no
+	// answer) cannot hold the loop past the lease: the driver drops the
+	// connection when the context ends, and the next tick uses a new one.
+	ctx, cancel := context.WithTimeout(ctx, max(e.cfg.LeaseTTL/4, time.Second))
+	defer cancel()
+	if err := e.SyncClock(ctx); err != nil {
+		if ctx.Err() == nil {
+			e.log.Warn("read the database clock", "err", err)
+		}
+		e.healthySince = time.Time{}
+		return false
+	}
 	if err := e.holdLease(ctx, true); err != nil {
 		if ctx.Err() == nil {
 			e.log.Warn("renew replica lease", "err", err)
@@ -180,21 +205,28 @@ func (e *Engine) sampleBacklog(ctx context.Context) {
 	}
 }
 
-// catchUp asks the database which waiters with live subscriptions here have
-// ended, and wakes those subscriptions: the safety net under lost wake-ups.
+// catchUp asks the database which waiters with live subscriptions here are
+// no longer waiting, ended or gone, and wakes those subscriptions to read
+// them: the safety net under lost wake-ups, and the only way a subscription
+// hears that its waiter was reaped (nobody publishes a reaping).
 func (e *Engine) catchUp(ctx context.Context) {
 	ids := e.hub.WaiterIDs()
 	if len(ids) == 0 {
 		return
 	}
-	ended, err := e.store.WaiterListEnded(ctx, ids)
+	ctx, cancel := context.WithTimeout(ctx, readTimeout)
+	defer cancel()
+	// A waiter listened for before its registration commits is not found
+	// yet: its wait reads it only after Watch (after the commit), so the
+	// wake costs a read and decides nothing.
+	settled, err := e.store.WaiterListNotWaiting(ctx, ids)
 	if err != nil {
 		if ctx.Err() == nil {
 			e.log.Warn("catch up on waiter ends", "err", err)
 		}
 		return
 	}
-	for _, id := range ended {
+	for _, id := range settled {
 		e.hub.Publish(id, hub.Wake{})
 	}
 }

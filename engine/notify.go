@@ -79,6 +79,7 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 		var (
 			lockIDs []string
 			waiting []*models.Waiter
+			lapsed  []string // waiters skipped for their owner's lapsed lease
 		)
 		if step != nil {
 			lockIDs = append(lockIDs, step.WorkflowRunID)
@@ -90,7 +91,7 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 		for _, id := range lockIDs {
 			if id == target {
 				state, ws, err := tx.RunLockListWaiting(ctx, &storage.RunLockListWaitingParams{
-					RunID: id, EventID: p.EventID, Self: e.replicaID, Now: now,
+					RunID: id, EventID: p.EventID, Self: e.replicaID, Now: now, Lapsed: &lapsed,
 				})
 				if err != nil {
 					return runNotFound(id, err)
@@ -126,8 +127,20 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 
 		if target == "" {
 			var err error
-			waiting, err = tx.WaiterListWaiting(ctx, &storage.WaiterListWaitingParams{EventID: p.EventID, Now: now, Self: e.replicaID})
+			waiting, err = tx.WaiterListWaiting(ctx, &storage.WaiterListWaitingParams{EventID: p.EventID, Now: now, Self: e.replicaID, Lapsed: &lapsed})
 			if err != nil {
+				return err
+			}
+		}
+		// Waiters whose replica's lease ran out do not count: that replica
+		// may be dead. But it may only be cut off from the database, and
+		// renew its lease when it is back; a waiter this notify skipped
+		// must not then wait on as if nothing had gone by (rule 5: the
+		// event would sit in a lookback event while its subscriber waits).
+		// It is removed with this notify, and its subscriber, if alive,
+		// told to subscribe again (CodeWaiterLost; see errWaiterLost).
+		if len(lapsed) > 0 {
+			if _, err := tx.WaiterDeleteWaiting(ctx, lapsed); err != nil {
 				return err
 			}
 		}

@@ -28,8 +28,16 @@ type WaitParams struct {
 //
 // A live wait owns no goroutine: the hub calls it when its waiter ends, a
 // timer when its deadline passes, the context when its subscriber leaves,
-// and only then does a short-lived goroutine do database work. Tens of
-// thousands of idle subscriptions cost memory for their state, not stacks.
+// the catch-up poll when the database says its waiter is no longer
+// waiting, and only then does a short-lived goroutine do database work.
+// Tens of thousands of idle subscriptions cost memory for their state, not
+// stacks.
+//
+// Every one of those causes only notes what happened and pokes the wait;
+// one function, settle, decides from all that was noted what the outcome
+// is, so there is one route to "has my waiter ended, and how", whichever
+// cause came first or came together (as river's producer feeds its
+// notifications and its poll into one trigger).
 type Wait struct {
 	e       *Engine
 	waiter  *models.Waiter // nil when the result was known at once
@@ -45,18 +53,41 @@ type Wait struct {
 	// step that had ended before this subscriber came).
 	endedAt time.Time
 
-	mu        sync.Mutex
-	ctx       context.Context
-	deliver   func(*models.WaitResult, error) // set by Watch
-	done      bool                            // deliver has been claimed
-	early     *hub.Wake                       // a final wake that came before Watch
-	lookEarly bool                            // a "look" wake that came before Watch
-	timer     *time.Timer                     // the deadline, then expire retries
-	stopCtx   func() bool
-	looking   bool // a lookup goroutine runs
-	lookAgain bool // a wake came while it ran
-	failures  int  // database errors in a row, for the retry delay
+	mu       sync.Mutex
+	ctx      context.Context
+	deliver  func(*models.WaitResult, error) // set by Watch
+	done     bool                            // deliver has been claimed
+	noted    causes                          // what happened since settle last looked
+	settling bool                            // a settle goroutine runs
+	alarm    *time.Timer                     // the deadline, or the next retry after a database error
+	stopCtx  func() bool
+	failures int // database errors in a row, for the retry delay
 }
+
+// causes are what can end a wait. Each cause sets its field; settle takes
+// them all at once.
+type causes struct {
+	// final: this process ended the waiter and had its result at hand.
+	final *hub.Wake
+	// look: it may have ended or be gone (a wake-up from another replica,
+	// the catch-up poll): read it.
+	look bool
+	// alarm: the deadline timer, or a retry after a database error.
+	alarm bool
+	// left: the subscriber is gone (its context ended).
+	left bool
+}
+
+func (c *causes) add(o causes) {
+	if o.final != nil && c.final == nil {
+		c.final = o.final
+	}
+	c.look = c.look || o.look
+	c.alarm = c.alarm || o.alarm
+	c.left = c.left || o.left
+}
+
+func (c causes) any() bool { return c.final != nil || c.look || c.alarm || c.left }
 
 // Wait registers a waiter, or attaches to the waiter of a durable step, or
 // hands over a stored lookback event at once. A waiter it inserts is
@@ -184,11 +215,21 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 	})
 	if err != nil {
 		unlisten()
-		if errors.Is(err, storage.ErrCommitUnknown) && live != nil && w.fresh && !w.durable {
-			// The waiter may exist, with nobody left to receive its event.
-			e.retryRelease(live.ID)
+		if errors.Is(err, storage.ErrCommitUnknown) {
+			err = e.readBackRegistration(ctx, w, live, ended, endedNow, err)
 		}
-		return nil, storageErr("wait for "+p.EventID, err)
+		if err != nil {
+			if errors.Is(err, storage.ErrCommitUnknown) && live != nil && w.fresh && !w.durable {
+				// The waiter may exist, with nobody left to receive its event.
+				e.retryRelease(live.ID)
+			}
+			return nil, storageErr("wait for "+p.EventID, err)
+		}
+		if w.result == nil && w.waiter == nil {
+			return nil, storageErr("wait for "+p.EventID, fmt.Errorf("bug: registration read back without a waiter"))
+		}
+		e.record(t)
+		return w, nil
 	}
 	e.record(t)
 	if ended != nil {
@@ -207,6 +248,67 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 		w.listener = e.hub.Listen(live.ID, w.onWake)
 	}
 	return w, nil
+}
+
+// readBackTimeout bounds how long a registration whose COMMIT failed keeps
+// asking the database whether it landed.
+const readBackTimeout = 15 * time.Second
+
+// readBackRegistration settles a registration whose COMMIT failed (err):
+// it may have landed. Its waiter's id is known (the INSERT returned it), so
+// the waiter is read back, retrying while the database cannot be reached.
+// Found: the registration happened, and w is set up to go on with it (a
+// waiter born notified delivers the lookback event it consumed; a live one
+// is watched, read first like an attached one). Without this, a lookback
+// event consumed by a registration whose answer was lost would be
+// delivered to nobody. Not found, or no answer in time: err, as before.
+//
+// Not found is taken as "did not land", which holds unless the COMMIT is
+// still on its way on the old connection; the server's wait_timeout ends
+// that connection, and with it any such doubt, within seconds.
+func (e *Engine) readBackRegistration(ctx context.Context, w *Wait, live, ended *models.Waiter, endedNow bool, err error) error {
+	var id string
+	switch {
+	case ended != nil && endedNow && ended.ID != "":
+		id = ended.ID
+	case live != nil && w.fresh && live.ID != "":
+		id = live.ID
+	default:
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, readBackTimeout)
+	defer cancel()
+	var cur *models.Waiter
+	for attempt := 1; cur == nil; attempt++ {
+		got, gerr := e.store.WaiterGet(ctx, id)
+		switch {
+		case gerr == nil:
+			cur = got
+		case errors.Is(gerr, storage.ErrNotFound) || ctx.Err() != nil:
+			return err
+		default:
+			select {
+			case <-time.After(retryDelay(attempt)):
+			case <-ctx.Done():
+				return err
+			}
+		}
+	}
+	e.log.InfoContext(ctx, "a registration whose commit failed had landed; going on with it", "waiter", id)
+	if live != nil && id == live.ID {
+		w.waiter, w.fresh = live, false
+		w.listener = e.hub.Listen(live.ID, w.onWake)
+		return nil
+	}
+	res, rerr := resultOf(cur)
+	if rerr != nil {
+		return rerr
+	}
+	w.result = res
+	if cur.EndedAt != nil {
+		w.endedAt = *cur.EndedAt
+	}
+	return nil
 }
 
 // attachStep finds the waiter of an existing durable step, ending it
@@ -271,10 +373,11 @@ func (w *Wait) WaiterID() string {
 }
 
 // Watch calls deliver exactly once, when the waiter ends (notified, timed
-// out, or canceled with its run, which is an error with CodeRunNotActive)
-// or ctx ends first (with ctx's error, after a waiter without a step was
-// removed; a durable one stays). deliver runs on some goroutine that is not
-// the caller's, or on the caller's before Watch returns when the result was
+// out, or canceled with its run, which is an error with CodeRunNotActive),
+// when it is found gone (an error with CodeWaiterLost), or when ctx ends
+// first (with ctx's error, after a waiter without a step was removed; a
+// durable one stays). deliver runs on some goroutine that is not the
+// caller's, or on the caller's before Watch returns when the result was
 // known at once; it may block only briefly. Database trouble while waiting
 // is retried, not delivered: the subscriber keeps waiting and gets its
 // result once the database is back.
@@ -285,118 +388,162 @@ func (w *Wait) Watch(ctx context.Context, deliver func(*models.WaitResult, error
 	}
 	w.mu.Lock()
 	w.ctx, w.deliver = ctx, deliver
-	early, look := w.early, w.lookEarly || !w.fresh
-	w.timer = time.AfterFunc(w.waiter.Deadline.Sub(w.e.now()), w.onDeadline)
-	w.stopCtx = context.AfterFunc(ctx, w.onLeave)
+	if !w.fresh {
+		w.noted.look = true
+	}
+	w.alarm = time.AfterFunc(w.waiter.Deadline.Sub(w.e.now()), func() { w.poke(causes{alarm: true}) })
+	w.stopCtx = context.AfterFunc(ctx, func() { w.poke(causes{left: true}) })
+	start := w.noted.any() && !w.settling
+	w.settling = w.settling || start
 	w.mu.Unlock()
-	switch {
-	case early != nil:
-		w.finish(early.Result, early.Err, early.EndedAt)
-	case look:
-		w.look()
+	if start {
+		go w.settle()
 	}
 }
 
 // onWake is the hub's call: the waiter ended (with its result when it
 // ended in this process) or may have ("look in the database"). It runs on
-// the publisher's goroutine, so it hands the work to another.
+// the publisher's goroutine, so it only notes it.
 func (w *Wait) onWake(wk hub.Wake) {
-	final := wk.Result != nil || wk.Err != nil
+	if wk.Result != nil || wk.Err != nil {
+		w.poke(causes{final: &wk})
+		return
+	}
+	w.poke(causes{look: true})
+}
+
+// poke notes a cause and makes sure settle runs (after Watch: a cause
+// noted before Watch is settled when Watch comes).
+func (w *Wait) poke(c causes) {
 	w.mu.Lock()
 	if w.done {
 		w.mu.Unlock()
 		return
 	}
-	if w.deliver == nil { // before Watch: keep it for Watch
-		if final {
-			w.early = &wk
-		} else {
-			w.lookEarly = true
-		}
+	w.noted.add(c)
+	if w.deliver == nil || w.settling {
 		w.mu.Unlock()
 		return
 	}
+	w.settling = true
 	w.mu.Unlock()
-	if final {
-		go w.finish(wk.Result, wk.Err, wk.EndedAt)
-		return
-	}
-	w.look()
+	go w.settle()
 }
 
-// look reads the waiter in a goroutine, one at a time; a wake while it
-// runs makes it read once more.
-func (w *Wait) look() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.done {
-		return
-	}
-	if w.looking {
-		w.lookAgain = true
-		return
-	}
-	w.looking = true
-	go w.lookLoop()
-}
-
-func (w *Wait) lookLoop() {
+// settle takes what was noted and decides, until nothing new was noted or
+// the wait has delivered. Only one runs at a time.
+func (w *Wait) settle() {
 	for {
-		res, endedAt, err, done := w.lookup(w.ctx)
-		if done {
-			w.finish(res, err, endedAt)
-			return
-		}
 		w.mu.Lock()
-		if err != nil && w.ctx.Err() == nil {
-			w.failures++
-			w.e.log.WarnContext(w.ctx, "read waiter, will retry", "waiter", w.waiter.ID, "err", err)
-			time.AfterFunc(retryDelay(w.failures), w.look)
-			w.looking, w.lookAgain = false, false
+		c := w.noted
+		w.noted = causes{}
+		if w.done || !c.any() {
+			w.settling = false
 			w.mu.Unlock()
 			return
 		}
-		if err == nil {
-			w.failures = 0
-		}
-		if !w.lookAgain || w.done {
-			w.looking = false
-			w.mu.Unlock()
-			return
-		}
-		w.lookAgain = false
 		w.mu.Unlock()
+		if w.decide(c) {
+			return
+		}
 	}
 }
 
-// onDeadline is the deadline timer's call: it ends the waiter TIMED_OUT
-// unless something else ended it first.
-func (w *Wait) onDeadline() {
-	w.mu.Lock()
-	done := w.done
-	w.mu.Unlock()
-	if done {
-		return
+// decide is the one place a wait's outcome is decided: true when it
+// delivered. In order:
+//   - a result this process had at hand is delivered as it is;
+//   - a subscriber that left ends the wait (removing a waiter without a step);
+//   - past the deadline (on the database's clock), the waiter is ended
+//     TIMED_OUT by compare-and-set, whatever woke the wait: the deadline
+//     timer, or a wake that came late;
+//   - otherwise the row says: ended (its result), gone (CodeWaiterLost) or
+//     still waiting (wait on, the alarm set for the deadline).
+//
+// A database error is retried with backoff by the alarm, never delivered.
+func (w *Wait) decide(c causes) bool {
+	switch {
+	case c.final != nil:
+		w.finish(c.final.Result, c.final.Err, c.final.EndedAt)
+		return true
+	case c.left:
+		w.leave()
+		return true
 	}
-	res, endedAt, err, ok := w.expire(w.ctx)
-	if ok {
+	// Bounded, like the batched reads: a statement on a connection the
+	// network black-holed must not hold the wait for good; it retries.
+	ctx, cancel := context.WithTimeout(w.ctx, readTimeout)
+	defer cancel()
+	if !w.waiter.Deadline.After(w.e.now()) {
+		won, err := w.expire(ctx)
+		if err != nil {
+			w.retry("time out waiter", err)
+			return false
+		}
+		if won {
+			return true
+		}
+		// Something else ended it first (or it is gone): read what.
+	}
+	cur, err := w.e.readWaiter(ctx, w.waiter.ID)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		w.finish(nil, errWaiterLost(w.waiter), time.Time{})
+		return true
+	case err != nil:
+		w.retry("read waiter", err)
+		return false
+	case cur.State != models.WaiterWaiting:
+		var endedAt time.Time
+		if cur.EndedAt != nil {
+			endedAt = *cur.EndedAt
+		}
+		res, err := resultOf(cur)
 		w.finish(res, err, endedAt)
-		return
+		return true
 	}
-	if w.ctx.Err() != nil {
-		return // onLeave ends it
+	// Still waiting: the alarm goes back to the deadline (a retry may have
+	// moved it), and rings at once if the deadline passed meanwhile.
+	w.mu.Lock()
+	w.failures = 0
+	if !w.done {
+		w.alarm.Reset(w.waiter.Deadline.Sub(w.e.now()))
 	}
+	w.mu.Unlock()
+	return false
+}
+
+// errWaiterLost is the outcome of a wait whose waiter is gone while it was
+// waiting. That happens to a waiter without a step whose replica was cut
+// off from the database for longer than its lease while another replica
+// stayed up: the other took this one for dead and reaped its waiters.
+//
+// Why an error and not a new waiter registered in its place: from the
+// moment the lease looked expired, notifies skipped this waiter. A
+// targeted notify then stored a lookback event, which a new registration
+// would consume; but a broadcast notify (which also resolves waiters of a
+// run) resolved only the waiters it counted, so an event may have gone by
+// that a silently re-registered waiter would never hear of. Only the
+// client can tell whether that matters, so it is told: the subscription
+// ends with CodeWaiterLost, and subscribing again consumes any lookback
+// event stored meanwhile, as for any new subscription.
+func errWaiterLost(w *models.Waiter) error {
+	return errorf(CodeWaiterLost, "the waiter %s of this subscription was removed while this server was cut off from the database; it received nothing: subscribe again (a targeted notify sent meanwhile was kept as a lookback event and is delivered then)", w.ID)
+}
+
+// retry notes a database error and sets the alarm for another try.
+func (w *Wait) retry(what string, err error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.failures++
-	w.e.log.WarnContext(w.ctx, "time out waiter, will retry", "waiter", w.waiter.ID, "err", err)
-	if !w.done {
-		w.timer.Reset(retryDelay(w.failures))
+	if w.done || w.ctx.Err() != nil {
+		return // the subscriber left: its poke settles the wait
 	}
+	w.failures++
+	w.e.log.WarnContext(w.ctx, what+", will retry", "waiter", w.waiter.ID, "err", err)
+	w.alarm.Reset(retryDelay(w.failures))
 }
 
-// onLeave is the context's call when the subscriber left first.
-func (w *Wait) onLeave() {
+// leave ends the wait of a subscriber that left first.
+func (w *Wait) leave() {
 	if !w.claim() {
 		return
 	}
@@ -424,7 +571,7 @@ func (w *Wait) finish(res *models.WaitResult, err error, endedAt time.Time) {
 	w.deliver(res, err)
 }
 
-// claim makes the caller the one that delivers, stopping the timer, the
+// claim makes the caller the one that delivers, stopping the alarm, the
 // context watch and the hub listener; false if another came first.
 func (w *Wait) claim() bool {
 	w.mu.Lock()
@@ -433,7 +580,7 @@ func (w *Wait) claim() bool {
 		return false
 	}
 	w.done = true
-	w.timer.Stop()
+	w.alarm.Stop()
 	w.stopCtx()
 	w.mu.Unlock()
 	w.e.hub.Unlisten(w.listener)
@@ -444,58 +591,20 @@ func retryDelay(failures int) time.Duration {
 	return min(100*time.Millisecond<<min(failures, 6), 5*time.Second)
 }
 
-// lookup reads the waiter; done is true when it has ended.
-func (w *Wait) lookup(ctx context.Context) (res *models.WaitResult, endedAt time.Time, err error, done bool) {
-	cur, err := w.e.store.WaiterGet(ctx, w.waiter.ID)
-	if errors.Is(err, storage.ErrNotFound) {
-		// Reaped: this replica lost its lease (cut off from the database
-		// for longer than LeaseTTL), so other replicas took it for dead.
-		return nil, time.Time{}, errorf(CodeUnavailable, "this subscription's waiter was dropped while the server was cut off from the database; subscribe again"), true
-	}
-	if err != nil {
-		return nil, time.Time{}, err, false
-	}
-	if cur.State == models.WaiterWaiting {
-		if !cur.Deadline.After(w.e.now()) {
-			return w.expire(ctx)
-		}
-		return nil, time.Time{}, nil, false
-	}
-	if cur.EndedAt != nil {
-		endedAt = *cur.EndedAt
-	}
-	res, err = resultOf(cur)
-	return res, endedAt, err, true
-}
-
-// expire ends the waiter TIMED_OUT, unless something else ended it first, in
-// which case the winner's result is returned.
-func (w *Wait) expire(ctx context.Context) (*models.WaitResult, time.Time, error, bool) {
+// expire ends the waiter TIMED_OUT by compare-and-set and, when it won,
+// delivers that; false when something else had ended it (or it is gone).
+func (w *Wait) expire(ctx context.Context) (bool, error) {
 	e := w.e
 	now := e.now()
 	ended, err := e.store.WaiterEnd(ctx, &storage.WaiterEndParams{
 		WaiterIDs: []string{w.waiter.ID}, State: models.WaiterTimedOut, EndedAt: now,
 	})
-	if err != nil {
-		return nil, time.Time{}, err, false
+	if err != nil || len(ended) == 0 {
+		return false, err
 	}
-	if len(ended) == 1 {
-		e.record(tally{timedOut: 1})
-		wk := wakeEnded(w.waiter, models.WaiterTimedOut, now)
-		e.wake(ctx, map[string]hub.Wake{w.waiter.ID: wk}) // other subscribers of the same step
-		return wk.Result, now, nil, true
-	}
-	cur, err := e.store.WaiterGet(ctx, w.waiter.ID)
-	if err != nil {
-		return nil, time.Time{}, err, false
-	}
-	if cur.State == models.WaiterWaiting {
-		return nil, time.Time{}, fmt.Errorf("waiter %s: timeout lost to nobody", cur.ID), false
-	}
-	var endedAt time.Time
-	if cur.EndedAt != nil {
-		endedAt = *cur.EndedAt
-	}
-	res, err := resultOf(cur)
-	return res, endedAt, err, true
+	e.record(tally{timedOut: 1})
+	wk := wakeEnded(w.waiter, models.WaiterTimedOut, now)
+	e.wake(ctx, map[string]hub.Wake{w.waiter.ID: wk}) // other subscribers of the same step
+	w.finish(wk.Result, wk.Err, now)
+	return true, nil
 }

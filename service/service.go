@@ -326,9 +326,18 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		m.ObserveBus(rb)
 	}
 	eng := engine.New(store, h, engBus, cfg.Engine)
+	// Before anything is served: every time stored or compared is on the
+	// database's clock (see engine/clock.go).
+	if err := eng.SyncClock(ctx); err != nil {
+		if rb != nil {
+			rb.Stop()
+		}
+		store.Close()
+		return nil, err
+	}
 	streams, endStreams := context.WithCancel(context.Background())
 	hc := cfg.HTTP
-	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, cfg.Engine.Now
+	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, eng.Now
 	hc.Recorder = m
 	hc.ReadyDetails = func() map[string]string {
 		if rb == nil {
@@ -342,7 +351,7 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	} else {
 		h := m.Handler()
 		if metricsToken {
-			h = graph.RequireServerToken(authn, cfg.Engine.Now, h)
+			h = graph.RequireServerToken(authn, eng.Now, h)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", h)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"gorm.io/gorm"
 	"gorm.io/gorm/clause"
@@ -13,6 +14,9 @@ import (
 
 // chunkSize bounds the ids in one IN (…) list.
 const chunkSize = 1000
+
+// txTimeout bounds one attempt of a transaction of InTx.
+const txTimeout = 30 * time.Second
 
 type gormStore struct {
 	gormExecutor
@@ -31,14 +35,33 @@ type gormExecutor struct {
 	obs     Observer
 	// returning: the server knows INSERT … RETURNING (MariaDB ≥ 10.5).
 	returning bool
+	// txCtx is the context of the transaction attempt this executor
+	// runs in; nil on the pool.
+	txCtx context.Context
+	// pool and maxIdle, to drop idle connections (see classify).
+	pool    *sql.DB
+	maxIdle int
 }
 
 // classify classifies a driver error (see the package function) and tells
 // the observer when the database could not be reached.
+//
+// A statement that failed for want of the database, or ran out of time,
+// may have been on a connection that the network black-holed: no reset,
+// no answer. The pool's idle connections most likely went the same way,
+// and the pool cannot tell (each looks open), so each would cost the next
+// caller a whole timeout. They are dropped; new ones are dialed on demand.
 func (e *gormExecutor) classify(err error) error {
 	c := classify(err)
-	if c != nil && errors.Is(c, ErrUnavailable) {
+	if c == nil {
+		return nil
+	}
+	if errors.Is(c, ErrUnavailable) {
 		e.obs.DBRetry(CauseConnection)
+	}
+	if e.pool != nil && e.dialect == DialectMySQL && (errors.Is(c, ErrUnavailable) || errors.Is(c, context.DeadlineExceeded)) {
+		e.pool.SetMaxIdleConns(0)
+		e.pool.SetMaxIdleConns(e.maxIdle)
 	}
 	return c
 }
@@ -46,6 +69,20 @@ func (e *gormExecutor) classify(err error) error {
 func (s *gormStore) Dialect() string { return s.dialect }
 
 func (s *gormStore) Ping(ctx context.Context) error { return s.classify(s.sqlDB.PingContext(ctx)) }
+
+func (s *gormStore) DBNow(ctx context.Context) (time.Time, error) {
+	if s.dialect != DialectMySQL {
+		// SQLite runs inside this process: its clock is this machine's,
+		// which time.Now reads with more precision than SQLite's
+		// milliseconds. (Processes sharing a SQLite file share a machine.)
+		return time.Now().UTC(), nil
+	}
+	var now time.Time
+	if err := s.sqlDB.QueryRowContext(ctx, "SELECT UTC_TIMESTAMP(6)").Scan(&now); err != nil {
+		return time.Time{}, s.classify(err)
+	}
+	return now.UTC(), nil
+}
 
 func (s *gormStore) Close() error { return s.sqlDB.Close() }
 
@@ -75,13 +112,29 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 	if err != nil {
 		return s.classify(err)
 	}
+	var stmtCtx context.Context
+	if s.dialect == DialectMySQL {
+		// The statements are bounded whatever the caller's context says
+		// (waiting for a connection of the pool, above, is not): one on a
+		// connection the network black-holed would wait for good (see
+		// classify), holding a request or a subscription's registration.
+		// (SQLite runs in this process: no network to lose.)
+		var cancel context.CancelFunc
+		stmtCtx, cancel = context.WithTimeout(ctx, txTimeout)
+		defer cancel()
+		defer func() {
+			if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+				err = fmt.Errorf("%w: the transaction took longer than %s: %v", ErrUnavailable, txTimeout, err)
+			}
+		}()
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			tx.Rollback()
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -130,7 +183,16 @@ func (s *gormStore) begin(ctx context.Context) (*gorm.DB, error) {
 	return tx, nil
 }
 
-func (e *gormExecutor) q(ctx context.Context) *gorm.DB { return e.db.WithContext(ctx) }
+// q starts a statement. Inside a transaction it runs on the transaction's
+// context: the one InTx was given, bounded per attempt by txTimeout.
+func (e *gormExecutor) q(ctx context.Context) *gorm.DB {
+	if e.txCtx != nil {
+		if err := ctx.Err(); err == nil {
+			ctx = e.txCtx
+		}
+	}
+	return e.db.WithContext(ctx)
+}
 
 // lock adds FOR UPDATE on MySQL. SQLite has no row locks: its single
 // connection already makes transactions serial.
@@ -149,8 +211,8 @@ func (e *gormExecutor) notFound(err error) error {
 }
 
 // chunks yields s in pieces of at most chunkSize.
-func chunks(s []int64) func(yield func([]int64) bool) {
-	return func(yield func([]int64) bool) {
+func chunks[T any](s []T) func(yield func([]T) bool) {
+	return func(yield func([]T) bool) {
 		for len(s) > 0 {
 			n := min(len(s), chunkSize)
 			if !yield(s[:n]) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -15,6 +16,9 @@ import (
 	"gorm.io/gorm"
 	"gorm.io/gorm/logger"
 )
+
+// serverWaitTimeout is the MySQL session's wait_timeout (see mysqlDSN).
+const serverWaitTimeout = 20 * time.Second
 
 // Dialects.
 const (
@@ -92,6 +96,7 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		sqlDB.SetMaxOpenConns(opts.MaxOpenConns)
 		sqlDB.SetMaxIdleConns(opts.MaxOpenConns)
 		sqlDB.SetConnMaxLifetime(30 * time.Minute)
+		sqlDB.SetConnMaxIdleTime(serverWaitTimeout / 2)
 	}
 	if err := sqlDB.PingContext(ctx); err != nil {
 		sqlDB.Close()
@@ -106,7 +111,7 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		returning = mariaDBAtLeast(d.ServerVersion, 10, 5)
 	}
 	return &gormStore{
-		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning},
+		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning, pool: sqlDB, maxIdle: opts.MaxOpenConns},
 		sqlDB:        sqlDB,
 		maxAttempts:  opts.MaxTxAttempts,
 		log:          opts.Logger,
@@ -166,6 +171,21 @@ func mysqlDSN(ctx context.Context, databaseURL string) (string, error) {
 			return "", fmt.Errorf("connect to MySQL at %s: %w", cfg.Addr, classify(err))
 		}
 		isolationVar = "tx_isolation"
+	}
+	// A dial to a host the network dropped out of waits for the kernel
+	// (minutes) unless bounded; the pool also dials on its own, with no
+	// deadline of ours.
+	cfg.Timeout = 10 * time.Second
+	if _, set := cfg.Params["wait_timeout"]; !set {
+		// A client cut off from the server by a dead network path (no
+		// reset) leaves its transaction open on the server, holding its row
+		// locks (a run's, stopping every notify and wait of that run) until
+		// the server gives up on the connection: after wait_timeout of
+		// silence, 8 hours by default. Our transactions never wait on
+		// anything but the database, so a connection silent for this long
+		// in a transaction is dead. The pool retires idle connections
+		// before the server would (SetConnMaxIdleTime in Open).
+		cfg.Params["wait_timeout"] = strconv.Itoa(int(serverWaitTimeout / time.Second))
 	}
 	if _, set := cfg.Params[isolationVar]; !set {
 		cfg.Params[isolationVar] = "'READ-COMMITTED'"

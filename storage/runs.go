@@ -86,7 +86,7 @@ func (e *gormExecutor) RunLockListWaiting(ctx context.Context, p *RunLockListWai
 	if !found {
 		return "", nil, ErrNotFound
 	}
-	if waiters, err = e.liveOwners(ctx, waiters, p.Self, now); err != nil {
+	if waiters, err = e.liveOwners(ctx, waiters, p.Self, now, p.Lapsed); err != nil {
 		return "", nil, err
 	}
 	slices.SortFunc(waiters, func(a, b waiterRow) int { return cmp.Compare(a.Seq, b.Seq) })
@@ -96,7 +96,8 @@ func (e *gormExecutor) RunLockListWaiting(ctx context.Context, p *RunLockListWai
 // liveOwners keeps the waiters whose owner counts: no owner (a durable
 // step), self, or a replica whose lease runs past now. It asks the
 // database only about other replicas, with a plain (non-locking) read.
-func (e *gormExecutor) liveOwners(ctx context.Context, waiters []waiterRow, self string, now dbTime) ([]waiterRow, error) {
+// The ids of the waiters it leaves out go to lapsed, when set.
+func (e *gormExecutor) liveOwners(ctx context.Context, waiters []waiterRow, self string, now dbTime, lapsed *[]string) ([]waiterRow, error) {
 	var others []string
 	for _, w := range waiters {
 		if w.ReplicaID != nil && *w.ReplicaID != self && !slices.Contains(others, *w.ReplicaID) {
@@ -111,7 +112,11 @@ func (e *gormExecutor) liveOwners(ctx context.Context, waiters []waiterRow, self
 		return nil, e.classify(err)
 	}
 	return slices.DeleteFunc(waiters, func(w waiterRow) bool {
-		return w.ReplicaID != nil && *w.ReplicaID != self && !slices.Contains(live, *w.ReplicaID)
+		out := w.ReplicaID != nil && *w.ReplicaID != self && !slices.Contains(live, *w.ReplicaID)
+		if out && lapsed != nil {
+			*lapsed = append(*lapsed, waiterID(w.Seq))
+		}
+		return out
 	}), nil
 }
 

@@ -55,6 +55,9 @@ type Store interface {
 	// times with jittered backoff.
 	InTx(ctx context.Context, fn func(tx Executor) error) error
 	Ping(ctx context.Context) error
+	// DBNow reads the database's clock (UTC): the one clock that every
+	// replica's leases, deadlines and expiries are compared on.
+	DBNow(ctx context.Context) (time.Time, error)
 	Dialect() string
 	Close() error
 }
@@ -107,8 +110,15 @@ type Executor interface {
 	// WAITING (an ended one keeps its result) and returns how many it
 	// deleted. Unknown ids are ignored.
 	WaiterDeleteWaiting(ctx context.Context, waiterIDs []string) (int64, error)
-	// WaiterListEnded returns which of the given waiters are no longer WAITING.
-	WaiterListEnded(ctx context.Context, waiterIDs []string) ([]string, error)
+	// WaiterGetMany is WaiterGet for many waiters in a few statements (the
+	// rows by chunks of ids, then the data of the notifications that
+	// resolved them): the waiters found, by id; ids of no waiter are absent.
+	WaiterGetMany(ctx context.Context, waiterIDs []string) (map[string]*models.Waiter, error)
+	// WaiterListNotWaiting returns which of the given waiters are not
+	// WAITING: ended, or gone (a waiter without a step deleted, for
+	// instance reaped after its replica lost its lease). A subscription
+	// must hear of both.
+	WaiterListNotWaiting(ctx context.Context, waiterIDs []string) ([]string, error)
 	// WaiterListExpired lists WAITING waiters whose deadline is at or before now.
 	WaiterListExpired(ctx context.Context, now time.Time, limit int) ([]*models.Waiter, error)
 	// WaiterCountWaiting counts the waiters WAITING whose deadline is after now.
@@ -223,14 +233,18 @@ type WaiterListWaitingParams struct {
 	Self      string
 	Now       time.Time
 	ForUpdate bool
+	// Lapsed, when set, receives the ids of the waiters left out because
+	// their owner's lease had run out.
+	Lapsed *[]string
 }
 
 type RunLockListWaitingParams struct {
 	RunID   string
 	EventID string
-	// Self and Now as in WaiterListWaitingParams.
-	Self string
-	Now  time.Time
+	// Self, Now and Lapsed as in WaiterListWaitingParams.
+	Self   string
+	Now    time.Time
+	Lapsed *[]string
 }
 
 type WaiterEndParams struct {

@@ -646,9 +646,12 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		}))
 		require.ElementsMatch(t, real, moved)
 
-		ended, err := b.store.WaiterListEnded(b.ctx, list)
+		got, err := b.store.WaiterGetMany(b.ctx, list)
 		require.NoError(t, err)
-		require.ElementsMatch(t, real, ended)
+		require.Len(t, got, len(real))
+		for _, id := range real {
+			require.Equal(t, models.WaiterCanceled, got[id].State)
+		}
 	})
 
 	t.Run("WaiterEndOneNotificationManyWaiters", func(t *testing.T) {
@@ -776,12 +779,15 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		n, err = b.store.WaiterDeleteWaiting(b.ctx, append(batch, ended.ID))
 		require.NoError(t, err)
 		require.EqualValues(t, 1100-11, n)
-		left, err := b.store.WaiterListEnded(b.ctx, batch)
+		gone, err := b.store.WaiterListNotWaiting(b.ctx, batch)
+		require.NoError(t, err)
+		require.Len(t, gone, 1100, "none is waiting")
+		left, err := b.store.WaiterGetMany(b.ctx, batch)
 		require.NoError(t, err)
 		require.Len(t, left, 11, "the ended ones stay")
 	})
 
-	t.Run("WaiterListEnded", func(t *testing.T) {
+	t.Run("WaiterListNotWaiting", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
 		waiting := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
@@ -792,14 +798,51 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 			require.NoError(t, err)
 			ended = append(ended, w.ID)
 		}
-		got, err := b.store.WaiterListEnded(b.ctx, append([]string{waiting.ID, "nope", "wtr_99999999"}, ended...))
+		// Ended and gone alike: a subscription waits for neither.
+		deleted := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		n, err := b.store.WaiterDeleteWaiting(b.ctx, []string{deleted.ID})
 		require.NoError(t, err)
-		require.ElementsMatch(t, ended, got)
+		require.EqualValues(t, 1, n)
+		got, err := b.store.WaiterListNotWaiting(b.ctx, append([]string{waiting.ID, "nope", "wtr_99999999", deleted.ID}, ended...))
+		require.NoError(t, err)
+		require.ElementsMatch(t, append([]string{"nope", "wtr_99999999", deleted.ID}, ended...), got)
 
-		got, err = b.store.WaiterListEnded(b.ctx, []string{waiting.ID})
+		got, err = b.store.WaiterListNotWaiting(b.ctx, []string{waiting.ID})
 		require.NoError(t, err)
 		require.Empty(t, got)
-		got, err = b.store.WaiterListEnded(b.ctx, nil)
+		got, err = b.store.WaiterListNotWaiting(b.ctx, nil)
+		require.NoError(t, err)
+		require.Empty(t, got)
+	})
+
+	t.Run("WaiterGetMany", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		waiting := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		var notified []string
+		for range 3 {
+			notified = append(notified, insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour)).ID)
+		}
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			_, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: notified, State: models.WaiterNotified, EndedAt: b.now,
+				MessageID: ptr("msg_many"), EventID: "ev", EventData: []byte(`{"k":[1,2]}`)})
+			return err
+		}))
+		timedOut := insertWaiter(t, b, "ev", nil, b.now.Add(time.Hour))
+		_, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{timedOut.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+		require.NoError(t, err)
+
+		ids := append([]string{waiting.ID, timedOut.ID, "nope", "wtr_99999999"}, notified...)
+		got, err := b.store.WaiterGetMany(b.ctx, ids)
+		require.NoError(t, err)
+		require.Len(t, got, 5)
+		for _, id := range append([]string{waiting.ID, timedOut.ID}, notified...) {
+			one, err := b.store.WaiterGet(b.ctx, id)
+			require.NoError(t, err)
+			require.Equal(t, one, got[id], "WaiterGetMany must read what WaiterGet reads")
+		}
+		require.Equal(t, `{"k":[1,2]}`, string(got[notified[0]].EventData))
+		got, err = b.store.WaiterGetMany(b.ctx, nil)
 		require.NoError(t, err)
 		require.Empty(t, got)
 	})

@@ -87,6 +87,12 @@ const (
 	// endTimeout bounds a ROLLBACK sent after the transaction's context
 	// ended, so the connection can be cleaned instead of discarded.
 	endTimeout = 5 * time.Second
+	// commitTimeout bounds a COMMIT (or INSERT … COMMIT) once sent. It
+	// ignores the caller's context, but not for ever: on a connection the
+	// network black-holed (no reset, no answer) it would wait for good, and
+	// with it the request and a subscription waiting on it. Past the bound
+	// the outcome is unknown, as for a connection that broke.
+	commitTimeout = 10 * time.Second
 	// badConnRetries is how often a first statement is sent again on a new
 	// connection after driver.ErrBadConn, like database/sql's own retries.
 	badConnRetries = 2
@@ -259,7 +265,8 @@ func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, re
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	ctx = context.WithoutCancel(ctx)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
 	query := insert + insertCommitSuffix(returning)
 	var (
 		rows *sql.Rows
@@ -338,7 +345,9 @@ func (t *lazyTx) Commit() error {
 	// Once sent, COMMIT runs to its end whatever the context does, as
 	// database/sql's Tx.Commit does: a cancel could only cut the answer
 	// off and turn a commit that landed into an unknown one.
-	if _, err := t.conn.ExecContext(context.WithoutCancel(t.ctx), "COMMIT"); err != nil {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(t.ctx), commitTimeout)
+	defer cancel()
+	if _, err := t.conn.ExecContext(ctx, "COMMIT"); err != nil {
 		// Whatever happened (a deadlock reported at commit rolled back; a
 		// broken connection left it unknown), make sure no transaction
 		// stays open on the connection.

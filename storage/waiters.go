@@ -77,7 +77,7 @@ func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaiti
 	// Owners' leases in a second read, and only for other replicas'
 	// waiters: as a subquery MariaDB prepared it on every call, a fifth of
 	// a notify's database time even with no other replica.
-	rows, err := e.liveOwners(ctx, rows, p.Self, now)
+	rows, err := e.liveOwners(ctx, rows, p.Self, now, p.Lapsed)
 	if err != nil {
 		return nil, err
 	}
@@ -229,20 +229,63 @@ func (e *gormExecutor) WaiterDeleteWaiting(ctx context.Context, ids []string) (i
 	return deleted, nil
 }
 
-func (e *gormExecutor) WaiterListEnded(ctx context.Context, ids []string) ([]string, error) {
-	seqs := waiterSeqs(ids)
-	var ended []string
-	for chunk := range chunks(seqs) {
+func (e *gormExecutor) WaiterListNotWaiting(ctx context.Context, ids []string) ([]string, error) {
+	waiting := make(map[int64]bool, len(ids))
+	for chunk := range chunks(waiterSeqs(ids)) {
 		var got []int64
-		if err := e.q(ctx).Model(&waiterRow{}).Where("seq IN ? AND state <> ?", chunk, string(models.WaiterWaiting)).
+		if err := e.q(ctx).Model(&waiterRow{}).Where("seq IN ? AND state = ?", chunk, string(models.WaiterWaiting)).
 			Pluck("seq", &got).Error; err != nil {
 			return nil, e.classify(err)
 		}
 		for _, seq := range got {
-			ended = append(ended, waiterID(seq))
+			waiting[seq] = true
 		}
 	}
-	return ended, nil
+	var out []string
+	for _, id := range ids {
+		if seq, ok := parseSeq(id, waiterIDPrefix); !ok || !waiting[seq] {
+			out = append(out, id)
+		}
+	}
+	return out, nil
+}
+
+func (e *gormExecutor) WaiterGetMany(ctx context.Context, ids []string) (map[string]*models.Waiter, error) {
+	out := make(map[string]*models.Waiter, len(ids))
+	var messages []string
+	seen := map[string]bool{}
+	for chunk := range chunks(waiterSeqs(ids)) {
+		var rows []waiterRow
+		if err := e.q(ctx).Where("seq IN ?", chunk).Find(&rows).Error; err != nil {
+			return nil, e.classify(err)
+		}
+		for i := range rows {
+			w := rows[i].model()
+			out[w.ID] = w
+			if w.EventData == nil && w.MessageID != nil && !seen[*w.MessageID] {
+				seen[*w.MessageID] = true
+				messages = append(messages, *w.MessageID)
+			}
+		}
+	}
+	// The data of the notifications that resolved them, kept once per
+	// notify (see WaiterGet): one read for a broadcast's many waiters.
+	data := make(map[string][]byte, len(messages))
+	for chunk := range chunks(messages) {
+		var ns []notificationRow
+		if err := e.q(ctx).Select("message_id", "event_data").Where("message_id IN ?", chunk).Find(&ns).Error; err != nil {
+			return nil, e.classify(err)
+		}
+		for _, n := range ns {
+			data[n.MessageID] = n.EventData
+		}
+	}
+	for _, w := range out {
+		if w.EventData == nil && w.MessageID != nil {
+			w.EventData = data[*w.MessageID]
+		}
+	}
+	return out, nil
 }
 
 func (e *gormExecutor) WaiterListExpired(ctx context.Context, now time.Time, limit int) ([]*models.Waiter, error) {
