@@ -21,6 +21,11 @@ const (
 	mysqlDuplicateEntry  = 1062
 	mysqlLockWaitTimeout = 1205 // only the statement was rolled back
 	mysqlDeadlock        = 1213 // the whole transaction was rolled back
+	// Galera's "WSREP has not yet prepared node for application use"
+	// (ER_UNKNOWN_COM_ERROR): the node is not in the primary component or
+	// not yet synced (a node cut off from the cluster, or rejoining). The
+	// statement did not run; the node will answer again by itself.
+	mysqlWsrepNotReady = 1047
 )
 
 // errRetryable marks an error after which the whole transaction may run again.
@@ -75,6 +80,8 @@ func classify(err error) error {
 			return fmt.Errorf("%w: %v", conflict{CauseDeadlock}, err)
 		case mysqlLockWaitTimeout:
 			return fmt.Errorf("%w: %v", conflict{CauseLockWait}, err)
+		case mysqlWsrepNotReady:
+			return fmt.Errorf("%w: %v", ErrUnavailable, err)
 		}
 		return err
 	}

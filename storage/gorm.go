@@ -41,6 +41,9 @@ type gormExecutor struct {
 	// pool and maxIdle, to drop idle connections (see classify).
 	pool    *sql.DB
 	maxIdle int
+	// galera: the server is a Galera node (wsrep_on). A COMMIT is then
+	// never sent along with an INSERT (see LookbackEventInsertCommit).
+	galera bool
 }
 
 // classify classifies a driver error (see the package function) and tells
@@ -134,7 +137,7 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx}); err != nil {
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx, galera: s.galera}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {

@@ -2,7 +2,10 @@ package storage
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
+	"encoding/hex"
+	"errors"
 	"fmt"
 	"regexp"
 	"strings"
@@ -38,6 +41,11 @@ type migration struct {
 //	waiters         (run_id, state, ended_at)          the purge of waiters without a run (run_id NULL), per ended state,
 //	                                                   oldest end first; a run's WAITING waiters when it ends
 //	waiters         (message_id)                       the purge: is a notification still referred to by a waiter
+//
+// runs.lock_version is written, never read: on Galera, which replicates
+// writes and not row locks, the run lock bumps it (see bumpRunSQL), so
+// that two transactions that lock the same run on different nodes conflict
+// at certification.
 //
 // Ids, event ids, step names and labels are VARBINARY on MySQL: compared byte
 // for byte, trailing spaces included (utf8mb4_bin pads spaces, so "a" and
@@ -228,6 +236,16 @@ var migrations = []migration{
 			`CREATE INDEX waiters_message ON waiters (message_id)`,
 		},
 	},
+	{
+		version: 5,
+		name:    "galera: the run lock is a write",
+		mysql: []string{
+			`ALTER TABLE runs ADD COLUMN lock_version BIGINT NOT NULL DEFAULT 0`,
+		},
+		sqlite: []string{
+			`ALTER TABLE runs ADD COLUMN lock_version INTEGER NOT NULL DEFAULT 0`,
+		},
+	},
 }
 
 // SchemaVersion is the newest migration this binary knows.
@@ -270,6 +288,11 @@ func migrate(ctx context.Context, db *sql.DB, dialect string, after afterStep) e
 			return fmt.Errorf("migrate: another process held the migration lock for 120s")
 		}
 		defer conn.ExecContext(context.WithoutCancel(ctx), `SELECT RELEASE_LOCK(CONCAT('rdv_migrate:', SHA1(DATABASE())))`)
+		release, err := galeraMigrationLock(ctx, conn)
+		if err != nil {
+			return err
+		}
+		defer release()
 	}
 
 	create := `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER NOT NULL PRIMARY KEY, name VARCHAR(200) NOT NULL, applied_at VARCHAR(40) NOT NULL)`
@@ -404,4 +427,61 @@ func (st step) done(ctx context.Context, conn *sql.Conn, dialect string) (bool, 
 		return false, err
 	}
 	return n > 0, nil
+}
+
+// The migration lock on Galera. GET_LOCK is per node there: replicas
+// starting at once on different nodes would all migrate, and all but one
+// fail (they were seen to exit with "Duplicate column"). Galera does
+// certify writes, so this lock is a row: whoever writes its name into it
+// while it is free (or its lease ran out: a holder that died) holds it;
+// two writes on different nodes conflict and one is refused. The lease is
+// long enough for this project's migrations; a holder that dies makes the
+// others wait until it runs out.
+const (
+	galeraLockLease = 2 * time.Minute
+	galeraLockWait  = galeraLockLease + 30*time.Second
+)
+
+// galeraMigrationLock takes the lock when the server is a Galera node, and
+// returns its release (a no-op elsewhere).
+func galeraMigrationLock(ctx context.Context, conn *sql.Conn) (release func(), err error) {
+	var wsrepOn int
+	if conn.QueryRowContext(ctx, `SELECT @@wsrep_on`).Scan(&wsrepOn) != nil || wsrepOn != 1 {
+		return func() {}, nil // MySQL has no wsrep_on; MariaDB without Galera says 0
+	}
+	if _, err := conn.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migration_lock (
+		id INTEGER NOT NULL PRIMARY KEY, holder VARCHAR(64) NOT NULL, lease_until DATETIME(6) NOT NULL)`); err != nil {
+		return nil, fmt.Errorf("migrate: create schema_migration_lock: %w", err)
+	}
+	var b [12]byte
+	rand.Read(b[:])
+	me := hex.EncodeToString(b[:])
+	// Assignments run left to right: holder changes only when the lease
+	// ran out, and the lease moves only for the holder.
+	take := `INSERT INTO schema_migration_lock (id, holder, lease_until) VALUES (1, ?, UTC_TIMESTAMP(6) + INTERVAL ? SECOND)
+		ON DUPLICATE KEY UPDATE holder = IF(lease_until < UTC_TIMESTAMP(6), VALUES(holder), holder),
+			lease_until = IF(holder = VALUES(holder), VALUES(lease_until), lease_until)`
+	deadline := time.Now().Add(galeraLockWait)
+	for {
+		var holder string
+		_, err := conn.ExecContext(ctx, take, me, int(galeraLockLease/time.Second))
+		if err == nil {
+			err = conn.QueryRowContext(ctx, `SELECT holder FROM schema_migration_lock WHERE id = 1`).Scan(&holder)
+		}
+		if err != nil && !errors.Is(classify(err), errRetryable) {
+			return nil, fmt.Errorf("migrate: take the Galera lock: %w", err)
+		}
+		if err == nil && holder == me {
+			return func() {
+				conn.ExecContext(context.WithoutCancel(ctx), `DELETE FROM schema_migration_lock WHERE id = 1 AND holder = ?`, me)
+			}, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("migrate: another process held the Galera migration lock for %s", galeraLockWait)
+		}
+		// A certification conflict, or another holder: try again shortly.
+		if err := backoff(ctx, 4); err != nil {
+			return nil, err
+		}
+	}
 }

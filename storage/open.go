@@ -62,13 +62,15 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 	var (
 		dialector gorm.Dialector
 		dialect   string
+		galera    bool
 	)
 	switch scheme {
 	case "mysql":
-		dsn, err := mysqlDSN(ctx, databaseURL)
+		dsn, g, err := mysqlDSN(ctx, databaseURL)
 		if err != nil {
 			return nil, err
 		}
+		galera = g
 		dialect, dialector = DialectMySQL, mysql.New(mysql.Config{DSN: dsn})
 	case "sqlite", "sqlite3":
 		dialect, dialector = DialectSQLite, sqlite.Open(sqliteDSN(rest))
@@ -111,7 +113,7 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		returning = mariaDBAtLeast(d.ServerVersion, 10, 5)
 	}
 	return &gormStore{
-		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning, pool: sqlDB, maxIdle: opts.MaxOpenConns},
+		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning, pool: sqlDB, maxIdle: opts.MaxOpenConns, galera: galera},
 		sqlDB:        sqlDB,
 		maxAttempts:  opts.MaxTxAttempts,
 		log:          opts.Logger,
@@ -124,10 +126,17 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 // would only add deadlocks), parameters interpolated client side so a
 // statement costs one round trip instead of prepare/execute/close, and
 // multi-statement queries allowed (see lazyTx).
-func mysqlDSN(ctx context.Context, databaseURL string) (string, error) {
+//
+// On a Galera node (wsrep_on), sessions get wsrep_sync_wait=15 unless the
+// URL sets it: every statement first waits until the node has applied what
+// the cluster committed before it, so a run created through one node is
+// seen by the next request on another (without it, a notify sent right
+// after a trigger, through another node, could answer NOT_FOUND). The
+// second result says whether the server is a Galera node.
+func mysqlDSN(ctx context.Context, databaseURL string) (string, bool, error) {
 	u, err := url.Parse(databaseURL)
 	if err != nil {
-		return "", fmt.Errorf("DATABASE_URL: %w", err)
+		return "", false, fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	cfg := mysqldriver.NewConfig()
 	cfg.Net = "tcp"
@@ -141,7 +150,7 @@ func mysqlDSN(ctx context.Context, databaseURL string) (string, error) {
 	}
 	cfg.DBName = strings.TrimPrefix(u.Path, "/")
 	if cfg.DBName == "" {
-		return "", fmt.Errorf("DATABASE_URL %q: no database name", redactURL(databaseURL))
+		return "", false, fmt.Errorf("DATABASE_URL %q: no database name", redactURL(databaseURL))
 	}
 	cfg.ParseTime = true
 	cfg.Loc = time.UTC
@@ -161,14 +170,14 @@ func mysqlDSN(ctx context.Context, databaseURL string) (string, error) {
 	// MariaDB 10.x only knows tx_isolation. Ask once which one this server has.
 	probe, err := sql.Open("mysql", cfg.FormatDSN())
 	if err != nil {
-		return "", fmt.Errorf("DATABASE_URL: %w", err)
+		return "", false, fmt.Errorf("DATABASE_URL: %w", err)
 	}
 	defer probe.Close()
 	isolationVar := "transaction_isolation"
 	var level string
 	if err := probe.QueryRowContext(ctx, `SELECT @@transaction_isolation`).Scan(&level); err != nil {
 		if err2 := probe.QueryRowContext(ctx, `SELECT @@tx_isolation`).Scan(&level); err2 != nil {
-			return "", fmt.Errorf("connect to MySQL at %s: %w", cfg.Addr, classify(err))
+			return "", false, fmt.Errorf("connect to MySQL at %s: %w", cfg.Addr, classify(err))
 		}
 		isolationVar = "tx_isolation"
 	}
@@ -190,7 +199,13 @@ func mysqlDSN(ctx context.Context, databaseURL string) (string, error) {
 	if _, set := cfg.Params[isolationVar]; !set {
 		cfg.Params[isolationVar] = "'READ-COMMITTED'"
 	}
-	return cfg.FormatDSN(), nil
+	// MySQL has no wsrep_on: an error here means no Galera.
+	var wsrepOn int
+	galera := probe.QueryRowContext(ctx, `SELECT @@wsrep_on`).Scan(&wsrepOn) == nil && wsrepOn == 1
+	if _, set := cfg.Params["wsrep_sync_wait"]; galera && !set {
+		cfg.Params["wsrep_sync_wait"] = "15"
+	}
+	return cfg.FormatDSN(), galera, nil
 }
 
 func sqliteDSN(path string) string {

@@ -32,7 +32,7 @@ func oneConnDB(t *testing.T) *sql.DB {
 	s, err := Open(t.Context(), databaseURL, Options{}) // migrates
 	require.NoError(t, err)
 	require.NoError(t, s.Close())
-	dsn, err := mysqlDSN(t.Context(), databaseURL)
+	dsn, _, err := mysqlDSN(t.Context(), databaseURL)
 	require.NoError(t, err)
 	db, err := sql.Open("mysql", dsn)
 	require.NoError(t, err)
@@ -205,7 +205,7 @@ func TestLazyTxInStoreMySQL(t *testing.T) {
 	}
 	require.Equal(t, []string{"wtr_1", "wtr_2", "wtr_3"}, ids)
 
-	dsn, err := mysqlDSN(ctx, databaseURL)
+	dsn, _, err := mysqlDSN(ctx, databaseURL)
 	require.NoError(t, err)
 	admin, err := sql.Open("mysql", dsn)
 	require.NoError(t, err)
