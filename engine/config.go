@@ -51,6 +51,9 @@ type Config struct {
 	// Recorder hears what the engine did, for metrics; nil: nobody.
 	Recorder Recorder
 
+	// Outbound: HTTP dispatch through the outbox (outbox.go).
+	Outbound OutboundConfig
+
 	// Now is this machine's clock; tests may replace it (and move it on to
 	// make deadlines pass without sleeping).
 	Now func() time.Time
@@ -120,6 +123,7 @@ func (c Config) withDefaults() Config {
 	if c.GaugeInterval <= 0 {
 		c.GaugeInterval = DefaultGaugeInterval
 	}
+	c.Outbound = c.Outbound.withDefaults()
 	if c.Recorder == nil {
 		c.Recorder = NopRecorder{}
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"rendezvous/hub"
 	"rendezvous/models"
@@ -17,6 +18,9 @@ type TriggerParams struct {
 	RunID *string // nil: generate one
 	Body  json.RawMessage
 	Label *string
+	// Dispatch, when set, POSTs the run to a URL instead of handing it to a
+	// runsToStart worker (see outbox.go).
+	Dispatch *models.DispatchInput
 }
 
 // Trigger creates a run in RUN_STARTED. With an id that exists it returns the
@@ -37,6 +41,17 @@ func (e *Engine) Trigger(ctx context.Context, p TriggerParams) (*models.TriggerR
 			return nil, err
 		}
 	}
+	var ob *storage.OutboxRecord
+	var delay time.Duration
+	if p.Dispatch != nil {
+		var err error
+		if ob, err = e.outboxFor(p.Dispatch); err != nil {
+			return nil, err
+		}
+		if p.Dispatch.Delay != nil {
+			delay = *p.Dispatch.Delay
+		}
+	}
 	now := e.now()
 	run := &models.WorkflowRun{
 		WorkflowRunID: id,
@@ -46,7 +61,7 @@ func (e *Engine) Trigger(ctx context.Context, p TriggerParams) (*models.TriggerR
 		CreatedAt:     now,
 		UpdatedAt:     now,
 	}
-	err := e.store.RunInsert(ctx, run)
+	err := e.insertRun(ctx, run, ob, delay)
 	if errors.Is(err, storage.ErrDuplicate) {
 		existing, err := e.store.RunGet(ctx, id, false)
 		if err != nil {
@@ -80,7 +95,8 @@ func (e *Engine) FinishRun(ctx context.Context, runID string, state models.RunSt
 	return e.endRun(ctx, runID, state, nullJSON(result))
 }
 
-func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error) {
+// also, if given, run inside the transaction after the run has ended.
+func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState, result json.RawMessage, also ...func(tx storage.Executor, now time.Time) error) (*models.WorkflowRun, error) {
 	id, err := e.normalizeRunID(rawID)
 	if err != nil {
 		return nil, err
@@ -101,6 +117,14 @@ func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState
 			return err
 		}
 		run.State, run.Result, run.UpdatedAt = state, result, now
+		for _, f := range also {
+			if err := f(tx, now); err != nil {
+				return err
+			}
+		}
+		if err := e.endHandOvers(ctx, tx, id, now); err != nil {
+			return err
+		}
 
 		// Only the waiters still WAITING, chosen by the database: a long
 		// run's ended waiters stay where they are, outside the run's lock.

@@ -28,6 +28,10 @@ func (e *Engine) Stats(ctx context.Context) (*models.Stats, error) {
 	if err != nil {
 		return nil, storageErr("find the oldest deadline", err)
 	}
+	outbox, err := e.store.OutboxCountByState(ctx)
+	if err != nil {
+		return nil, storageErr("count deliveries", err)
+	}
 	return &models.Stats{
 		Runs: &models.RunStats{
 			Started:  int(runs[models.RunStarted]),
@@ -43,5 +47,11 @@ func (e *Engine) Stats(ctx context.Context) (*models.Stats, error) {
 		},
 		PendingLookbackEvents: int(pending),
 		OldestWaitingDeadline: oldest,
+		Outbox: &models.OutboxStats{
+			Pending:   int(outbox[models.DispatchPending]),
+			Delivered: int(outbox[models.DispatchDelivered]),
+			Failed:    int(outbox[models.DispatchFailed]),
+			Canceled:  int(outbox[models.DispatchCanceled]),
+		},
 	}, nil
 }

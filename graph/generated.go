@@ -41,6 +41,16 @@ type DirectiveRoot struct {
 }
 
 type ComplexityRoot struct {
+	Dispatch struct {
+		Attempts      func(childComplexity int) int
+		DeliveredAt   func(childComplexity int) int
+		LastError     func(childComplexity int) int
+		LastStatus    func(childComplexity int) int
+		NextAttemptAt func(childComplexity int) int
+		State         func(childComplexity int) int
+		URL           func(childComplexity int) int
+	}
+
 	LookbackEvent struct {
 		CreatedAt     func(childComplexity int) int
 		EventData     func(childComplexity int) int
@@ -52,10 +62,11 @@ type ComplexityRoot struct {
 	}
 
 	Mutation struct {
+		AckRun    func(childComplexity int, workflowRunID string, attempt *int) int
 		Cancel    func(childComplexity int, workflowRunID string) int
 		FinishRun func(childComplexity int, workflowRunID string, state models.RunState, result json.RawMessage) int
 		Notify    func(childComplexity int, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) int
-		Trigger   func(childComplexity int, workflowRunID *string, body json.RawMessage, label *string) int
+		Trigger   func(childComplexity int, workflowRunID *string, body json.RawMessage, label *string, dispatch *models.DispatchInput) int
 	}
 
 	NotifyResponse struct {
@@ -72,6 +83,13 @@ type ComplexityRoot struct {
 		EventID        func(childComplexity int) int
 		Lookback       func(childComplexity int) int
 		NotifyResponse func(childComplexity int) int
+	}
+
+	OutboxStats struct {
+		Canceled  func(childComplexity int) int
+		Delivered func(childComplexity int) int
+		Failed    func(childComplexity int) int
+		Pending   func(childComplexity int) int
 	}
 
 	PageInfo struct {
@@ -100,6 +118,7 @@ type ComplexityRoot struct {
 
 	Stats struct {
 		OldestWaitingDeadline func(childComplexity int) int
+		Outbox                func(childComplexity int) int
 		PendingLookbackEvents func(childComplexity int) int
 		Runs                  func(childComplexity int) int
 		Waiters               func(childComplexity int) int
@@ -114,6 +133,7 @@ type ComplexityRoot struct {
 	}
 
 	Subscription struct {
+		RunsToStart  func(childComplexity int, label *string, lease *time.Duration, maxUnacked *int) int
 		WaitForEvent func(childComplexity int, eventID string, workflowRunID *string, stepName *string, timeout *time.Duration) int
 	}
 
@@ -153,8 +173,12 @@ type ComplexityRoot struct {
 	}
 
 	WorkflowRun struct {
+		AckedAt        func(childComplexity int) int
+		Attempts       func(childComplexity int) int
 		Body           func(childComplexity int) int
+		ClaimedAt      func(childComplexity int) int
 		CreatedAt      func(childComplexity int) int
+		Dispatch       func(childComplexity int) int
 		Label          func(childComplexity int) int
 		LookbackEvents func(childComplexity int) int
 		Result         func(childComplexity int) int
@@ -176,10 +200,11 @@ type ComplexityRoot struct {
 // region    ************************** generated!.gotpl **************************
 
 type MutationResolver interface {
-	Trigger(ctx context.Context, workflowRunID *string, body json.RawMessage, label *string) (*models.TriggerResult, error)
+	Trigger(ctx context.Context, workflowRunID *string, body json.RawMessage, label *string, dispatch *models.DispatchInput) (*models.TriggerResult, error)
 	Notify(ctx context.Context, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) (*models.NotifyResult, error)
 	Cancel(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
 	FinishRun(ctx context.Context, workflowRunID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error)
+	AckRun(ctx context.Context, workflowRunID string, attempt *int) (*models.WorkflowRun, error)
 }
 type QueryResolver interface {
 	WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
@@ -189,6 +214,7 @@ type QueryResolver interface {
 }
 type SubscriptionResolver interface {
 	WaitForEvent(ctx context.Context, eventID string, workflowRunID *string, stepName *string, timeout *time.Duration) (<-chan *models.WaitResult, error)
+	RunsToStart(ctx context.Context, label *string, lease *time.Duration, maxUnacked *int) (<-chan *models.WorkflowRun, error)
 }
 type TriggerResultResolver interface {
 	RunToken(ctx context.Context, obj *models.TriggerResult) (*models.RunToken, error)
@@ -197,6 +223,7 @@ type WorkflowRunResolver interface {
 	Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error)
 	Waiters(ctx context.Context, obj *models.WorkflowRun) ([]*models.Waiter, error)
 	LookbackEvents(ctx context.Context, obj *models.WorkflowRun) ([]*models.LookbackEvent, error)
+	Dispatch(ctx context.Context, obj *models.WorkflowRun) (*models.Dispatch, error)
 }
 
 // endregion ************************** generated!.gotpl **************************
@@ -216,6 +243,49 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 	ec := newExecutionContext(nil, e, nil)
 	_ = ec
 	switch typeName + "." + field {
+
+	case "Dispatch.attempts":
+		if e.ComplexityRoot.Dispatch.Attempts == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Dispatch.Attempts(childComplexity), true
+	case "Dispatch.deliveredAt":
+		if e.ComplexityRoot.Dispatch.DeliveredAt == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Dispatch.DeliveredAt(childComplexity), true
+	case "Dispatch.lastError":
+		if e.ComplexityRoot.Dispatch.LastError == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Dispatch.LastError(childComplexity), true
+	case "Dispatch.lastStatus":
+		if e.ComplexityRoot.Dispatch.LastStatus == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Dispatch.LastStatus(childComplexity), true
+	case "Dispatch.nextAttemptAt":
+		if e.ComplexityRoot.Dispatch.NextAttemptAt == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Dispatch.NextAttemptAt(childComplexity), true
+	case "Dispatch.state":
+		if e.ComplexityRoot.Dispatch.State == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Dispatch.State(childComplexity), true
+	case "Dispatch.url":
+		if e.ComplexityRoot.Dispatch.URL == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Dispatch.URL(childComplexity), true
 
 	case "LookbackEvent.createdAt":
 		if e.ComplexityRoot.LookbackEvent.CreatedAt == nil {
@@ -260,6 +330,17 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.LookbackEvent.WorkflowRunID(childComplexity), true
 
+	case "Mutation.ackRun":
+		if e.ComplexityRoot.Mutation.AckRun == nil {
+			break
+		}
+
+		args, err := ec.field_Mutation_ackRun_args(ctx, rawArgs)
+		if err != nil {
+			return 0, false
+		}
+
+		return e.ComplexityRoot.Mutation.AckRun(childComplexity, args["workflowRunId"].(string), args["attempt"].(*int)), true
 	case "Mutation.cancel":
 		if e.ComplexityRoot.Mutation.Cancel == nil {
 			break
@@ -303,7 +384,7 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 			return 0, false
 		}
 
-		return e.ComplexityRoot.Mutation.Trigger(childComplexity, args["workflowRunId"].(*string), args["body"].(json.RawMessage), args["label"].(*string)), true
+		return e.ComplexityRoot.Mutation.Trigger(childComplexity, args["workflowRunId"].(*string), args["body"].(json.RawMessage), args["label"].(*string), args["dispatch"].(*models.DispatchInput)), true
 
 	case "NotifyResponse.deduplicated":
 		if e.ComplexityRoot.NotifyResponse.Deduplicated == nil {
@@ -366,6 +447,31 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.NotifyResult.NotifyResponse(childComplexity), true
+
+	case "OutboxStats.canceled":
+		if e.ComplexityRoot.OutboxStats.Canceled == nil {
+			break
+		}
+
+		return e.ComplexityRoot.OutboxStats.Canceled(childComplexity), true
+	case "OutboxStats.delivered":
+		if e.ComplexityRoot.OutboxStats.Delivered == nil {
+			break
+		}
+
+		return e.ComplexityRoot.OutboxStats.Delivered(childComplexity), true
+	case "OutboxStats.failed":
+		if e.ComplexityRoot.OutboxStats.Failed == nil {
+			break
+		}
+
+		return e.ComplexityRoot.OutboxStats.Failed(childComplexity), true
+	case "OutboxStats.pending":
+		if e.ComplexityRoot.OutboxStats.Pending == nil {
+			break
+		}
+
+		return e.ComplexityRoot.OutboxStats.Pending(childComplexity), true
 
 	case "PageInfo.endCursor":
 		if e.ComplexityRoot.PageInfo.EndCursor == nil {
@@ -464,6 +570,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.Stats.OldestWaitingDeadline(childComplexity), true
+	case "Stats.outbox":
+		if e.ComplexityRoot.Stats.Outbox == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Stats.Outbox(childComplexity), true
 	case "Stats.pendingLookbackEvents":
 		if e.ComplexityRoot.Stats.PendingLookbackEvents == nil {
 			break
@@ -514,6 +626,17 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.Step.Type(childComplexity), true
 
+	case "Subscription.runsToStart":
+		if e.ComplexityRoot.Subscription.RunsToStart == nil {
+			break
+		}
+
+		args, err := ec.field_Subscription_runsToStart_args(ctx, rawArgs)
+		if err != nil {
+			return 0, false
+		}
+
+		return e.ComplexityRoot.Subscription.RunsToStart(childComplexity, args["label"].(*string), args["lease"].(*time.Duration), args["maxUnacked"].(*int)), true
 	case "Subscription.waitForEvent":
 		if e.ComplexityRoot.Subscription.WaitForEvent == nil {
 			break
@@ -668,18 +791,42 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.WaiterStats.Waiting(childComplexity), true
 
+	case "WorkflowRun.ackedAt":
+		if e.ComplexityRoot.WorkflowRun.AckedAt == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WorkflowRun.AckedAt(childComplexity), true
+	case "WorkflowRun.attempts":
+		if e.ComplexityRoot.WorkflowRun.Attempts == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WorkflowRun.Attempts(childComplexity), true
 	case "WorkflowRun.body":
 		if e.ComplexityRoot.WorkflowRun.Body == nil {
 			break
 		}
 
 		return e.ComplexityRoot.WorkflowRun.Body(childComplexity), true
+	case "WorkflowRun.claimedAt":
+		if e.ComplexityRoot.WorkflowRun.ClaimedAt == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WorkflowRun.ClaimedAt(childComplexity), true
 	case "WorkflowRun.createdAt":
 		if e.ComplexityRoot.WorkflowRun.CreatedAt == nil {
 			break
 		}
 
 		return e.ComplexityRoot.WorkflowRun.CreatedAt(childComplexity), true
+	case "WorkflowRun.dispatch":
+		if e.ComplexityRoot.WorkflowRun.Dispatch == nil {
+			break
+		}
+
+		return e.ComplexityRoot.WorkflowRun.Dispatch(childComplexity), true
 	case "WorkflowRun.label":
 		if e.ComplexityRoot.WorkflowRun.Label == nil {
 			break
@@ -751,6 +898,7 @@ func (e *executableSchema) Exec(ctx context.Context) graphql.ResponseHandler {
 	ec := newExecutionContext(opCtx, e, make(chan graphql.DeferredResult))
 	inputUnmarshalers := func() *graphql.InputUnmarshalerIndex {
 		return graphql.NewInputUnmarshalerIndex(
+			graphql.NewInputUnmarshaler("DispatchInput", ec.unmarshalInputDispatchInput),
 			graphql.NewInputUnmarshaler("StepRef", ec.unmarshalInputStepRef),
 		)
 	}
@@ -867,8 +1015,12 @@ type Query {
 }
 
 type Mutation {
-  "Start a run. A caller-chosen id X becomes wfr_X; the same id again returns the existing run with created: false."
-  trigger(workflowRunId: ID, body: JSON, label: String): TriggerResult!
+  """
+  Start a run. A caller-chosen id X becomes wfr_X; the same id again returns the existing run with created: false.
+  Without dispatch the run is handed to a runsToStart worker; with dispatch it is POSTed to dispatch.url
+  (durable, signed, retried; the URL must be under RENDEZVOUS_OUTBOUND_ALLOWED).
+  """
+  trigger(workflowRunId: ID, body: JSON, label: String, dispatch: DispatchInput): TriggerResult!
   """
   Without workflowRunId: resolve every waiter WAITING on eventId now (nobody waiting: nothing happens).
   With workflowRunId: resolve that run's waiters on eventId, or store a lookback event the run's next wait receives.
@@ -879,11 +1031,58 @@ type Mutation {
   cancel(workflowRunId: ID!): WorkflowRun!
   "End a started run with RUN_SUCCESS or RUN_FAILED, keeping result."
   finishRun(workflowRunId: ID!, state: RunState!, result: JSON): WorkflowRun!
+  """
+  A worker that received the run from runsToStart confirms it owns it: the run is never handed to anyone else.
+  Pass attempt: the run's attempts as runsToStart gave it, so that an ack that comes after the worker's lease
+  passed cannot take the run from the worker it went to next (RUN_NOT_CLAIMED). Without it, any live hand-over is acked.
+  """
+  ackRun(workflowRunId: ID!, attempt: Int): WorkflowRun!
 }
 
 type Subscription {
   "Emits exactly one WaitResult, then completes. With workflowRunId and stepName it is a durable step."
   waitForEvent(eventId: String!, workflowRunId: ID, stepName: String, timeout: Duration): WaitResult!
+  """
+  Competing workers: each run triggered without dispatch and with this label (null: no label) is handed
+  to one connected subscriber at a time, oldest first, until it is acked (ackRun) or ends. A run not
+  acked within lease (default 60s), or whose worker disconnects, goes to the next worker. A subscription
+  holds at most maxUnacked (default 1, at most 100) unacked runs at once.
+  """
+  runsToStart(label: String, lease: Duration, maxUnacked: Int): WorkflowRun!
+}
+
+"Where to POST a run when it is triggered."
+input DispatchInput {
+  "An http(s) URL under one of the prefixes in RENDEZVOUS_OUTBOUND_ALLOWED."
+  url: String!
+  "Extra request headers, a JSON object of strings."
+  headers: JSON
+  "Retries after the first attempt (default 3, at most 20)."
+  retries: Int
+  "Wait this long before the first attempt."
+  delay: Duration
+}
+
+"Where a run's HTTP dispatch stands."
+type Dispatch {
+  state: DispatchState!
+  url: String!
+  "Attempts made so far."
+  attempts: Int!
+  "The HTTP status of the last attempt, if it got one."
+  lastStatus: Int
+  "Why the last attempt failed."
+  lastError: String
+  "When the next attempt is due (PENDING only)."
+  nextAttemptAt: Time
+  deliveredAt: Time
+}
+
+enum DispatchState {
+  PENDING
+  DELIVERED
+  FAILED
+  CANCELED
 }
 
 "The notifying run's own step."
@@ -977,6 +1176,14 @@ type WorkflowRun {
   steps: [Step!]!
   waiters: [Waiter!]!
   lookbackEvents: [LookbackEvent!]!
+  "The HTTP dispatch, for runs triggered with dispatch."
+  dispatch: Dispatch
+  "When a runsToStart worker was last handed the run."
+  claimedAt: Time
+  "When a worker acked it."
+  ackedAt: Time
+  "How many times the run was handed to a runsToStart worker (POSTs are counted in dispatch.attempts)."
+  attempts: Int!
 }
 
 enum RunState {
@@ -1011,8 +1218,17 @@ type Stats {
   waiters: WaiterStats!
   "Lookback events stored and neither consumed nor expired."
   pendingLookbackEvents: Int!
+  "HTTP deliveries (dispatches) by state."
+  outbox: OutboxStats!
   "The earliest deadline of a waiter still WAITING; null when none is."
   oldestWaitingDeadline: Time
+}
+
+type OutboxStats {
+  pending: Int!
+  delivered: Int!
+  failed: Int!
+  canceled: Int!
 }
 
 type RunStats {
@@ -1040,6 +1256,26 @@ var parsedSchema = gqlparser.MustLoadSchema(sources...)
 // childFields_* functions provide shared child field context lookups.
 // Each function is generated once per unique object type, deduplicating the
 // switch statements that were previously inlined in every fieldContext_* function.
+
+func (ec *executionContext) childFields_Dispatch(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+	switch field.Name {
+	case "state":
+		return ec.fieldContext_Dispatch_state(ctx, field)
+	case "url":
+		return ec.fieldContext_Dispatch_url(ctx, field)
+	case "attempts":
+		return ec.fieldContext_Dispatch_attempts(ctx, field)
+	case "lastStatus":
+		return ec.fieldContext_Dispatch_lastStatus(ctx, field)
+	case "lastError":
+		return ec.fieldContext_Dispatch_lastError(ctx, field)
+	case "nextAttemptAt":
+		return ec.fieldContext_Dispatch_nextAttemptAt(ctx, field)
+	case "deliveredAt":
+		return ec.fieldContext_Dispatch_deliveredAt(ctx, field)
+	}
+	return nil, fmt.Errorf("no field named %q was found under type Dispatch", field.Name)
+}
 
 func (ec *executionContext) childFields_LookbackEvent(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
 	switch field.Name {
@@ -1093,6 +1329,20 @@ func (ec *executionContext) childFields_NotifyResult(ctx context.Context, field 
 	return nil, fmt.Errorf("no field named %q was found under type NotifyResult", field.Name)
 }
 
+func (ec *executionContext) childFields_OutboxStats(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+	switch field.Name {
+	case "pending":
+		return ec.fieldContext_OutboxStats_pending(ctx, field)
+	case "delivered":
+		return ec.fieldContext_OutboxStats_delivered(ctx, field)
+	case "failed":
+		return ec.fieldContext_OutboxStats_failed(ctx, field)
+	case "canceled":
+		return ec.fieldContext_OutboxStats_canceled(ctx, field)
+	}
+	return nil, fmt.Errorf("no field named %q was found under type OutboxStats", field.Name)
+}
+
 func (ec *executionContext) childFields_PageInfo(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
 	switch field.Name {
 	case "hasNextPage":
@@ -1135,6 +1385,8 @@ func (ec *executionContext) childFields_Stats(ctx context.Context, field graphql
 		return ec.fieldContext_Stats_waiters(ctx, field)
 	case "pendingLookbackEvents":
 		return ec.fieldContext_Stats_pendingLookbackEvents(ctx, field)
+	case "outbox":
+		return ec.fieldContext_Stats_outbox(ctx, field)
 	case "oldestWaitingDeadline":
 		return ec.fieldContext_Stats_oldestWaitingDeadline(ctx, field)
 	}
@@ -1249,6 +1501,14 @@ func (ec *executionContext) childFields_WorkflowRun(ctx context.Context, field g
 		return ec.fieldContext_WorkflowRun_waiters(ctx, field)
 	case "lookbackEvents":
 		return ec.fieldContext_WorkflowRun_lookbackEvents(ctx, field)
+	case "dispatch":
+		return ec.fieldContext_WorkflowRun_dispatch(ctx, field)
+	case "claimedAt":
+		return ec.fieldContext_WorkflowRun_claimedAt(ctx, field)
+	case "ackedAt":
+		return ec.fieldContext_WorkflowRun_ackedAt(ctx, field)
+	case "attempts":
+		return ec.fieldContext_WorkflowRun_attempts(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type WorkflowRun", field.Name)
 }
@@ -1379,6 +1639,28 @@ func (ec *executionContext) childFields___Type(ctx context.Context, field graphq
 
 // region    ***************************** args.gotpl *****************************
 
+func (ec *executionContext) field_Mutation_ackRun_args(ctx context.Context, rawArgs map[string]any) (map[string]any, error) {
+	var err error
+	args := map[string]any{}
+	arg0, err := graphql.ProcessArgField(ctx, rawArgs, "workflowRunId",
+		func(ctx context.Context, v any) (string, error) {
+			return ec.unmarshalNID2string(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["workflowRunId"] = arg0
+	arg1, err := graphql.ProcessArgField(ctx, rawArgs, "attempt",
+		func(ctx context.Context, v any) (*int, error) {
+			return ec.unmarshalOInt2ᚖint(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["attempt"] = arg1
+	return args, nil
+}
+
 func (ec *executionContext) field_Mutation_cancel_args(ctx context.Context, rawArgs map[string]any) (map[string]any, error) {
 	var err error
 	args := map[string]any{}
@@ -1488,6 +1770,14 @@ func (ec *executionContext) field_Mutation_trigger_args(ctx context.Context, raw
 		return nil, err
 	}
 	args["label"] = arg2
+	arg3, err := graphql.ProcessArgField(ctx, rawArgs, "dispatch",
+		func(ctx context.Context, v any) (*models.DispatchInput, error) {
+			return ec.unmarshalODispatchInput2ᚖrendezvousᚋmodelsᚐDispatchInput(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["dispatch"] = arg3
 	return args, nil
 }
 
@@ -1568,6 +1858,36 @@ func (ec *executionContext) field_Query_workflowRuns_args(ctx context.Context, r
 		return nil, err
 	}
 	args["after"] = arg3
+	return args, nil
+}
+
+func (ec *executionContext) field_Subscription_runsToStart_args(ctx context.Context, rawArgs map[string]any) (map[string]any, error) {
+	var err error
+	args := map[string]any{}
+	arg0, err := graphql.ProcessArgField(ctx, rawArgs, "label",
+		func(ctx context.Context, v any) (*string, error) {
+			return ec.unmarshalOString2ᚖstring(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["label"] = arg0
+	arg1, err := graphql.ProcessArgField(ctx, rawArgs, "lease",
+		func(ctx context.Context, v any) (*time.Duration, error) {
+			return ec.unmarshalODuration2ᚖtimeᚐDuration(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["lease"] = arg1
+	arg2, err := graphql.ProcessArgField(ctx, rawArgs, "maxUnacked",
+		func(ctx context.Context, v any) (*int, error) {
+			return ec.unmarshalOInt2ᚖint(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["maxUnacked"] = arg2
 	return args, nil
 }
 
@@ -1682,6 +2002,167 @@ func (ec *executionContext) field___Type_inputFields_args(ctx context.Context, r
 // endregion ***************************** args.gotpl *****************************
 
 // region    **************************** field.gotpl *****************************
+
+func (ec *executionContext) _Dispatch_state(ctx context.Context, field graphql.CollectedField, obj *models.Dispatch) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Dispatch_state(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.State, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v models.DispatchState) graphql.Marshaler {
+			return ec.marshalNDispatchState2rendezvousᚋmodelsᚐDispatchState(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Dispatch_state(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Dispatch", field, false, false, "DispatchState")
+}
+
+func (ec *executionContext) _Dispatch_url(ctx context.Context, field graphql.CollectedField, obj *models.Dispatch) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Dispatch_url(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.URL, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v string) graphql.Marshaler {
+			return ec.marshalNString2string(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Dispatch_url(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Dispatch", field, false, false, "String")
+}
+
+func (ec *executionContext) _Dispatch_attempts(ctx context.Context, field graphql.CollectedField, obj *models.Dispatch) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Dispatch_attempts(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Attempts, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Dispatch_attempts(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Dispatch", field, false, false, "Int")
+}
+
+func (ec *executionContext) _Dispatch_lastStatus(ctx context.Context, field graphql.CollectedField, obj *models.Dispatch) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Dispatch_lastStatus(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.LastStatus, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *int) graphql.Marshaler {
+			return ec.marshalOInt2ᚖint(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Dispatch_lastStatus(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Dispatch", field, false, false, "Int")
+}
+
+func (ec *executionContext) _Dispatch_lastError(ctx context.Context, field graphql.CollectedField, obj *models.Dispatch) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Dispatch_lastError(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.LastError, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *string) graphql.Marshaler {
+			return ec.marshalOString2ᚖstring(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Dispatch_lastError(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Dispatch", field, false, false, "String")
+}
+
+func (ec *executionContext) _Dispatch_nextAttemptAt(ctx context.Context, field graphql.CollectedField, obj *models.Dispatch) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Dispatch_nextAttemptAt(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.NextAttemptAt, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *time.Time) graphql.Marshaler {
+			return ec.marshalOTime2ᚖtimeᚐTime(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Dispatch_nextAttemptAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Dispatch", field, false, false, "Time")
+}
+
+func (ec *executionContext) _Dispatch_deliveredAt(ctx context.Context, field graphql.CollectedField, obj *models.Dispatch) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Dispatch_deliveredAt(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.DeliveredAt, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *time.Time) graphql.Marshaler {
+			return ec.marshalOTime2ᚖtimeᚐTime(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Dispatch_deliveredAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Dispatch", field, false, false, "Time")
+}
 
 func (ec *executionContext) _LookbackEvent_id(ctx context.Context, field graphql.CollectedField, obj *models.LookbackEvent) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
@@ -1854,7 +2335,7 @@ func (ec *executionContext) _Mutation_trigger(ctx context.Context, field graphql
 		},
 		func(ctx context.Context) (any, error) {
 			fc := graphql.GetFieldContext(ctx)
-			return ec.Resolvers.Mutation().Trigger(ctx, fc.Args["workflowRunId"].(*string), fc.Args["body"].(json.RawMessage), fc.Args["label"].(*string))
+			return ec.Resolvers.Mutation().Trigger(ctx, fc.Args["workflowRunId"].(*string), fc.Args["body"].(json.RawMessage), fc.Args["label"].(*string), fc.Args["dispatch"].(*models.DispatchInput))
 		},
 		nil,
 		func(ctx context.Context, selections ast.SelectionSet, v *models.TriggerResult) graphql.Marshaler {
@@ -2014,6 +2495,50 @@ func (ec *executionContext) fieldContext_Mutation_finishRun(ctx context.Context,
 	}()
 	ctx = graphql.WithFieldContext(ctx, fc)
 	if fc.Args, err = ec.field_Mutation_finishRun_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
+		ec.Error(ctx, err)
+		return fc, err
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _Mutation_ackRun(ctx context.Context, field graphql.CollectedField) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Mutation_ackRun(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			fc := graphql.GetFieldContext(ctx)
+			return ec.Resolvers.Mutation().AckRun(ctx, fc.Args["workflowRunId"].(string), fc.Args["attempt"].(*int))
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.WorkflowRun) graphql.Marshaler {
+			return ec.marshalNWorkflowRun2ᚖrendezvousᚋmodelsᚐWorkflowRun(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Mutation_ackRun(ctx context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Mutation",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_WorkflowRun(ctx, field)
+		},
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			err = ec.Recover(ctx, r)
+			ec.Error(ctx, err)
+		}
+	}()
+	ctx = graphql.WithFieldContext(ctx, fc)
+	if fc.Args, err = ec.field_Mutation_ackRun_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
 		ec.Error(ctx, err)
 		return fc, err
 	}
@@ -2275,6 +2800,98 @@ func (ec *executionContext) _NotifyResult_deduplicated(ctx context.Context, fiel
 }
 func (ec *executionContext) fieldContext_NotifyResult_deduplicated(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
 	return graphql.NewScalarFieldContext("NotifyResult", field, false, false, "Boolean")
+}
+
+func (ec *executionContext) _OutboxStats_pending(ctx context.Context, field graphql.CollectedField, obj *models.OutboxStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_OutboxStats_pending(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Pending, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_OutboxStats_pending(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("OutboxStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _OutboxStats_delivered(ctx context.Context, field graphql.CollectedField, obj *models.OutboxStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_OutboxStats_delivered(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Delivered, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_OutboxStats_delivered(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("OutboxStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _OutboxStats_failed(ctx context.Context, field graphql.CollectedField, obj *models.OutboxStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_OutboxStats_failed(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Failed, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_OutboxStats_failed(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("OutboxStats", field, false, false, "Int")
+}
+
+func (ec *executionContext) _OutboxStats_canceled(ctx context.Context, field graphql.CollectedField, obj *models.OutboxStats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_OutboxStats_canceled(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Canceled, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_OutboxStats_canceled(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("OutboxStats", field, false, false, "Int")
 }
 
 func (ec *executionContext) _PageInfo_hasNextPage(ctx context.Context, field graphql.CollectedField, obj *models.PageInfo) (ret graphql.Marshaler) {
@@ -2788,6 +3405,38 @@ func (ec *executionContext) fieldContext_Stats_pendingLookbackEvents(_ context.C
 	return graphql.NewScalarFieldContext("Stats", field, false, false, "Int")
 }
 
+func (ec *executionContext) _Stats_outbox(ctx context.Context, field graphql.CollectedField, obj *models.Stats) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Stats_outbox(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Outbox, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.OutboxStats) graphql.Marshaler {
+			return ec.marshalNOutboxStats2ᚖrendezvousᚋmodelsᚐOutboxStats(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Stats_outbox(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Stats",
+		Field:      field,
+		IsMethod:   false,
+		IsResolver: false,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_OutboxStats(ctx, field)
+		},
+	}
+	return fc, nil
+}
+
 func (ec *executionContext) _Stats_oldestWaitingDeadline(ctx context.Context, field graphql.CollectedField, obj *models.Stats) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -2964,6 +3613,50 @@ func (ec *executionContext) fieldContext_Subscription_waitForEvent(ctx context.C
 	}()
 	ctx = graphql.WithFieldContext(ctx, fc)
 	if fc.Args, err = ec.field_Subscription_waitForEvent_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
+		ec.Error(ctx, err)
+		return fc, err
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _Subscription_runsToStart(ctx context.Context, field graphql.CollectedField) (ret func(ctx context.Context) graphql.Marshaler) {
+	return graphql.ResolveFieldStream(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Subscription_runsToStart(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			fc := graphql.GetFieldContext(ctx)
+			return ec.Resolvers.Subscription().RunsToStart(ctx, fc.Args["label"].(*string), fc.Args["lease"].(*time.Duration), fc.Args["maxUnacked"].(*int))
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.WorkflowRun) graphql.Marshaler {
+			return ec.marshalNWorkflowRun2ᚖrendezvousᚋmodelsᚐWorkflowRun(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Subscription_runsToStart(ctx context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Subscription",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_WorkflowRun(ctx, field)
+		},
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			err = ec.Recover(ctx, r)
+			ec.Error(ctx, err)
+		}
+	}()
+	ctx = graphql.WithFieldContext(ctx, fc)
+	if fc.Args, err = ec.field_Subscription_runsToStart_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
 		ec.Error(ctx, err)
 		return fc, err
 	}
@@ -3772,6 +4465,107 @@ func (ec *executionContext) fieldContext_WorkflowRun_lookbackEvents(_ context.Co
 		},
 	}
 	return fc, nil
+}
+
+func (ec *executionContext) _WorkflowRun_dispatch(ctx context.Context, field graphql.CollectedField, obj *models.WorkflowRun) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WorkflowRun_dispatch(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.WorkflowRun().Dispatch(ctx, obj)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.Dispatch) graphql.Marshaler {
+			return ec.marshalODispatch2ᚖrendezvousᚋmodelsᚐDispatch(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_WorkflowRun_dispatch(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "WorkflowRun",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_Dispatch(ctx, field)
+		},
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _WorkflowRun_claimedAt(ctx context.Context, field graphql.CollectedField, obj *models.WorkflowRun) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WorkflowRun_claimedAt(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.ClaimedAt, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *time.Time) graphql.Marshaler {
+			return ec.marshalOTime2ᚖtimeᚐTime(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_WorkflowRun_claimedAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("WorkflowRun", field, false, false, "Time")
+}
+
+func (ec *executionContext) _WorkflowRun_ackedAt(ctx context.Context, field graphql.CollectedField, obj *models.WorkflowRun) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WorkflowRun_ackedAt(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.AckedAt, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *time.Time) graphql.Marshaler {
+			return ec.marshalOTime2ᚖtimeᚐTime(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_WorkflowRun_ackedAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("WorkflowRun", field, false, false, "Time")
+}
+
+func (ec *executionContext) _WorkflowRun_attempts(ctx context.Context, field graphql.CollectedField, obj *models.WorkflowRun) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_WorkflowRun_attempts(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return obj.Attempts, nil
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v int) graphql.Marshaler {
+			return ec.marshalNInt2int(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_WorkflowRun_attempts(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("WorkflowRun", field, false, false, "Int")
 }
 
 func (ec *executionContext) _WorkflowRunConnection_nodes(ctx context.Context, field graphql.CollectedField, obj *models.WorkflowRunConnection) (ret graphql.Marshaler) {
@@ -4911,6 +5705,69 @@ func (ec *executionContext) fieldContext___Type_isOneOf(_ context.Context, field
 
 // region    **************************** input.gotpl *****************************
 
+func (ec *executionContext) unmarshalInputDispatchInput(ctx context.Context, obj any) (models.DispatchInput, error) {
+	var it models.DispatchInput
+	if obj == nil {
+		return it, nil
+	}
+
+	asMap := map[string]any{}
+	for k, v := range obj.(map[string]any) {
+		asMap[k] = v
+	}
+
+	fieldsInOrder := [...]string{"url", "headers", "retries", "delay"}
+	for _, k := range fieldsInOrder {
+		v, ok := asMap[k]
+		if !ok {
+			continue
+		}
+		switch k {
+		case "url":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("url"))
+			data, err := ec.unmarshalNString2string(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.URL = data
+		case "headers":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("headers"))
+			data, err := ec.unmarshalOJSON2encodingᚋjsonᚐRawMessage(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.Headers = data
+		case "retries":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("retries"))
+			data, err := ec.unmarshalOInt2ᚖint(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.Retries = data
+		case "delay":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("delay"))
+			data, err := ec.unmarshalODuration2ᚖtimeᚐDuration(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.Delay = data
+		}
+	}
+	return it, nil
+}
+
+// UnmarshalDispatchInput unmarshals raw into the DispatchInput input type, using the
+// unmarshaler bound to ctx's request. Call it from a resolver to decode an input
+// object that was not passed as a field argument.
+//
+// ctx must come from a gqlgen request; outside one there is no unmarshaler to use
+// and the returned error says so.
+func UnmarshalDispatchInput(ctx context.Context, raw any) (models.DispatchInput, error) {
+	var out models.DispatchInput
+	err := graphql.UnmarshalNamedInputFromContext(ctx, "DispatchInput", raw, &out)
+	return out, err
+}
+
 func (ec *executionContext) unmarshalInputStepRef(ctx context.Context, obj any) (models.StepRef, error) {
 	var it models.StepRef
 	if obj == nil {
@@ -4967,6 +5824,69 @@ func UnmarshalStepRef(ctx context.Context, raw any) (models.StepRef, error) {
 // endregion ************************** interface.gotpl ***************************
 
 // region    **************************** object.gotpl ****************************
+
+var dispatchImplementors = []string{"Dispatch"}
+
+func (ec *executionContext) _Dispatch(ctx context.Context, sel ast.SelectionSet, obj *models.Dispatch) graphql.Marshaler {
+	fields := graphql.CollectFields(ec.OperationContext, sel, dispatchImplementors)
+
+	out := graphql.NewFieldSet(fields)
+	deferred := graphql.NewDeferredGroup(ctx)
+	for i, field := range fields {
+		switch field.Name {
+		case "__typename":
+			out.Values[i] = graphql.MarshalString("Dispatch")
+		case "state":
+			out.Values[i] = ec._Dispatch_state(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "url":
+			out.Values[i] = ec._Dispatch_url(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "attempts":
+			out.Values[i] = ec._Dispatch_attempts(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "lastStatus":
+			out.Values[i] = ec._Dispatch_lastStatus(ctx, field, obj)
+			if out.Values[i] == graphql.RequiredNull {
+				out.Invalids++
+			}
+		case "lastError":
+			out.Values[i] = ec._Dispatch_lastError(ctx, field, obj)
+			if out.Values[i] == graphql.RequiredNull {
+				out.Invalids++
+			}
+		case "nextAttemptAt":
+			out.Values[i] = ec._Dispatch_nextAttemptAt(ctx, field, obj)
+			if out.Values[i] == graphql.RequiredNull {
+				out.Invalids++
+			}
+		case "deliveredAt":
+			out.Values[i] = ec._Dispatch_deliveredAt(ctx, field, obj)
+			if out.Values[i] == graphql.RequiredNull {
+				out.Invalids++
+			}
+		default:
+			panic("unknown field " + strconv.Quote(field.Name))
+		}
+	}
+	out.Dispatch(ctx)
+	if out.Invalids > 0 {
+		return graphql.Null
+	}
+
+	if n := len(deferred.Defers); n > 0 {
+		atomic.AddInt32(&ec.Deferred, int32(min(n, math.MaxInt32)))
+		ec.ProcessDeferredGroup(deferred)
+	}
+
+	return out
+}
 
 var lookbackEventImplementors = []string{"LookbackEvent"}
 
@@ -5078,6 +5998,13 @@ func (ec *executionContext) _Mutation(ctx context.Context, sel ast.SelectionSet)
 			if out.Values[i] == graphql.Null {
 				out.Invalids++
 			}
+		case "ackRun":
+			out.Values[i] = ec.OperationContext.RootResolverMiddleware(innerCtx, func(ctx context.Context) (res graphql.Marshaler) {
+				return ec._Mutation_ackRun(ctx, field)
+			})
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))
 		}
@@ -5181,6 +6108,54 @@ func (ec *executionContext) _NotifyResult(ctx context.Context, sel ast.Selection
 			}
 		case "deduplicated":
 			out.Values[i] = ec._NotifyResult_deduplicated(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		default:
+			panic("unknown field " + strconv.Quote(field.Name))
+		}
+	}
+	out.Dispatch(ctx)
+	if out.Invalids > 0 {
+		return graphql.Null
+	}
+
+	if n := len(deferred.Defers); n > 0 {
+		atomic.AddInt32(&ec.Deferred, int32(min(n, math.MaxInt32)))
+		ec.ProcessDeferredGroup(deferred)
+	}
+
+	return out
+}
+
+var outboxStatsImplementors = []string{"OutboxStats"}
+
+func (ec *executionContext) _OutboxStats(ctx context.Context, sel ast.SelectionSet, obj *models.OutboxStats) graphql.Marshaler {
+	fields := graphql.CollectFields(ec.OperationContext, sel, outboxStatsImplementors)
+
+	out := graphql.NewFieldSet(fields)
+	deferred := graphql.NewDeferredGroup(ctx)
+	for i, field := range fields {
+		switch field.Name {
+		case "__typename":
+			out.Values[i] = graphql.MarshalString("OutboxStats")
+		case "pending":
+			out.Values[i] = ec._OutboxStats_pending(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "delivered":
+			out.Values[i] = ec._OutboxStats_delivered(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "failed":
+			out.Values[i] = ec._OutboxStats_failed(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "canceled":
+			out.Values[i] = ec._OutboxStats_canceled(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
 				out.Invalids++
 			}
@@ -5425,6 +6400,11 @@ func (ec *executionContext) _Stats(ctx context.Context, sel ast.SelectionSet, ob
 			if out.Values[i] == graphql.Null {
 				out.Invalids++
 			}
+		case "outbox":
+			out.Values[i] = ec._Stats_outbox(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
 		case "oldestWaitingDeadline":
 			out.Values[i] = ec._Stats_oldestWaitingDeadline(ctx, field, obj)
 			if out.Values[i] == graphql.RequiredNull {
@@ -5515,6 +6495,8 @@ func (ec *executionContext) _Subscription(ctx context.Context, sel ast.Selection
 	switch fields[0].Name {
 	case "waitForEvent":
 		return ec._Subscription_waitForEvent(ctx, fields[0])
+	case "runsToStart":
+		return ec._Subscription_runsToStart(ctx, fields[0])
 	default:
 		panic("unknown field " + strconv.Quote(fields[0].Name))
 	}
@@ -5812,6 +6794,27 @@ func (ec *executionContext) _WorkflowRun(ctx context.Context, sel ast.SelectionS
 				func(ctx context.Context) graphql.Marshaler {
 					return ec._WorkflowRun_lookbackEvents(ctx, field, obj)
 				})
+		case "dispatch":
+			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
+				true, false,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._WorkflowRun_dispatch(ctx, field, obj)
+				})
+		case "claimedAt":
+			out.Values[i] = ec._WorkflowRun_claimedAt(ctx, field, obj)
+			if out.Values[i] == graphql.RequiredNull {
+				atomic.AddUint32(&out.Invalids, 1)
+			}
+		case "ackedAt":
+			out.Values[i] = ec._WorkflowRun_ackedAt(ctx, field, obj)
+			if out.Values[i] == graphql.RequiredNull {
+				atomic.AddUint32(&out.Invalids, 1)
+			}
+		case "attempts":
+			out.Values[i] = ec._WorkflowRun_attempts(ctx, field, obj)
+			if out.Values[i] == graphql.Null {
+				atomic.AddUint32(&out.Invalids, 1)
+			}
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))
 		}
@@ -6243,6 +7246,16 @@ func (ec *executionContext) marshalNBoolean2bool(ctx context.Context, sel ast.Se
 	return res
 }
 
+func (ec *executionContext) unmarshalNDispatchState2rendezvousᚋmodelsᚐDispatchState(ctx context.Context, v any) (models.DispatchState, error) {
+	var res models.DispatchState
+	err := res.UnmarshalGQL(v)
+	return res, graphql.ErrorOnPath(ctx, err)
+}
+
+func (ec *executionContext) marshalNDispatchState2rendezvousᚋmodelsᚐDispatchState(ctx context.Context, sel ast.SelectionSet, v models.DispatchState) graphql.Marshaler {
+	return v
+}
+
 func (ec *executionContext) unmarshalNID2string(ctx context.Context, v any) (string, error) {
 	res, err := scalar.UnmarshalID(v)
 	return res, graphql.ErrorOnPath(ctx, err)
@@ -6325,6 +7338,14 @@ func (ec *executionContext) marshalNNotifyResult2ᚖrendezvousᚋmodelsᚐNotify
 		return graphql.Null
 	}
 	return ec._NotifyResult(ctx, sel, v)
+}
+
+func (ec *executionContext) marshalNOutboxStats2ᚖrendezvousᚋmodelsᚐOutboxStats(ctx context.Context, sel ast.SelectionSet, v *models.OutboxStats) graphql.Marshaler {
+	if v == nil {
+		graphql.AddInvalidNullError(ctx, "OutboxStats!")
+		return graphql.Null
+	}
+	return ec._OutboxStats(ctx, sel, v)
 }
 
 func (ec *executionContext) marshalNPageInfo2ᚖrendezvousᚋmodelsᚐPageInfo(ctx context.Context, sel ast.SelectionSet, v *models.PageInfo) graphql.Marshaler {
@@ -6683,6 +7704,21 @@ func (ec *executionContext) marshalOBoolean2ᚖbool(ctx context.Context, sel ast
 	_ = ctx
 	res := graphql.MarshalBoolean(*v)
 	return res
+}
+
+func (ec *executionContext) marshalODispatch2ᚖrendezvousᚋmodelsᚐDispatch(ctx context.Context, sel ast.SelectionSet, v *models.Dispatch) graphql.Marshaler {
+	if v == nil {
+		return graphql.Null
+	}
+	return ec._Dispatch(ctx, sel, v)
+}
+
+func (ec *executionContext) unmarshalODispatchInput2ᚖrendezvousᚋmodelsᚐDispatchInput(ctx context.Context, v any) (*models.DispatchInput, error) {
+	if v == nil {
+		return nil, nil
+	}
+	res, err := ec.unmarshalInputDispatchInput(ctx, v)
+	return &res, graphql.ErrorOnPath(ctx, err)
 }
 
 func (ec *executionContext) unmarshalODuration2ᚖtimeᚐDuration(ctx context.Context, v any) (*time.Duration, error) {

@@ -14,8 +14,8 @@ import (
 )
 
 // Trigger is the resolver for the trigger field.
-func (r *mutationResolver) Trigger(ctx context.Context, workflowRunID *string, body json.RawMessage, label *string) (*models.TriggerResult, error) {
-	return r.Engine.Trigger(ctx, engine.TriggerParams{RunID: workflowRunID, Body: body, Label: label})
+func (r *mutationResolver) Trigger(ctx context.Context, workflowRunID *string, body json.RawMessage, label *string, dispatch *models.DispatchInput) (*models.TriggerResult, error) {
+	return r.Engine.Trigger(ctx, engine.TriggerParams{RunID: workflowRunID, Body: body, Label: label, Dispatch: dispatch})
 }
 
 // Notify is the resolver for the notify field.
@@ -31,6 +31,11 @@ func (r *mutationResolver) Cancel(ctx context.Context, workflowRunID string) (*m
 // FinishRun is the resolver for the finishRun field.
 func (r *mutationResolver) FinishRun(ctx context.Context, workflowRunID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error) {
 	return r.Engine.FinishRun(ctx, workflowRunID, state, result)
+}
+
+// AckRun is the resolver for the ackRun field.
+func (r *mutationResolver) AckRun(ctx context.Context, workflowRunID string, attempt *int) (*models.WorkflowRun, error) {
+	return r.Engine.AckRun(ctx, workflowRunID, attempt)
 }
 
 // WorkflowRun is the resolver for the workflowRun field.
@@ -62,6 +67,11 @@ func (r *subscriptionResolver) WaitForEvent(ctx context.Context, eventID string,
 	return r.waitForEvent(ctx, engine.WaitParams{EventID: eventID, RunID: workflowRunID, StepName: stepName, Timeout: timeout})
 }
 
+// RunsToStart is the resolver for the runsToStart field.
+func (r *subscriptionResolver) RunsToStart(ctx context.Context, label *string, lease *time.Duration, maxUnacked *int) (<-chan *models.WorkflowRun, error) {
+	return r.Engine.RunsToStart(ctx, engine.StartParams{Label: label, Lease: lease, MaxUnacked: maxUnacked})
+}
+
 // RunToken is the resolver for the runToken field.
 func (r *triggerResultResolver) RunToken(ctx context.Context, obj *models.TriggerResult) (*models.RunToken, error) {
 	return r.runToken(obj.WorkflowRunID), nil
@@ -80,6 +90,11 @@ func (r *workflowRunResolver) Waiters(ctx context.Context, obj *models.WorkflowR
 // LookbackEvents is the resolver for the lookbackEvents field.
 func (r *workflowRunResolver) LookbackEvents(ctx context.Context, obj *models.WorkflowRun) ([]*models.LookbackEvent, error) {
 	return r.Engine.RunLookbackEvents(ctx, obj.WorkflowRunID)
+}
+
+// Dispatch is the resolver for the dispatch field.
+func (r *workflowRunResolver) Dispatch(ctx context.Context, obj *models.WorkflowRun) (*models.Dispatch, error) {
+	return r.Engine.RunDispatch(ctx, obj.WorkflowRunID)
 }
 
 // Mutation returns MutationResolver implementation.

@@ -24,6 +24,8 @@ import (
 // Metrics holds every metric of one service.
 type Metrics struct {
 	reg *prometheus.Registry
+	// outbox: HTTP dispatch (outbox.go).
+	outbox outboxMetrics
 
 	triggers         *prometheus.CounterVec
 	notifies         *prometheus.CounterVec
@@ -176,6 +178,7 @@ func New() *Metrics {
 	for _, t := range transports {
 		m.openConnections.WithLabelValues(t)
 	}
+	m.outbox = newOutboxMetrics(reg)
 	return m
 }
 

@@ -88,3 +88,28 @@ func unmarshalEnum(v any, name string, dst *string, valid func() bool) error {
 	}
 	return nil
 }
+
+// DispatchState is where an HTTP delivery stands: PENDING until it is
+// DELIVERED (a 2xx), FAILED (retries used up, or refused) or CANCELED (its
+// run ended first).
+type DispatchState string
+
+const (
+	DispatchPending   DispatchState = "PENDING"
+	DispatchDelivered DispatchState = "DELIVERED"
+	DispatchFailed    DispatchState = "FAILED"
+	DispatchCanceled  DispatchState = "CANCELED"
+)
+
+func (s DispatchState) IsValid() bool {
+	switch s {
+	case DispatchPending, DispatchDelivered, DispatchFailed, DispatchCanceled:
+		return true
+	}
+	return false
+}
+
+func (s *DispatchState) UnmarshalGQL(v any) error {
+	return unmarshalEnum(v, "DispatchState", (*string)(s), func() bool { return s.IsValid() })
+}
+func (s DispatchState) MarshalGQL(w io.Writer) { io.WriteString(w, strconv.Quote(string(s))) }

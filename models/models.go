@@ -18,6 +18,15 @@ type WorkflowRun struct {
 	Result        json.RawMessage // nil: no result
 	CreatedAt     time.Time
 	UpdatedAt     time.Time
+
+	// Hand-over to runsToStart workers: when a worker was last handed the
+	// run, when one acked it, and how many hand-overs there were.
+	ClaimedAt *time.Time
+	AckedAt   *time.Time
+	Attempts  int
+	// StartPending: the run waits to be acked by a runsToStart worker (it
+	// was triggered without dispatch, is started and nobody acked it yet).
+	StartPending bool
 }
 
 // Waiter is one pending or ended waitForEvent.
@@ -130,6 +139,7 @@ type Stats struct {
 	Runs                  *RunStats
 	Waiters               *WaiterStats
 	PendingLookbackEvents int
+	Outbox                *OutboxStats
 	// OldestWaitingDeadline is the earliest deadline of a waiter still
 	// WAITING; nil when none is.
 	OldestWaitingDeadline *time.Time
@@ -144,4 +154,28 @@ type RunStats struct {
 // counts as timed out.
 type WaiterStats struct {
 	Waiting, Notified, TimedOut, Canceled int
+}
+
+// DispatchInput asks trigger to POST the run to a URL.
+type DispatchInput struct {
+	URL     string
+	Headers json.RawMessage // a JSON object of strings; nil: none
+	Retries *int
+	Delay   *time.Duration
+}
+
+// Dispatch is where a run's HTTP delivery stands.
+type Dispatch struct {
+	State         DispatchState
+	URL           string
+	Attempts      int
+	LastStatus    *int
+	LastError     *string
+	NextAttemptAt *time.Time
+	DeliveredAt   *time.Time
+}
+
+// OutboxStats counts HTTP deliveries by state.
+type OutboxStats struct {
+	Pending, Delivered, Failed, Canceled int
 }

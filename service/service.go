@@ -22,6 +22,7 @@ import (
 
 	"rendezvous/auth"
 	"rendezvous/bus"
+	"rendezvous/delivery"
 	"rendezvous/engine"
 	"rendezvous/graph"
 	"rendezvous/graph/scalar"
@@ -66,6 +67,8 @@ type Config struct {
 	// not on MetricsAddr (keep that port private). true with no server
 	// tokens configured is refused.
 	MetricsTokenRequired *bool
+	// Outbound: HTTP dispatch (outbound.go).
+	Outbound OutboundConfig
 	// Metrics, when set, is the service's metrics (tests may share or read
 	// it); nil: New makes them.
 	Metrics *metrics.Metrics
@@ -221,6 +224,8 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 	dur("RENDEZVOUS_KEEPALIVE", &cfg.HTTP.KeepAlive)
 	dur("RENDEZVOUS_INIT_TIMEOUT", &cfg.HTTP.InitTimeout)
 
+	errs = append(errs, outboundFromEnv(getenv, &cfg)...)
+
 	// Metrics.
 	if v := getenv("RENDEZVOUS_METRICS_ADDR"); v != "" {
 		if _, _, err := parseListen("RENDEZVOUS_METRICS_ADDR", v); err != nil {
@@ -247,6 +252,7 @@ type Service struct {
 	// part of Handler.
 	MetricsHandler http.Handler
 	bus            *bus.Redis
+	deliverer      *delivery.Deliverer
 	endStreams     context.CancelFunc
 	log            *slog.Logger
 	// open: no server tokens. listenAddr and metricsListen are where the
@@ -297,6 +303,11 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 			return nil, fmt.Errorf("RENDEZVOUS_METRICS_TOKEN_REQUIRED=true but no server token is configured (RENDEZVOUS_TOKENS or RENDEZVOUS_TOKENS_FILE)")
 		}
 	}
+	cfg.Outbound.Delivery.Observer = m
+	buildDeliverer, err := prepareOutbound(&cfg, authn)
+	if err != nil {
+		return nil, err
+	}
 	store, err := storage.Open(ctx, cfg.DatabaseURL, storage.Options{Logger: log, Observer: m})
 	if err != nil {
 		return nil, err
@@ -335,6 +346,8 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		store.Close()
 		return nil, err
 	}
+	deliverer := buildDeliverer(eng)
+	m.ObserveOutboxPending(eng.OutboxPending)
 	streams, endStreams := context.WithCancel(context.Background())
 	hc := cfg.HTTP
 	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, eng.Now
@@ -362,7 +375,7 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	handler := graph.NewHandler(eng, hc)
 	api, metricsListen := cfg.listenAddrs(authn.Open())
 	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, Metrics: m, MetricsHandler: metricsHandler,
-		bus: rb, endStreams: endStreams, log: log,
+		bus: rb, deliverer: deliverer, endStreams: endStreams, log: log,
 		open: authn.Open(), listenAddr: api, metricsListen: metricsListen, metricsTokenRequire: metricsToken}, nil
 }
 
@@ -391,8 +404,11 @@ func (s *Service) MetricsAddr() string {
 	return s.metricsAddr
 }
 
-// Start runs the engine's background loops.
-func (s *Service) Start(ctx context.Context) { s.Engine.Start(ctx) }
+// Start runs the engine's background loops and the delivery loop.
+func (s *Service) Start(ctx context.Context) {
+	s.Engine.Start(ctx)
+	s.deliverer.Start(ctx)
+}
 
 // Close ends open subscriptions (durable waiters stay in the database, the
 // others are removed), stops the loops and closes the database.
@@ -403,6 +419,7 @@ func (s *Service) Close() error {
 	if err := s.Engine.DrainWaits(ctx); err != nil {
 		s.log.Warn("subscriptions did not all clean up in time", "err", err)
 	}
+	s.deliverer.Stop()
 	s.Engine.Stop()
 	if s.bus != nil {
 		s.bus.Stop()

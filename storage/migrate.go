@@ -41,6 +41,11 @@ type migration struct {
 //	waiters         (run_id, state, ended_at)          the purge of waiters without a run (run_id NULL), per ended state,
 //	                                                   oldest end first; a run's WAITING waiters when it ends
 //	waiters         (message_id)                       the purge: is a notification still referred to by a waiter
+//	outbox          (state, next_attempt_at)           the delivery loop claiming due rows; counting by state
+//	outbox          (run_id)                           run.dispatch, ending a run (cancel its delivery)
+//	outbox          UNIQUE(id)                         recording an attempt's result by delivery id
+//	runs            (start_pending, label, seq)        runsToStart: the oldest runs of a label not yet acked
+//	runs            (claimed_by)                       giving back a worker's runs when its subscription ends
 //
 // runs.lock_version is written, never read: on Galera, which replicates
 // writes and not row locks, the run lock bumps it (see bumpRunSQL), so
@@ -244,6 +249,73 @@ var migrations = []migration{
 		},
 		sqlite: []string{
 			`ALTER TABLE runs ADD COLUMN lock_version INTEGER NOT NULL DEFAULT 0`,
+		},
+	},
+	{
+		version: 6,
+		name:    "outbox (HTTP dispatch) and the hand-over of runs to workers",
+		mysql: []string{
+			`CREATE TABLE IF NOT EXISTS outbox (
+				seq BIGINT NOT NULL AUTO_INCREMENT,
+				id VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				run_id VARBINARY(300) NULL,
+				kind VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				url TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				headers LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				body LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+				state VARCHAR(16) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				attempts INT NOT NULL DEFAULT 0,
+				max_attempts INT NOT NULL,
+				next_attempt_at DATETIME(6) NOT NULL,
+				claim VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NULL,
+				last_status INT NULL,
+				last_error VARCHAR(512) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL,
+				created_at DATETIME(6) NOT NULL,
+				ended_at DATETIME(6) NULL,
+				PRIMARY KEY (seq),
+				UNIQUE KEY outbox_id (id),
+				KEY outbox_state_due (state, next_attempt_at),
+				KEY outbox_run (run_id)
+			) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin`,
+			`ALTER TABLE runs ADD COLUMN start_pending BOOLEAN NOT NULL DEFAULT FALSE`,
+			`ALTER TABLE runs ADD COLUMN claimed_by VARBINARY(64) NULL`,
+			`ALTER TABLE runs ADD COLUMN claim_until DATETIME(6) NULL`,
+			`ALTER TABLE runs ADD COLUMN claimed_at DATETIME(6) NULL`,
+			`ALTER TABLE runs ADD COLUMN acked_at DATETIME(6) NULL`,
+			`ALTER TABLE runs ADD COLUMN attempts INT NOT NULL DEFAULT 0`,
+			`CREATE INDEX runs_start_pending ON runs (start_pending, label, seq)`,
+			`CREATE INDEX runs_claimed_by ON runs (claimed_by)`,
+		},
+		sqlite: []string{
+			`CREATE TABLE IF NOT EXISTS outbox (
+				seq INTEGER PRIMARY KEY AUTOINCREMENT,
+				id TEXT NOT NULL,
+				run_id TEXT NULL,
+				kind TEXT NOT NULL,
+				url TEXT NOT NULL,
+				headers BLOB NULL,
+				body BLOB NOT NULL,
+				state TEXT NOT NULL,
+				attempts INTEGER NOT NULL DEFAULT 0,
+				max_attempts INTEGER NOT NULL,
+				next_attempt_at TEXT NOT NULL,
+				claim TEXT NULL,
+				last_status INTEGER NULL,
+				last_error TEXT NULL,
+				created_at TEXT NOT NULL,
+				ended_at TEXT NULL
+			)`,
+			`CREATE UNIQUE INDEX outbox_id ON outbox (id)`,
+			`CREATE INDEX outbox_state_due ON outbox (state, next_attempt_at)`,
+			`CREATE INDEX outbox_run ON outbox (run_id)`,
+			`ALTER TABLE runs ADD COLUMN start_pending INTEGER NOT NULL DEFAULT 0`,
+			`ALTER TABLE runs ADD COLUMN claimed_by TEXT NULL`,
+			`ALTER TABLE runs ADD COLUMN claim_until TEXT NULL`,
+			`ALTER TABLE runs ADD COLUMN claimed_at TEXT NULL`,
+			`ALTER TABLE runs ADD COLUMN acked_at TEXT NULL`,
+			`ALTER TABLE runs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0`,
+			`CREATE INDEX runs_start_pending ON runs (start_pending, label, seq)`,
+			`CREATE INDEX runs_claimed_by ON runs (claimed_by)`,
 		},
 	},
 }

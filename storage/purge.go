@@ -25,6 +25,8 @@ type PurgeParams struct {
 // PurgeResult counts what one call deleted.
 type PurgeResult struct {
 	Runs, Waiters, Steps, LookbackEvents, Notifications int64
+	// Deliveries: outbox rows (a run's dispatch), purged with their run.
+	Deliveries int64
 	// More: the call stopped at its limit; call again for the rest.
 	More bool
 }
@@ -34,13 +36,14 @@ func (r PurgeResult) Add(o PurgeResult) PurgeResult {
 	return PurgeResult{
 		Runs: r.Runs + o.Runs, Waiters: r.Waiters + o.Waiters, Steps: r.Steps + o.Steps,
 		LookbackEvents: r.LookbackEvents + o.LookbackEvents, Notifications: r.Notifications + o.Notifications,
-		More: r.More || o.More,
+		Deliveries: r.Deliveries + o.Deliveries,
+		More:       r.More || o.More,
 	}
 }
 
 // Rows is every row deleted.
 func (r PurgeResult) Rows() int64 {
-	return r.Runs + r.Waiters + r.Steps + r.LookbackEvents + r.Notifications
+	return r.Runs + r.Waiters + r.Steps + r.LookbackEvents + r.Notifications + r.Deliveries
 }
 
 // purgeRunsPerBatch: runs looked at per call; their rows fill the rest of
@@ -69,8 +72,7 @@ WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL
 ORDER BY r.ended_at, r.state, r.seq LIMIT ?`
 
 // RunPurge deletes runs that ended at or before p.EndedBefore with
-// everything of theirs: waiters, steps, lookback events (and, when the
-// outbox lands, its rows: add the table to runChildren), and the
+// everything of theirs: waiters, steps, lookback events, outbox rows, and the
 // notifications no other waiter still refers to. One call deletes at most
 // about p.Limit rows; a run goes last, once nothing of it is left, so a
 // call that stops at the limit leaves every run whole or still listed for
@@ -168,13 +170,15 @@ func (e *gormExecutor) runEndedAtRepair(ctx context.Context, limit int) error {
 }
 
 // runChildren are the tables, other than waiters, whose rows belong to a
-// run by run_id and go with it. The outbox joins them when it lands.
+// run by run_id and go with it. An ended run's outbox rows have ended too
+// (ending a run cancels its pending delivery in the same transaction).
 var runChildren = []struct {
 	table string
 	count func(*PurgeResult) *int64
 }{
 	{"steps", func(r *PurgeResult) *int64 { return &r.Steps }},
 	{"lookback_events", func(r *PurgeResult) *int64 { return &r.LookbackEvents }},
+	{"outbox", func(r *PurgeResult) *int64 { return &r.Deliveries }},
 }
 
 // WaiterPurgeRunless deletes up to p.Limit waiters without a run that

@@ -25,6 +25,13 @@ type runRow struct {
 	// EndedAt is when the run left RUN_STARTED (NULL while started): the
 	// retention purge counts from it.
 	EndedAt dbTime `gorm:"column:ended_at"`
+	// Hand-over to workers (runsToStart); see claims.go.
+	StartPending bool    `gorm:"column:start_pending"`
+	ClaimedBy    *string `gorm:"column:claimed_by"`
+	ClaimUntil   dbTime  `gorm:"column:claim_until"`
+	ClaimedAt    dbTime  `gorm:"column:claimed_at"`
+	AckedAt      dbTime  `gorm:"column:acked_at"`
+	Attempts     int     `gorm:"column:attempts"`
 }
 
 func (runRow) TableName() string { return "runs" }
@@ -123,6 +130,9 @@ func (r *runRow) model() *models.WorkflowRun {
 		Result:        r.Result,
 		CreatedAt:     r.CreatedAt.Time,
 		UpdatedAt:     r.UpdatedAt.Time,
+		ClaimedAt:     r.ClaimedAt.ptr(),
+		AckedAt:       r.AckedAt.ptr(),
+		Attempts:      r.Attempts,
 	}
 }
 

@@ -160,6 +160,8 @@ func (e *gormExecutor) RunInsert(ctx context.Context, run *models.WorkflowRun) e
 		Result:    run.Result,
 		CreatedAt: newDBTime(run.CreatedAt),
 		UpdatedAt: newDBTime(run.UpdatedAt),
+		// A run without dispatch waits for a runsToStart worker.
+		StartPending: run.StartPending,
 	}
 	if run.State != models.RunStarted {
 		row.EndedAt = row.UpdatedAt

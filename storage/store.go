@@ -182,6 +182,32 @@ type Executor interface {
 	// run, each wait step with its waiter's state (StepRecord.Waiter), read
 	// in the same statement.
 	StepListByRun(ctx context.Context, runID string) ([]*StepRecord, error)
+
+	OutboxExecutor
+	RunClaimExecutor
+}
+
+// OutboxExecutor is the outbox's queries (outbox.go).
+type OutboxExecutor interface {
+	OutboxInsert(ctx context.Context, r *OutboxRecord) error
+	// OutboxGetByRun returns the run's delivery; ErrNotFound if none.
+	OutboxGetByRun(ctx context.Context, runID string) (*OutboxRecord, error)
+	OutboxGet(ctx context.Context, id string) (*OutboxRecord, error)
+	// OutboxClaim claims due PENDING rows, oldest due first, and returns
+	// them with their attempts counted; run it inside InTx. Rows another
+	// claimer holds are skipped (SKIP LOCKED where the database has it; a
+	// compare and set on the due time everywhere).
+	OutboxClaim(ctx context.Context, p *OutboxClaimParams) ([]*OutboxRecord, error)
+	// OutboxRecordAttempt stores an attempt's result if the claim is still
+	// the row's; false when it is not (the lease passed and another
+	// claimed it, or the run ended and canceled it).
+	OutboxRecordAttempt(ctx context.Context, p *OutboxAttemptParams) (bool, error)
+	// OutboxCancelByRun cancels the run's PENDING deliveries that are not
+	// in flight (claimed); the claimer records those.
+	OutboxCancelByRun(ctx context.Context, runID string, now time.Time) (int64, error)
+	OutboxCountByState(ctx context.Context) (map[models.DispatchState]int64, error)
+	// OutboxNextDue is the earliest due time of a PENDING row; nil if none.
+	OutboxNextDue(ctx context.Context) (*time.Time, error)
 }
 
 // StepRecord is a step as stored: a waitForEvent step points at its waiter, a
@@ -261,4 +287,29 @@ type WaiterEndParams struct {
 	MessageID *string
 	EventID   string
 	EventData []byte
+}
+
+// OutboxClaimParams: claim up to Limit rows due at Now, under the token
+// Claim, until LeaseUntil (when they are due again unless a result is
+// recorded first).
+type OutboxClaimParams struct {
+	Now        time.Time
+	LeaseUntil time.Time
+	Claim      string
+	Limit      int
+}
+
+// OutboxAttemptParams record an attempt's result: compare and set on the
+// claim, so a claimer whose lease passed (and whose row another claimed
+// since) records nothing.
+type OutboxAttemptParams struct {
+	ID            string
+	Claim         string
+	State         models.DispatchState // PENDING: to be retried at NextAttemptAt
+	LastStatus    *int
+	LastError     *string
+	NextAttemptAt time.Time
+	Now           time.Time
+	// Uncount: the attempt was interrupted and does not count.
+	Uncount bool
 }

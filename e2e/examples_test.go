@@ -1,0 +1,178 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"rendezvous/internal/testdb"
+)
+
+// buildExample builds ./examples/<name> into the test's temp dir.
+func buildExample(t *testing.T, name string) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), name)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./examples/"+name)
+	cmd.Dir = ".."
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "go build: %s", out)
+	return bin
+}
+
+// startExample runs a built example with the environment until the test
+// ends (then it is killed).
+func startExample(t *testing.T, argv []string, env ...string) *syncBuffer {
+	t.Helper()
+	bin := argv[0]
+	logs := &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, bin, argv[1:]...)
+	cmd.Env = env
+	cmd.Stdout, cmd.Stderr = logs, logs
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		cancel()
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("%s log:\n%s", filepath.Base(bin), logs.String())
+		}
+	})
+	return logs
+}
+
+func (e *env) awaitRunState(id, state string) *runView {
+	e.t.Helper()
+	var r *runView
+	eventually(e.t, 20*time.Second, func() bool {
+		r = e.run(id)
+		return r != nil && r.State == state
+	}, "run %s %s", id, state)
+	return r
+}
+
+// examples/worker, as a real process: it takes a run from runsToStart,
+// acks it, waits for the approval in a durable step and finishes the run.
+func TestExampleWorker(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		bin := buildExample(t, "worker")
+		e := newEnv(t, db)
+		label := uid("orders")
+		startExample(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_LABEL="+label)
+		var out struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		e.ok(triggerMutation, map[string]any{"id": uid("order"), "label": label, "body": map[string]any{"total": 42}}, &out)
+		run := out.Trigger.WorkflowRunID
+		// The approval may come before the worker waits: it is then kept
+		// as a lookback event for the run.
+		eventually(t, 20*time.Second, func() bool {
+			var v struct {
+				WorkflowRun struct {
+					AckedAt *string `json:"ackedAt"`
+				} `json:"workflowRun"`
+			}
+			e.ok(`query($id: ID!) { workflowRun(workflowRunId: $id) { ackedAt } }`, map[string]any{"id": run}, &v)
+			return v.WorkflowRun.AckedAt != nil
+		}, "the worker acks the run")
+		e.notify("approve-"+run, map[string]any{"by": "alice"}, run)
+		r := e.awaitRunState(run, "RUN_SUCCESS")
+		require.JSONEq(t, `{"approval":{"by":"alice"}}`, string(r.Result))
+	})
+}
+
+// examples/endpoint, as a real process: a dispatch reaches it, its
+// signature check passes, and it finishes the run; a forged request is
+// refused.
+func TestExampleEndpoint(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		bin := buildExample(t, "endpoint")
+		port := strconv.Itoa(freePort(t))
+		url := "http://127.0.0.1:" + port + "/workflow"
+		e := dispatchEnv(t, db, url)
+		startExample(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_SIGNING_SECRET="+signingSecret, "PORT="+port)
+		var out struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		// The endpoint may not listen yet: the dispatch retries until it does.
+		e.ok(dispatchTrigger, map[string]any{"id": uid("fn"), "body": map[string]any{"x": 1}, "d": map[string]any{"url": url, "retries": 20}}, &out)
+		r := e.awaitRunState(out.Trigger.WorkflowRunID, "RUN_SUCCESS")
+		var res struct {
+			HandledBy string          `json:"handledBy"`
+			Input     json.RawMessage `json:"input"`
+		}
+		require.NoError(t, json.Unmarshal(r.Result, &res))
+		require.Equal(t, "endpoint", res.HandledBy)
+		require.JSONEq(t, `{"x":1}`, string(res.Input))
+		// The endpoint finished the run before it answered: the answer is
+		// recorded just after.
+		eventually(t, 10*time.Second, func() bool {
+			_, _, d := e.dispatchOf(out.Trigger.WorkflowRunID)
+			return d.State == "DELIVERED"
+		}, "the dispatch is DELIVERED (not CANCELED by the run's end)")
+
+		// A request with a signature made with another secret is refused.
+		resp := secHTTP(t, "POST", url, secHeader("Rendezvous-Signature", "t="+strconv.FormatInt(time.Now().Unix(), 10)+",v1=00ff"), strings.NewReader(`{"workflowRunId":"wfr_x"}`))
+		require.Equal(t, 401, resp.Status)
+	})
+}
+
+// examples/worker-ts (TypeScript, graphql-ws), compiled and run with node:
+// the same workflow as examples/worker. Needs node and `npm install` in
+// examples/worker-ts (.ci/run does it; RENDEZVOUS_REQUIRE_JS=1 fails
+// instead of skipping).
+func TestExampleWorkerTS(t *testing.T) {
+	node, err := exec.LookPath("node")
+	dir := filepath.Join("..", "examples", "worker-ts")
+	_, modErr := os.Stat(filepath.Join(dir, "node_modules", "graphql-ws"))
+	if err != nil || modErr != nil {
+		if os.Getenv("RENDEZVOUS_REQUIRE_JS") == "1" {
+			t.Fatalf("node (%v) and examples/worker-ts/node_modules (%v) are required", err, modErr)
+		}
+		t.Skip("TypeScript worker example SKIPPED: need node and `cd examples/worker-ts && npm install --no-package-lock`")
+	}
+	out := filepath.Join(t.TempDir(), "dist")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	tsc := exec.CommandContext(ctx, node, filepath.Join("node_modules", "typescript", "bin", "tsc"), "-p", ".", "--outDir", out)
+	tsc.Dir = dir
+	b, err := tsc.CombinedOutput()
+	require.NoError(t, err, "tsc: %s", b)
+	// The compiled file imports its packages from the example's node_modules.
+	require.NoError(t, os.WriteFile(filepath.Join(out, "package.json"), []byte(`{"type":"module"}`), 0o644))
+	require.NoError(t, os.Symlink(filepath.Join(mustAbs(t, dir), "node_modules"), filepath.Join(out, "node_modules")))
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		e := newEnv(t, db)
+		label := uid("ts")
+		startExample(t, []string{node, filepath.Join(out, "worker.js")}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_LABEL="+label, "PATH="+os.Getenv("PATH"))
+		var trig struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		e.ok(triggerMutation, map[string]any{"id": uid("tsrun"), "label": label}, &trig)
+		run := trig.Trigger.WorkflowRunID
+		e.notify("approve-"+run, "yes", run)
+		r := e.awaitRunState(run, "RUN_SUCCESS")
+		require.JSONEq(t, `{"approval":"yes","worker":"ts"}`, string(r.Result))
+	})
+}
+
+func mustAbs(t *testing.T, p string) string {
+	a, err := filepath.Abs(p)
+	require.NoError(t, err)
+	return a
+}

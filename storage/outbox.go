@@ -1,0 +1,218 @@
+// The outbox table: HTTP calls Rendezvous owes (a run's dispatch), written
+// in the transaction that caused them and claimed by the delivery loop of
+// any replica.
+
+package storage
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"gorm.io/gorm"
+	"gorm.io/gorm/clause"
+
+	"rendezvous/models"
+)
+
+// OutboxKindDispatch is a run's dispatch (trigger with dispatch).
+const OutboxKindDispatch = "dispatch"
+
+// OutboxRecord is one delivery as stored.
+type OutboxRecord struct {
+	ID          string // the delivery id, the same on every attempt
+	RunID       *string
+	Kind        string
+	URL         string
+	Headers     []byte // a JSON object of strings, or nil
+	Body        []byte
+	State       models.DispatchState
+	Attempts    int // attempts claimed so far (the one in flight included)
+	MaxAttempts int // retries + 1
+	// NextAttemptAt: when the row is next due. A claim moves it to the end
+	// of the claim's lease, so a claimed row is due again only if its
+	// claimer did not record a result in time.
+	NextAttemptAt time.Time
+	Claim         string // the current claim's token; "" before the first
+	LastStatus    *int
+	LastError     *string
+	CreatedAt     time.Time
+	EndedAt       *time.Time // delivered, failed or canceled
+}
+
+type outboxRow struct {
+	Seq           int64   `gorm:"column:seq;primaryKey;autoIncrement"`
+	ID            string  `gorm:"column:id"`
+	RunID         *string `gorm:"column:run_id"`
+	Kind          string  `gorm:"column:kind"`
+	URL           string  `gorm:"column:url"`
+	Headers       []byte  `gorm:"column:headers"`
+	Body          []byte  `gorm:"column:body"`
+	State         string  `gorm:"column:state"`
+	Attempts      int     `gorm:"column:attempts"`
+	MaxAttempts   int     `gorm:"column:max_attempts"`
+	NextAttemptAt dbTime  `gorm:"column:next_attempt_at"`
+	Claim         *string `gorm:"column:claim"`
+	LastStatus    *int    `gorm:"column:last_status"`
+	LastError     *string `gorm:"column:last_error"`
+	CreatedAt     dbTime  `gorm:"column:created_at"`
+	EndedAt       dbTime  `gorm:"column:ended_at"`
+}
+
+func (outboxRow) TableName() string { return "outbox" }
+
+func (r *outboxRow) record() *OutboxRecord {
+	return &OutboxRecord{
+		ID: r.ID, RunID: r.RunID, Kind: r.Kind, URL: r.URL, Headers: r.Headers, Body: r.Body,
+		State: models.DispatchState(r.State), Attempts: r.Attempts, MaxAttempts: r.MaxAttempts,
+		NextAttemptAt: r.NextAttemptAt.Time, Claim: deref(r.Claim), LastStatus: r.LastStatus,
+		LastError: r.LastError, CreatedAt: r.CreatedAt.Time, EndedAt: r.EndedAt.ptr(),
+	}
+}
+
+// maxLastError is the last_error column's size; longer texts are cut.
+const maxLastError = 500
+
+func (e *gormExecutor) OutboxInsert(ctx context.Context, r *OutboxRecord) error {
+	row := outboxRow{
+		ID: r.ID, RunID: r.RunID, Kind: r.Kind, URL: r.URL, Headers: r.Headers, Body: r.Body,
+		State: string(r.State), MaxAttempts: r.MaxAttempts, NextAttemptAt: newDBTime(r.NextAttemptAt),
+		CreatedAt: newDBTime(r.CreatedAt),
+	}
+	return e.classify(e.q(ctx).Create(&row).Error)
+}
+
+func (e *gormExecutor) OutboxGetByRun(ctx context.Context, runID string) (*OutboxRecord, error) {
+	var row outboxRow
+	if err := e.q(ctx).Where("run_id = ?", runID).Order("seq").Take(&row).Error; err != nil {
+		return nil, e.notFound(err)
+	}
+	return row.record(), nil
+}
+
+func (e *gormExecutor) OutboxGet(ctx context.Context, id string) (*OutboxRecord, error) {
+	var row outboxRow
+	if err := e.q(ctx).Where("id = ?", id).Take(&row).Error; err != nil {
+		return nil, e.notFound(err)
+	}
+	return row.record(), nil
+}
+
+// noSkipLocked is set once the database has refused SKIP LOCKED (MySQL
+// before 8.0, MariaDB before 10.6): claims then rely on the compare and set
+// alone.
+var noSkipLocked atomic.Bool
+
+func (e *gormExecutor) OutboxClaim(ctx context.Context, p *OutboxClaimParams) ([]*OutboxRecord, error) {
+	now := newDBTime(p.Now)
+	due := func() *gorm.DB {
+		return e.q(ctx).Model(&outboxRow{}).Where("state = ? AND next_attempt_at <= ?", string(models.DispatchPending), now)
+	}
+	var seqs []int64
+	q := due().Order("next_attempt_at, seq").Limit(p.Limit)
+	if e.dialect == DialectMySQL && !noSkipLocked.Load() {
+		// Replicas claiming at once each take different rows instead of
+		// queueing behind one another's locks.
+		err := q.Clauses(clause.Locking{Strength: "UPDATE", Options: "SKIP LOCKED"}).Pluck("seq", &seqs).Error
+		if err != nil && isSyntaxError(err) {
+			noSkipLocked.Store(true)
+			seqs, err = nil, nil
+			err = due().Order("next_attempt_at, seq").Limit(p.Limit).Pluck("seq", &seqs).Error
+		}
+		if err != nil {
+			return nil, e.classify(err)
+		}
+	} else if err := q.Pluck("seq", &seqs).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	if len(seqs) == 0 {
+		return nil, nil
+	}
+	// The compare and set: a row another claimer took meanwhile is no
+	// longer due (its next_attempt_at moved to its lease's end), so the
+	// update leaves it alone. The UPDATE reads the latest committed row.
+	res := due().Where("seq IN ?", seqs).Updates(map[string]any{
+		"claim":           p.Claim,
+		"next_attempt_at": newDBTime(p.LeaseUntil),
+		"attempts":        gorm.Expr("attempts + 1"),
+	})
+	if res.Error != nil {
+		return nil, e.classify(res.Error)
+	}
+	if res.RowsAffected == 0 {
+		return nil, nil
+	}
+	var rows []outboxRow
+	if err := e.q(ctx).Where("seq IN ? AND claim = ?", seqs, p.Claim).Order("seq").Find(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	out := make([]*OutboxRecord, len(rows))
+	for i := range rows {
+		out[i] = rows[i].record()
+	}
+	return out, nil
+}
+
+func isSyntaxError(err error) bool {
+	// 1064: ER_PARSE_ERROR.
+	return err != nil && (strings.Contains(err.Error(), "Error 1064") || strings.Contains(err.Error(), "1064 (42000)"))
+}
+
+func (e *gormExecutor) OutboxRecordAttempt(ctx context.Context, p *OutboxAttemptParams) (bool, error) {
+	set := map[string]any{
+		"state":           string(p.State),
+		"last_status":     p.LastStatus,
+		"last_error":      cut(p.LastError),
+		"next_attempt_at": newDBTime(p.NextAttemptAt),
+		"claim":           nil,
+	}
+	if p.State != models.DispatchPending {
+		set["ended_at"] = newDBTime(p.Now)
+	}
+	if p.Uncount {
+		set["attempts"] = gorm.Expr("attempts - 1")
+	}
+	res := e.q(ctx).Model(&outboxRow{}).
+		Where("id = ? AND claim = ? AND state = ?", p.ID, p.Claim, string(models.DispatchPending)).Updates(set)
+	if res.Error != nil {
+		return false, e.classify(res.Error)
+	}
+	return res.RowsAffected == 1, nil
+}
+
+func cut(s *string) *string {
+	if s == nil || len(*s) <= maxLastError {
+		return s
+	}
+	c := strings.ToValidUTF8((*s)[:maxLastError], "")
+	return &c
+}
+
+func (e *gormExecutor) OutboxCancelByRun(ctx context.Context, runID string, now time.Time) (int64, error) {
+	// A delivery in flight (claimed) is left to its claimer: the run may
+	// have ended because of it (the receiver finished the run before it
+	// answered), and its result is the truth.
+	res := e.q(ctx).Model(&outboxRow{}).Where("run_id = ? AND state = ? AND claim IS NULL", runID, string(models.DispatchPending)).
+		Updates(map[string]any{"state": string(models.DispatchCanceled), "ended_at": newDBTime(now), "claim": nil})
+	return res.RowsAffected, e.classify(res.Error)
+}
+
+func (e *gormExecutor) OutboxCountByState(ctx context.Context) (map[models.DispatchState]int64, error) {
+	return countByState[models.DispatchState](e, ctx, &outboxRow{})
+}
+
+func (e *gormExecutor) OutboxNextDue(ctx context.Context) (*time.Time, error) {
+	var row outboxRow
+	err := e.q(ctx).Select("next_attempt_at").Where("state = ?", string(models.DispatchPending)).
+		Order("next_attempt_at").Take(&row).Error
+	if err != nil {
+		if err = e.notFound(err); errors.Is(err, ErrNotFound) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	t := row.NextAttemptAt.Time
+	return &t, nil
+}
