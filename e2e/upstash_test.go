@@ -463,7 +463,7 @@ func TestUpstashLogs(t *testing.T) {
 			"groupBy=workflowRunId&count=101",
 			"groupBy=workflowRunId&cursor=%21%21",
 			"groupBy=workflowRunId&cursor=" + url.QueryEscape("d2ZyX25vcGU"),
-			"groupBy=workflowRunId&workflowUrl=https%3A%2F%2Fx",
+			"groupBy=workflowRunId&workflowUrl=a&workflowUrl=b",
 			"groupBy=workflowRunId&messageId=m",
 			"groupBy=workflowRunId&toDate=-1",
 			"groupBy=workflowRunId&state=RUN_STARTED&state=RUN_SUCCESS",

@@ -15,7 +15,10 @@ type CancelRunsParams struct {
 	RunIDs                 []string
 	Labels                 []string
 	CreatedFrom, CreatedTo *time.Time
-	Count                  int
+	// DispatchURL and DispatchURLPrefix: the run's dispatch URL is this,
+	// or starts with this.
+	DispatchURL, DispatchURLPrefix *string
+	Count                          int
 }
 
 // MaxCancelCount bounds one CancelRuns call by filter.
@@ -44,7 +47,8 @@ func (e *Engine) CancelRuns(ctx context.Context, p CancelRunsParams) (int, error
 		}
 		started := models.RunStarted
 		runs, err := e.store.RunSelect(ctx, &storage.RunSelectParams{
-			State: &started, Labels: p.Labels, CreatedFrom: p.CreatedFrom, CreatedTo: p.CreatedTo, Limit: p.Count,
+			State: &started, Labels: p.Labels, CreatedFrom: p.CreatedFrom, CreatedTo: p.CreatedTo,
+			DispatchURL: p.DispatchURL, DispatchURLPrefix: p.DispatchURLPrefix, Limit: p.Count,
 		})
 		if err != nil {
 			return 0, storageErr("select runs to cancel", err)

@@ -16,7 +16,8 @@ type RunLogsParams struct {
 	State                  *models.RunState
 	Labels                 []string
 	CreatedFrom, CreatedTo *time.Time
-	Cursor                 string // from RunLogPage.Cursor
+	DispatchURL            *string // the run's dispatch URL is exactly this
+	Cursor                 string  // from RunLogPage.Cursor
 	Count                  int
 }
 
@@ -29,8 +30,10 @@ type RunLogPage struct {
 // RunLog is a run with the details of its durable steps, for the Upstash
 // logs listing.
 type RunLog struct {
-	Run   *models.WorkflowRun
-	Steps []*RunLogStep
+	Run *models.WorkflowRun
+	// DispatchURL is where the run was dispatched; "" without dispatch.
+	DispatchURL string
+	Steps       []*RunLogStep
 }
 
 // RunLogStep is one durable step: a wait step carries its waiter as it is
@@ -47,7 +50,7 @@ func (e *Engine) RunLogs(ctx context.Context, p RunLogsParams) (*RunLogPage, err
 	if p.Count < 1 || p.Count > MaxPageSize {
 		return nil, errorf(CodeBadUserInput, "count must be between 1 and %d", MaxPageSize)
 	}
-	sp := &storage.RunSelectParams{State: p.State, Labels: p.Labels, CreatedFrom: p.CreatedFrom, CreatedTo: p.CreatedTo, Limit: p.Count + 1}
+	sp := &storage.RunSelectParams{State: p.State, Labels: p.Labels, CreatedFrom: p.CreatedFrom, CreatedTo: p.CreatedTo, DispatchURL: p.DispatchURL, Limit: p.Count + 1}
 	if p.RunID != nil {
 		id, err := e.normalizeRunID(*p.RunID)
 		if err != nil {
@@ -79,7 +82,15 @@ func (e *Engine) RunLogs(ctx context.Context, p RunLogsParams) (*RunLogPage, err
 		if err != nil {
 			return nil, err
 		}
-		page.Runs = append(page.Runs, &RunLog{Run: run, Steps: steps})
+		l := &RunLog{Run: run, Steps: steps}
+		ob, err := e.store.OutboxGetByRun(ctx, run.WorkflowRunID)
+		switch {
+		case err == nil:
+			l.DispatchURL = ob.URL
+		case !errors.Is(err, storage.ErrNotFound):
+			return nil, storageErr("get dispatch of "+run.WorkflowRunID, err)
+		}
+		page.Runs = append(page.Runs, l)
 	}
 	return page, nil
 }

@@ -6,6 +6,7 @@ package storage
 import (
 	"context"
 	"time"
+	"unicode/utf8"
 
 	"rendezvous/models"
 )
@@ -18,6 +19,10 @@ type RunSelectParams struct {
 	Labels []string
 	// CreatedFrom and CreatedTo bound created_at, both inclusive.
 	CreatedFrom, CreatedTo *time.Time
+	// DispatchURL and DispatchURLPrefix match runs triggered with a
+	// dispatch to exactly that URL, or to a URL starting with the prefix
+	// (compared byte for byte, as ids are); runs without dispatch never match.
+	DispatchURL, DispatchURLPrefix *string
 	// AfterRunID continues a newest-first listing after this run;
 	// ErrNotFound if it does not exist.
 	AfterRunID string
@@ -41,6 +46,17 @@ func (e *gormExecutor) RunSelect(ctx context.Context, p *RunSelectParams) ([]*mo
 	}
 	if p.CreatedTo != nil {
 		q = q.Where("created_at <= ?", newDBTime(*p.CreatedTo))
+	}
+	if p.DispatchURL != nil {
+		q = q.Where("EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = runs.id AND o.kind = ? AND o.url = ?)", OutboxKindDispatch, *p.DispatchURL)
+	}
+	if p.DispatchURLPrefix != nil {
+		// SUBSTR counts characters on both dialects, and the column's
+		// binary collation (MySQL) compares exactly; LIKE would be
+		// case-insensitive on SQLite and need its wildcards escaped.
+		prefix := *p.DispatchURLPrefix
+		q = q.Where("EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = runs.id AND o.kind = ? AND SUBSTR(o.url, 1, ?) = ?)",
+			OutboxKindDispatch, utf8.RuneCountInString(prefix), prefix)
 	}
 	if p.AfterRunID != "" {
 		var after runRow

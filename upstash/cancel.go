@@ -54,8 +54,30 @@ func (a *api) cancelMany(c *call) (any, error) {
 		}
 		return cancelledJSON{Cancelled: n}, nil
 	}
-	if err := onlyParams(q, "label", "fromDate", "toDate", "count", "cursor"); err != nil {
+	if err := onlyParams(q, "label", "fromDate", "toDate", "count", "cursor", "workflowUrl", "workflowUrlExactMatch"); err != nil {
 		return nil, err
+	}
+	// The client sends workflowUrlStartingWith as workflowUrl, and
+	// workflowUrl as workflowUrl with workflowUrlExactMatch=true.
+	u, hasURL, err := single(q, "workflowUrl")
+	if err != nil {
+		return nil, err
+	}
+	exact, _, err := single(q, "workflowUrlExactMatch")
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case exact != "" && exact != "true" && exact != "false":
+		return nil, apiErrorf(http.StatusBadRequest, codeBadUserInput, "workflowUrlExactMatch must be true or false, got %q", exact)
+	case exact != "" && !hasURL:
+		return nil, apiErrorf(http.StatusBadRequest, codeBadUserInput, "workflowUrlExactMatch needs workflowUrl")
+	case hasURL && u == "":
+		return nil, apiErrorf(http.StatusBadRequest, codeBadUserInput, "workflowUrl must not be empty")
+	case hasURL && exact == "true":
+		p.DispatchURL = &u
+	case hasURL:
+		p.DispatchURLPrefix = &u
 	}
 	if q.Get("cursor") != "" {
 		return nil, apiErrorf(http.StatusBadRequest, codeBadUserInput, "cancel takes no cursor: call it again to cancel more")

@@ -46,6 +46,7 @@ func newHandler(eng *engine.Engine, g *graph.Gate) http.Handler {
 	mux.Handle("DELETE /v2/workflows/runs/{workflowRunId}", a.op(mutation, a.cancelOne))
 	mux.Handle("DELETE /v2/workflows/runs", a.op(bulkMutation, a.cancelMany))
 	mux.Handle("GET /v2/workflows/events", a.op(query, a.logs))
+	mux.Handle("POST /v2/batch", a.op(bulkMutation, a.batch))
 	mux.Handle("/v2/", a.op(query, func(r *call) (any, error) {
 		return nil, apiErrorf(http.StatusNotFound, codeNotFound, "%s %s is not an endpoint of this service's Upstash API", r.Method, r.URL.Path)
 	}))

@@ -14,14 +14,15 @@ const defaultLogsCount = 10
 
 // logs serves GET /v2/workflows/events?groupBy=workflowRunId, Upstash's
 // run logs: newest first, filtered by workflowRunId, state, label
-// (repeated: any of them), fromDate and toDate (Unix ms), paged by count
+// (repeated: any of them), fromDate and toDate (Unix ms), workflowUrl (the
+// dispatch URL, exactly), paged by count
 // and cursor. Other filters are refused rather than ignored.
 func (a *api) logs(c *call) (any, error) {
 	q, err := queryOf(c)
 	if err != nil {
 		return nil, err
 	}
-	if err := onlyParams(q, "groupBy", "workflowRunId", "state", "label", "fromDate", "toDate", "count", "cursor"); err != nil {
+	if err := onlyParams(q, "groupBy", "workflowRunId", "state", "label", "fromDate", "toDate", "count", "cursor", "workflowUrl"); err != nil {
 		return nil, err
 	}
 	if g := q.Get("groupBy"); g != "workflowRunId" {
@@ -32,6 +33,11 @@ func (a *api) logs(c *call) (any, error) {
 		return nil, err
 	} else if ok {
 		p.RunID = &v
+	}
+	if v, ok, err := single(q, "workflowUrl"); err != nil {
+		return nil, err
+	} else if ok {
+		p.DispatchURL = &v
 	}
 	if v, ok, err := single(q, "state"); err != nil {
 		return nil, err
@@ -74,8 +80,8 @@ type runLogsJSON struct {
 	Runs   []runLogJSON `json:"runs"`
 }
 
-// runLogJSON is Upstash's WorkflowRunLog. workflowUrl is "" for runs
-// without a dispatch URL.
+// runLogJSON is Upstash's WorkflowRunLog. workflowUrl is the dispatch URL,
+// "" for runs triggered without dispatch.
 type runLogJSON struct {
 	WorkflowRunID          string          `json:"workflowRunId"`
 	WorkflowURL            string          `json:"workflowUrl"`
@@ -128,7 +134,7 @@ type nextStepJSON struct {
 func runLogOf(r *engine.RunLog) runLogJSON {
 	run := r.Run
 	out := runLogJSON{
-		WorkflowRunID: run.WorkflowRunID, WorkflowState: run.State,
+		WorkflowRunID: run.WorkflowRunID, WorkflowURL: r.DispatchURL, WorkflowState: run.State,
 		WorkflowRunCreatedAt: millis(run.CreatedAt), Label: run.Label,
 	}
 	if run.Label != nil {
