@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"rendezvous/internal/testdb"
+	"rendezvous/service"
 )
 
 // Upstash's own npm Client (@upstash/workflow, pinned in
@@ -28,10 +29,15 @@ func TestUpstashJavaScriptClient(t *testing.T) {
 		t.Skip("Upstash client tests SKIPPED: need node and `cd e2e/upstash && npm install --no-package-lock`")
 	}
 	testdb.Dialects(t, func(t *testing.T, db string) {
-		e := secEnv(t, db)
+		recv := newHookReceiver(t)
+		hook := recv.srv.URL + "/wf"
+		e := secEnv(t, db, func(c *service.Config) {
+			c.Outbound.Allowed = hook
+			c.Outbound.SigningSecrets = []string{signingSecret}
+		})
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, node, filepath.Join("upstash", "client.mjs"), e.srv.URL, secAdminToken)
+		cmd := exec.CommandContext(ctx, node, filepath.Join("upstash", "client.mjs"), e.srv.URL, secAdminToken, hook)
 		// The client reads these from the environment when they are set:
 		// the test must not depend on the machine's.
 		cmd.Env = append(os.Environ(), "QSTASH_DEV=", "QSTASH_URL=", "QSTASH_TOKEN=", "UPSTASH_DISABLE_TELEMETRY=1")

@@ -2,11 +2,12 @@
 // unchanged but for baseUrl and token, checking what a user's code reads;
 // plus the interplay with GraphQL (waiters registered with waitForEvent over
 // SSE, runs and lookback events read with workflowRun).
-// Usage: node client.mjs <base url> <server token>
+// Usage: node client.mjs <base url> <server token> <workflow url prefix>
+// (the last: a receiver that Rendezvous may dispatch runs to)
 // Prints one JSON line per check and exits non-zero if any failed.
 import { Client } from '@upstash/workflow';
 
-const [baseUrl, token] = process.argv.slice(2);
+const [baseUrl, token, hook] = process.argv.slice(2);
 const client = new Client({ baseUrl, token });
 const endpoint = `${baseUrl}/query`;
 const uniq = (p) => `${p}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
@@ -262,6 +263,36 @@ await check('wrong token: 401 in Upstash\'s shape', async () => {
   await expectError(401, () => bad.getWaiters({ eventId: 'e' }));
   await expectError(401, () => bad.logs());
   await expectError(401, () => bad.cancel({ all: true }));
+});
+
+await check('trigger: one run and a batch, ids as the client computes them, a repeated id deduplicated; logs and cancel by workflow URL', async () => {
+  const label = uniq('trg').replace(/[^a-zA-Z0-9._-]/g, '');
+  const own = uniq('order');
+  const url = `${hook}/orders`;
+  const res = await client.trigger({ url, body: { order: 1 }, workflowRunId: own, label, headers: { 'X-Tenant': 'acme' }, retries: 2, delay: '1h' });
+  eq(res, { workflowRunId: `wfr_${own}` }, 'trigger result');
+  const d = (await gql(`query($id: ID!) { workflowRun(workflowRunId: $id) { state label body dispatch { state url } } }`, { id: res.workflowRunId })).workflowRun;
+  eq([d.state, d.label, d.body, d.dispatch.url, d.dispatch.state], ['RUN_STARTED', label, { order: 1 }, url, 'PENDING'], 'run with its dispatch, delayed');
+  const again = await client.trigger({ url, body: 'other', workflowRunId: own });
+  eq(again, res, 'same id again');
+  eq((await run(res.workflowRunId)).state, 'RUN_STARTED', 'unchanged');
+
+  const many = await client.trigger([{ url: `${hook}/a/1`, body: 'x' }, { url: `${hook}/a/2` }, { url: `${hook}/b` }]);
+  eq(many.length, 3, 'batch');
+  for (const m of many) assert(/^wfr_/.test(m.workflowRunId), m.workflowRunId);
+  for (const m of many) eq((await run(m.workflowRunId)).state, 'RUN_STARTED', 'batch run');
+
+  const logs = await client.logs({ filter: { workflowUrl: url } });
+  eq(logs.runs.map((r) => [r.workflowRunId, r.workflowUrl]), [[res.workflowRunId, url]], 'logs by workflowUrl');
+
+  eq(await client.cancel({ filter: { workflowUrl: `${hook}/a` } }), { cancelled: 0 }, 'exact URL: no run has it');
+  eq(await client.cancel({ urlStartingWith: `${hook}/a/` }), { cancelled: 2 }, 'legacy urlStartingWith');
+  eq(await client.cancel({ filter: { workflowUrl: `${hook}/b` } }), { cancelled: 1 }, 'exact URL');
+  eq(await client.cancel({ filter: { workflowUrlStartingWith: hook } }), { cancelled: 1 }, 'prefix: the delayed one is left');
+  const r = (await gql(`query($id: ID!) { workflowRun(workflowRunId: $id) { state dispatch { state } } }`, { id: res.workflowRunId })).workflowRun;
+  eq([r.state, r.dispatch.state], ['RUN_CANCELED', 'CANCELED'], 'its pending dispatch canceled with it');
+  await expectError(400, () => client.trigger({ url: 'http://not-allowed.example/wf' }));
+  await expectError(400, () => client.trigger({ url, flowControl: { key: 'k', parallelism: 1 } }));
 });
 
 process.exit(failed ? 1 : 0);
