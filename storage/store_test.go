@@ -322,6 +322,18 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Equal(t, []string{"wfr_4", "wfr_2"}, sel(storage.RunSelectParams{Labels: []string{"b"}, AfterRunID: "wfr_5"}))
 		_, err := b.store.RunSelect(b.ctx, &storage.RunSelectParams{AfterRunID: "wfr_unknown", Limit: 10})
 		require.ErrorIs(t, err, storage.ErrNotFound)
+
+		// By dispatch URL: exact, or prefix in characters, byte for byte.
+		for id, u := range map[string]string{"wfr_1": "https://x.example/wf/ü/a", "wfr_2": "https://x.example/wf/ü/b", "wfr_3": "https://x.example/WF/a"} {
+			require.NoError(t, b.store.OutboxInsert(b.ctx, &storage.OutboxRecord{ID: "dlv_" + id, RunID: ptr(id), Kind: storage.OutboxKindDispatch,
+				URL: u, Body: []byte(`{}`), State: models.DispatchPending, MaxAttempts: 1, NextAttemptAt: b.now, CreatedAt: b.now}))
+		}
+		require.Equal(t, []string{"wfr_2", "wfr_1"}, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://x.example/wf/ü/")}))
+		require.Equal(t, []string{"wfr_1"}, sel(storage.RunSelectParams{DispatchURL: ptr("https://x.example/wf/ü/a")}))
+		require.Empty(t, sel(storage.RunSelectParams{DispatchURL: ptr("https://x.example/wf/ü/")}))
+		require.Equal(t, []string{"wfr_3"}, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://x.example/WF")}))
+		require.Equal(t, []string{"wfr_3", "wfr_2", "wfr_1"}, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://")}))
+		require.Empty(t, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://x.example/wf/ü/a/more")}))
 	})
 
 	t.Run("WaiterInsertAndGet", func(t *testing.T) {
