@@ -36,13 +36,13 @@ import (
 // The real binary as a subprocess.
 
 // crashBuild builds the server binary (the module root is the parent of the
-// e2e package) into the test's temp dir.
-func crashBuild(t *testing.T) string {
+// e2e package) into the test's temp dir, with the given build tags.
+func crashBuild(t *testing.T, tags ...string) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "rendezvous")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, ".")
+	cmd := exec.CommandContext(ctx, "go", "build", "-tags", strings.Join(tags, ","), "-o", bin, ".")
 	cmd.Dir = ".."
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "go build: %s", out)

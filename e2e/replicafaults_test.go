@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"math/rand/v2"
 	"net/url"
 	"os"
@@ -18,15 +17,14 @@ import (
 
 	"rendezvous/internal/gqlclient"
 	"rendezvous/internal/testdb"
-	"rendezvous/service"
 )
 
-// The "replicas with faults" harness. Three replicas share one MariaDB
-// database and one Redis: one with its clock a minute ahead, one a minute
-// behind (and its database connection behind a proxy that black-holes it
-// for three leases at a time, so that the others take it for dead and reap
-// its waiters), one on time; the Redis between them is dropped now and
-// then. Workers run the rule-5 race across them (a wait on one replica, a
+// The "replicas with faults" harness. Three replicas, each a process of the
+// real binary (crashBuild, crashServer), share one MariaDB database and one
+// Redis: one with its clock a minute ahead, one a minute behind (and its
+// database connection behind a proxy that black-holes it for three leases
+// at a time, so that the others take it for dead and reap its waiters), one
+// on time; the Redis between them is dropped now and then. Workers run the rule-5 race across them (a wait on one replica, a
 // targeted notify of the same run on another, at once), some waits with a
 // 2 s timeout, some as durable steps, and every acknowledged notify is
 // audited at the end: its message is delivered exactly once, to the racing
@@ -78,29 +76,49 @@ func TestReplicasWithFaults(t *testing.T) {
 	const lease = 2 * time.Second
 	redisProxy := newDBProxy(t, ru.Host)
 	dbCut := newDBProxy(t, mysqlTarget(t, db))
-	logs := &syncBuffer{}
-	replica := func(skew time.Duration, dbURL string) *env {
-		return newEnv(t, dbURL, func(c *service.Config) {
-			c.RedisURL = redisProxy.url(t, rURL)
-			c.Engine.LeaseTTL = lease
-			c.Engine.ClockSkew = skew
-			c.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
-		})
+	// The replicas are processes of the real binary, built with the tag
+	// that lets RENDEZVOUS_TEST_CLOCK_SKEW set a process's clock off.
+	bin := crashBuild(t, "rendezvous_testclock")
+	replica := func(skew time.Duration, dbURL string) *crashServer {
+		return newCrashServer(t, bin, dbURL,
+			"REDIS_URL="+redisProxy.url(t, rURL),
+			// One channel for all: derived from the database's address, the
+			// cut-off replica's (the proxy's) would differ from the others'.
+			"RENDEZVOUS_BUS_CHANNEL="+uid("rendezvous-hf"),
+			"RENDEZVOUS_LEASE_TTL="+lease.String(),
+			"RENDEZVOUS_SWEEP_INTERVAL=100ms",
+			"RENDEZVOUS_CATCHUP_INTERVAL=200ms",
+			"RENDEZVOUS_TEST_CLOCK_SKEW="+skew.String(),
+			"LOG_LEVEL=warn",
+		)
 	}
-	reps := []*env{replica(clockSkew, db), replica(-clockSkew, dbCut.url(t, db)), replica(0, db)}
+	srvs := []*crashServer{replica(clockSkew, db), replica(-clockSkew, dbCut.url(t, db)), replica(0, db)}
 	const healthy = 2 // never cut off: the audit uses it
-	defer func() {
-		if t.Failed() {
-			s := logs.String()
-			t.Logf("replicas' warnings (last 20k):\n%s", s[max(0, len(s)-20000):])
+	// The healthy replica first, alone: one process applies the migrations.
+	srvs[healthy].start()
+	var starting sync.WaitGroup
+	for _, s := range srvs[:healthy] {
+		starting.Add(1)
+		go func() { defer starting.Done(); s.start() }()
+	}
+	starting.Wait()
+	eps := make([]string, len(srvs))
+	for i, s := range srvs {
+		eps[i] = s.endpoint()
+	}
+	// The skew took: each skewed process said at start that its clock is
+	// off the database's (engine.SyncClock).
+	for _, i := range []int{0, 1} {
+		if !strings.Contains(srvs[i].logs.String(), "clock differs from the database's") {
+			t.Fatalf("replica %d did not report its skewed clock; its log:\n%s", i, srvs[i].logs.String())
 		}
-	}()
+	}
 
 	const workers = 6
 	conns := make([][]*gqlclient.Conn, workers)
 	for w := range conns {
-		for _, r := range reps {
-			conns[w] = append(conns[w], r.dial(gqlclient.TransportWS))
+		for _, ep := range eps {
+			conns[w] = append(conns[w], crashDial(t, ep))
 		}
 	}
 
@@ -140,7 +158,7 @@ func TestReplicasWithFaults(t *testing.T) {
 			// A sentinel: a wait on replica 1 from before the cut, notified
 			// (on replica 2) only after it, so that its waiter is reaped
 			// under it every time.
-			sentinel := hfSentinel(reps, 1, healthy, int(seq.Add(1)))
+			sentinel := hfSentinel(eps, 1, healthy, int(seq.Add(1)))
 			dbCut.blackhole()
 			logFault("replica 1 cut off from the database")
 			sleepUntil(cycle.Add(2*time.Second + 3*lease))
@@ -173,7 +191,7 @@ func TestReplicasWithFaults(t *testing.T) {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(w), uint64(began.UnixNano())))
 			for time.Now().Before(stop) {
-				r := hfRun(t, reps, healthy, conns[w], rng, int(seq.Add(1)))
+				r := hfRun(eps, healthy, conns[w], rng, int(seq.Add(1)))
 				if r == nil {
 					continue
 				}
@@ -200,7 +218,7 @@ func TestReplicasWithFaults(t *testing.T) {
 	violate := func(r *hfRace, format string, args ...any) {
 		violations = append(violations, fmt.Sprintf("race %d (run %s, wait on %d, notify on %d, short %v, durable %v): ", r.id, r.run, r.subOn, r.notOn, r.short, r.durable)+fmt.Sprintf(format, args...))
 	}
-	audit := reps[healthy]
+	audit := eps[healthy]
 	for _, r := range races {
 		datas := map[string]*hfNotify{}
 		var delivered []string // message ids, each must appear once
@@ -276,7 +294,7 @@ func TestReplicasWithFaults(t *testing.T) {
 			var rv struct {
 				WorkflowRun *runView `json:"workflowRun"`
 			}
-			resp, err := gqlclient.Post(ctxT(t), audit.endpoint, runQuery, map[string]any{"id": r.run})
+			resp, err := gqlclient.Post(ctxT(t), audit, runQuery, map[string]any{"id": r.run})
 			if err != nil || len(resp.Errors) > 0 || resp.Decode(&rv) != nil || rv.WorkflowRun == nil {
 				violate(r, "audit could not read the run: %v %+v", err, resp)
 				break
@@ -312,6 +330,17 @@ func TestReplicasWithFaults(t *testing.T) {
 		"subscriptions ended by timeout %d, WAITER_LOST %d, unavailable %d, not ended %d; codes %v",
 		loadTook.Round(time.Second), soak, len(races), acked, unacked, resolved, atRegistration, byAudit, timeouts, lost, unavailable, unended, codes)
 	t.Logf("faults:\n%s", strings.Join(faults, "\n"))
+	// Every process rode the faults out: none exited or panicked.
+	for i, s := range srvs {
+		s.mu.Lock()
+		exited := s.done != nil && isClosed(s.done)
+		s.mu.Unlock()
+		logs := s.logs.String()
+		if exited || strings.Contains(logs, "panic") || strings.Contains(logs, "fatal error") {
+			t.Errorf("replica %d exited (%v) or panicked during the faults; see its log", i, exited)
+		}
+		t.Logf("replica %d logged %d errors and %d warnings", i, strings.Count(logs, `"level":"ERROR"`), strings.Count(logs, `"level":"WARN"`))
+	}
 	if len(races) < 20 {
 		t.Errorf("only %d races ran", len(races))
 	}
@@ -335,10 +364,10 @@ func countOf(ids []string, id string) int {
 }
 
 // hfSubscribe subscribes on a fresh connection and reads the outcome.
-func hfSubscribe(e *env, ev string, o waitOpts) outcome {
+func hfSubscribe(endpoint, ev string, o waitOpts) outcome {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := gqlclient.Dial(ctx, e.endpoint, gqlclient.TransportWS, nil)
+	c, err := gqlclient.Dial(ctx, endpoint, gqlclient.TransportWS, nil)
 	if err != nil {
 		return outcome{Errors: []gqlclient.Error{{Message: err.Error()}}}
 	}
@@ -355,12 +384,12 @@ func hfSubscribe(e *env, ev string, o waitOpts) outcome {
 }
 
 // hfRun runs one race; nil when its run could not even be created.
-func hfRun(t *testing.T, reps []*env, healthy int, conns []*gqlclient.Conn, rng *rand.Rand, id int) *hfRace {
+func hfRun(eps []string, healthy int, conns []*gqlclient.Conn, rng *rand.Rand, id int) *hfRace {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	r := &hfRace{id: id, ev: uid("hf"), subOn: rng.IntN(len(reps)), notOn: rng.IntN(len(reps)),
+	r := &hfRace{id: id, ev: uid("hf"), subOn: rng.IntN(len(eps)), notOn: rng.IntN(len(eps)),
 		short: rng.IntN(4) == 0, durable: rng.IntN(5) == 0}
-	tr, err := gqlclient.Post(ctx, reps[healthy].endpoint, triggerMutation, map[string]any{"id": uid("hf-run")})
+	tr, err := gqlclient.Post(ctx, eps[healthy], triggerMutation, map[string]any{"id": uid("hf-run")})
 	if err != nil || len(tr.Errors) > 0 {
 		return nil
 	}
@@ -386,7 +415,7 @@ func hfRun(t *testing.T, reps []*env, healthy int, conns []*gqlclient.Conn, rng 
 		defer cancel()
 		var data any
 		_ = json.Unmarshal([]byte(n.data), &data)
-		c := notifyCallOf(gqlclient.Post(nctx, reps[on].endpoint, notifyMutation, notifyVars(r.ev, data, r.run)))
+		c := notifyCallOf(gqlclient.Post(nctx, eps[on], notifyMutation, notifyVars(r.ev, data, r.run)))
 		switch {
 		case c.err != nil:
 			n.failure = c.err.Error()
@@ -458,15 +487,15 @@ type hfSentinelWait struct {
 	race   *hfRace
 	sub    *gqlclient.Sub
 	conn   *gqlclient.Conn
-	notify *env
+	notify string // the endpoint the notify goes to
 }
 
 // hfSentinel subscribes on replica on (a run's wait, no timeout) and waits
 // until the waiter is registered; nil if it could not.
-func hfSentinel(reps []*env, on, healthy, id int) *hfSentinelWait {
+func hfSentinel(eps []string, on, healthy, id int) *hfSentinelWait {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	tr, err := gqlclient.Post(ctx, reps[healthy].endpoint, triggerMutation, map[string]any{"id": uid("hf-sentinel")})
+	tr, err := gqlclient.Post(ctx, eps[healthy], triggerMutation, map[string]any{"id": uid("hf-sentinel")})
 	if err != nil || len(tr.Errors) > 0 {
 		return nil
 	}
@@ -479,7 +508,7 @@ func hfSentinel(reps []*env, on, healthy, id int) *hfSentinelWait {
 		return nil
 	}
 	r := &hfRace{id: id, run: out.Trigger.WorkflowRunID, ev: uid("hf-sentinel"), subOn: on, notOn: healthy}
-	c, err := gqlclient.Dial(ctx, reps[on].endpoint, gqlclient.TransportWS, nil)
+	c, err := gqlclient.Dial(ctx, eps[on], gqlclient.TransportWS, nil)
 	if err != nil {
 		return nil
 	}
@@ -489,7 +518,7 @@ func hfSentinel(reps []*env, on, healthy, id int) *hfSentinelWait {
 		return nil
 	}
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
-		resp, err := gqlclient.Post(ctx, reps[healthy].endpoint, waitersQuery, map[string]any{"ev": r.ev})
+		resp, err := gqlclient.Post(ctx, eps[healthy], waitersQuery, map[string]any{"ev": r.ev})
 		var ws struct {
 			Waiters []waiterView `json:"waiters"`
 		}
@@ -498,7 +527,7 @@ func hfSentinel(reps []*env, on, healthy, id int) *hfSentinelWait {
 		}
 		time.Sleep(20 * time.Millisecond) // polling interval of the condition
 	}
-	return &hfSentinelWait{race: r, sub: sub, conn: c, notify: reps[healthy]}
+	return &hfSentinelWait{race: r, sub: sub, conn: c, notify: eps[healthy]}
 }
 
 // finish notifies the sentinel's run and reads its subscription's end.
@@ -511,7 +540,7 @@ func (s *hfSentinelWait) finish() {
 	var data any
 	_ = json.Unmarshal([]byte(n.data), &data)
 	for range 4 {
-		c := notifyCallOf(gqlclient.Post(ctx, s.notify.endpoint, notifyMutation, notifyVars(r.ev, data, r.run)))
+		c := notifyCallOf(gqlclient.Post(ctx, s.notify, notifyMutation, notifyVars(r.ev, data, r.run)))
 		if c.err == nil && len(c.errors) == 0 {
 			n.acked = true
 			if len(c.view.NotifyResponse) > 0 {
@@ -528,4 +557,13 @@ func (s *hfSentinelWait) finish() {
 	began := time.Now()
 	r.out, r.outErr = raceReadOutcome(ctx, s.sub)
 	r.took = time.Since(began)
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }

@@ -238,8 +238,14 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 		boolean("RENDEZVOUS_METRICS_TOKEN_REQUIRED", &b)
 		cfg.MetricsTokenRequired = &b
 	}
+	if err := testClockSkew(getenv, &cfg); err != nil {
+		errs = append(errs, err)
+	}
 	return cfg, errors.Join(errs...)
 }
+
+// testClockSkewEnv skews a test build's clock; see testclock.go.
+const testClockSkewEnv = "RENDEZVOUS_TEST_CLOCK_SKEW"
 
 // Service is a wired Rendezvous.
 type Service struct {
