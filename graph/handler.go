@@ -85,6 +85,10 @@ type HandlerConfig struct {
 	// request_id (the handler is wrapped with requestid.LogHandler).
 	Logger *slog.Logger
 
+	// Siblings are other HTTP surfaces served beside /query (the Upstash
+	// REST API), behind the same checks (see Gate).
+	Siblings []Sibling
+
 	// Test hooks, for this package's tests only.
 	// resolvedRootField hears every root field just before its resolver
 	// runs (innermost of the field middleware), with the arguments it gets.
@@ -209,6 +213,10 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 			metrics = RequireServerToken(cfg.Auth, cfg.Now, metrics)
 		}
 		mux.Handle("GET /metrics", metrics)
+	}
+	gate := &Gate{auth: cfg.Auth, now: cfg.Now, limiter: limiter, rec: rec, maxBody: cfg.MaxBodyBytes, log: log}
+	for _, s := range cfg.Siblings {
+		mux.Handle(s.Pattern, s.Build(gate))
 	}
 	if cfg.Playground {
 		servePlayground(mux, cfg.PlaygroundAssets)

@@ -163,13 +163,8 @@ func (l *rateLimiter) limitMutations(ctx context.Context, next graphql.Operation
 		return next(ctx)
 	}
 	p := principal(ctx)
-	lim := l.limitOf(p)
-	if lim.unlimited() {
+	if l.limitOf(p).unlimited() {
 		return next(ctx)
-	}
-	key := "ip:" + clientIP(ctx)
-	if p != nil && p.Key != "" {
-		key = p.Key
 	}
 	n := 0
 	fields, _ := collectRootFields(oc)
@@ -178,7 +173,7 @@ func (l *rateLimiter) limitMutations(ctx context.Context, next graphql.Operation
 			n++
 		}
 	}
-	ok, wait := l.allow(key, lim, max(1, n))
+	ok, wait := l.allowCaller(ctx, p, max(1, n))
 	if ok {
 		return next(ctx)
 	}
@@ -189,6 +184,16 @@ func (l *rateLimiter) limitMutations(ctx context.Context, next graphql.Operation
 		Message:    fmt.Sprintf("too many mutations; retry after %d s", secs),
 		Extensions: ext,
 	}}})
+}
+
+// allowCaller takes n tokens from the bucket of the caller of ctx's
+// request (principal p): its token's, or its address's when anonymous.
+func (l *rateLimiter) allowCaller(ctx context.Context, p *auth.Principal, n int) (bool, time.Duration) {
+	key := "ip:" + clientIP(ctx)
+	if p != nil && p.Key != "" {
+		key = p.Key
+	}
+	return l.allow(key, l.limitOf(p), n)
 }
 
 type clientIPKey struct{}

@@ -30,6 +30,7 @@ import (
 	"rendezvous/internal/requestid"
 	"rendezvous/metrics"
 	"rendezvous/storage"
+	"rendezvous/upstash"
 )
 
 var _ graph.Recorder = (*metrics.Metrics)(nil)
@@ -375,6 +376,8 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		mux.Handle("GET /metrics", h)
 		metricsHandler = mux
 	}
+	// The Upstash REST API, beside /query behind the same checks.
+	hc.Siblings = append(hc.Siblings, upstash.Sibling(eng))
 	handler := graph.NewHandler(eng, hc)
 	api, metricsListen := cfg.listenAddrs(authn.Open())
 	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, Metrics: m, MetricsHandler: metricsHandler,

@@ -84,6 +84,8 @@ type Executor interface {
 	// RunEnd moves a started run to its final state (compare and set).
 	RunEnd(ctx context.Context, p *RunEndParams) error
 	RunList(ctx context.Context, p *RunListParams) ([]*models.WorkflowRun, error)
+	// RunSelect lists runs matching several filters, newest first (runselect.go).
+	RunSelect(ctx context.Context, p *RunSelectParams) ([]*models.WorkflowRun, error)
 	// RunCountByState counts the runs in each state; states without runs
 	// are absent.
 	RunCountByState(ctx context.Context) (map[models.RunState]int64, error)

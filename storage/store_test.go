@@ -286,6 +286,56 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.ErrorIs(t, err, storage.ErrNotFound)
 	})
 
+	t.Run("RunSelect", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		// Created an hour apart, with labels a, b, a, b, …
+		for i := 1; i <= 6; i++ {
+			insertRun(t, b, fmt.Sprintf("wfr_%d", i), func(r *models.WorkflowRun) {
+				r.CreatedAt = b.now.Add(time.Duration(i) * time.Hour)
+				r.Label = ptr(string(rune('a' + (i+1)%2)))
+			})
+		}
+		require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: "wfr_5", State: models.RunCanceled, UpdatedAt: b.now}))
+		sel := func(p storage.RunSelectParams) []string {
+			t.Helper()
+			if p.Limit == 0 {
+				p.Limit = 100
+			}
+			rs, err := b.store.RunSelect(b.ctx, &p)
+			require.NoError(t, err)
+			return runIDs(rs)
+		}
+		started := models.RunStarted
+		at := func(h int) *time.Time { v := b.now.Add(time.Duration(h) * time.Hour); return &v }
+		require.Equal(t, []string{"wfr_6", "wfr_5", "wfr_4", "wfr_3", "wfr_2", "wfr_1"}, sel(storage.RunSelectParams{}))
+		require.Equal(t, []string{"wfr_5", "wfr_3", "wfr_1"}, sel(storage.RunSelectParams{Labels: []string{"a"}}))
+		require.Equal(t, []string{"wfr_6", "wfr_5", "wfr_4", "wfr_3", "wfr_2", "wfr_1"}, sel(storage.RunSelectParams{Labels: []string{"a", "b"}}))
+		require.Equal(t, []string{"wfr_3", "wfr_1"}, sel(storage.RunSelectParams{Labels: []string{"a"}, State: &started}))
+		// Date bounds are inclusive, to the microsecond.
+		require.Equal(t, []string{"wfr_4", "wfr_3", "wfr_2"}, sel(storage.RunSelectParams{CreatedFrom: at(2), CreatedTo: at(4)}))
+		require.Equal(t, []string{"wfr_6"}, sel(storage.RunSelectParams{CreatedFrom: at(6)}))
+		require.Empty(t, sel(storage.RunSelectParams{CreatedTo: at(0)}))
+		require.Equal(t, []string{"wfr_4", "wfr_2"}, sel(storage.RunSelectParams{RunIDs: []string{"wfr_2", "wfr_4", "wfr_nope"}}))
+		require.Equal(t, []string{"wfr_2"}, sel(storage.RunSelectParams{RunIDs: []string{"wfr_2", "wfr_4"}, AfterRunID: "wfr_4"}))
+		require.Equal(t, []string{"wfr_6", "wfr_5"}, sel(storage.RunSelectParams{Limit: 2}))
+		require.Equal(t, []string{"wfr_4", "wfr_2"}, sel(storage.RunSelectParams{Labels: []string{"b"}, AfterRunID: "wfr_5"}))
+		_, err := b.store.RunSelect(b.ctx, &storage.RunSelectParams{AfterRunID: "wfr_unknown", Limit: 10})
+		require.ErrorIs(t, err, storage.ErrNotFound)
+
+		// By dispatch URL: exact, or prefix in characters, byte for byte.
+		for id, u := range map[string]string{"wfr_1": "https://x.example/wf/ü/a", "wfr_2": "https://x.example/wf/ü/b", "wfr_3": "https://x.example/WF/a"} {
+			require.NoError(t, b.store.OutboxInsert(b.ctx, &storage.OutboxRecord{ID: "dlv_" + id, RunID: ptr(id), Kind: storage.OutboxKindDispatch,
+				URL: u, Body: []byte(`{}`), State: models.DispatchPending, MaxAttempts: 1, NextAttemptAt: b.now, CreatedAt: b.now}))
+		}
+		require.Equal(t, []string{"wfr_2", "wfr_1"}, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://x.example/wf/ü/")}))
+		require.Equal(t, []string{"wfr_1"}, sel(storage.RunSelectParams{DispatchURL: ptr("https://x.example/wf/ü/a")}))
+		require.Empty(t, sel(storage.RunSelectParams{DispatchURL: ptr("https://x.example/wf/ü/")}))
+		require.Equal(t, []string{"wfr_3"}, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://x.example/WF")}))
+		require.Equal(t, []string{"wfr_3", "wfr_2", "wfr_1"}, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://")}))
+		require.Empty(t, sel(storage.RunSelectParams{DispatchURLPrefix: ptr("https://x.example/wf/ü/a/more")}))
+	})
+
 	t.Run("WaiterInsertAndGet", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
