@@ -10,6 +10,8 @@ import (
 	"slices"
 
 	"rendezvous/models"
+
+	"gorm.io/gorm"
 )
 
 func (e *gormExecutor) RunGet(ctx context.Context, runID string, forUpdate bool) (*models.WorkflowRun, error) {
@@ -196,22 +198,7 @@ func (e *gormExecutor) RunList(ctx context.Context, p *RunListParams) ([]*models
 	if p.Label != nil {
 		q = q.Where("label = ?", *p.Label)
 	}
-	if p.AfterRunID != "" {
-		var after runRow
-		if err := e.q(ctx).Select("seq").Where("id = ?", p.AfterRunID).Take(&after).Error; err != nil {
-			return nil, e.notFound(err)
-		}
-		q = q.Where("seq < ?", after.Seq)
-	}
-	var rows []runRow
-	if err := q.Order("seq DESC").Limit(p.Limit).Find(&rows).Error; err != nil {
-		return nil, e.classify(err)
-	}
-	out := make([]*models.WorkflowRun, len(rows))
-	for i := range rows {
-		out[i] = rows[i].model()
-	}
-	return out, nil
+	return e.runsPage(ctx, q, p.AfterRunID, p.Limit)
 }
 
 func (e *gormExecutor) RunCountByState(ctx context.Context) (map[models.RunState]int64, error) {
@@ -227,6 +214,28 @@ func countByState[S ~string](e *gormExecutor, ctx context.Context, model any) (m
 	out := make(map[S]int64, len(rows))
 	for _, r := range rows {
 		out[S(r.State)] = r.N
+	}
+	return out, nil
+}
+
+// runsPage runs a listing of runs newest first (by insertion order), up to
+// limit, continuing after the run afterRunID when it is set (ErrNotFound if
+// that run does not exist).
+func (e *gormExecutor) runsPage(ctx context.Context, q *gorm.DB, afterRunID string, limit int) ([]*models.WorkflowRun, error) {
+	if afterRunID != "" {
+		var after runRow
+		if err := e.q(ctx).Select("seq").Where("id = ?", afterRunID).Take(&after).Error; err != nil {
+			return nil, e.notFound(err)
+		}
+		q = q.Where("seq < ?", after.Seq)
+	}
+	var rows []runRow
+	if err := q.Order("seq DESC").Limit(limit).Find(&rows).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	out := make([]*models.WorkflowRun, len(rows))
+	for i := range rows {
+		out[i] = rows[i].model()
 	}
 	return out, nil
 }

@@ -58,20 +58,5 @@ func (e *gormExecutor) RunSelect(ctx context.Context, p *RunSelectParams) ([]*mo
 		q = q.Where("EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = runs.id AND o.kind = ? AND SUBSTR(o.url, 1, ?) = ?)",
 			OutboxKindDispatch, utf8.RuneCountInString(prefix), prefix)
 	}
-	if p.AfterRunID != "" {
-		var after runRow
-		if err := e.q(ctx).Select("seq").Where("id = ?", p.AfterRunID).Take(&after).Error; err != nil {
-			return nil, e.notFound(err)
-		}
-		q = q.Where("seq < ?", after.Seq)
-	}
-	var rows []runRow
-	if err := q.Order("seq DESC").Limit(p.Limit).Find(&rows).Error; err != nil {
-		return nil, e.classify(err)
-	}
-	out := make([]*models.WorkflowRun, len(rows))
-	for i := range rows {
-		out[i] = rows[i].model()
-	}
-	return out, nil
+	return e.runsPage(ctx, q, p.AfterRunID, p.Limit)
 }
