@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"gorm.io/gorm"
-	"gorm.io/gorm/clause"
 
 	"rendezvous/models"
 )
@@ -56,20 +55,9 @@ func (e *gormExecutor) RunClaim(ctx context.Context, p *RunClaimParams) ([]*mode
 		}
 		return q.Where("(claim_until IS NULL OR claim_until <= ?)", now)
 	}
-	var seqs []int64
-	q := free().Order("seq").Limit(p.Limit)
-	if e.dialect == DialectMySQL && !noSkipLocked.Load() {
-		err := q.Clauses(clause.Locking{Strength: "UPDATE", Options: "SKIP LOCKED"}).Pluck("seq", &seqs).Error
-		if err != nil && isSyntaxError(err) {
-			noSkipLocked.Store(true)
-			seqs = nil
-			err = free().Order("seq").Limit(p.Limit).Pluck("seq", &seqs).Error
-		}
-		if err != nil {
-			return nil, e.classify(err)
-		}
-	} else if err := q.Pluck("seq", &seqs).Error; err != nil {
-		return nil, e.classify(err)
+	seqs, err := e.claimCandidates(func() *gorm.DB { return free().Order("seq").Limit(p.Limit) })
+	if err != nil {
+		return nil, err
 	}
 	if len(seqs) == 0 {
 		return nil, nil

@@ -105,27 +105,39 @@ func (e *gormExecutor) OutboxGet(ctx context.Context, id string) (*OutboxRecord,
 // alone.
 var noSkipLocked atomic.Bool
 
+// claimCandidates plucks the seq of the rows query() selects, for a claim
+// that compare-and-sets them next. On MySQL the rows are read with FOR
+// UPDATE SKIP LOCKED, so that replicas claiming at once each take different
+// rows instead of queueing behind one another's locks; a database that
+// refuses SKIP LOCKED is asked again without it, and never again with it.
+func (e *gormExecutor) claimCandidates(query func() *gorm.DB) ([]int64, error) {
+	var seqs []int64
+	if e.dialect == DialectMySQL && !noSkipLocked.Load() {
+		err := query().Clauses(clause.Locking{Strength: "UPDATE", Options: "SKIP LOCKED"}).Pluck("seq", &seqs).Error
+		if err != nil && isSyntaxError(err) {
+			noSkipLocked.Store(true)
+			seqs = nil
+			err = query().Pluck("seq", &seqs).Error
+		}
+		if err != nil {
+			return nil, e.classify(err)
+		}
+		return seqs, nil
+	}
+	if err := query().Pluck("seq", &seqs).Error; err != nil {
+		return nil, e.classify(err)
+	}
+	return seqs, nil
+}
+
 func (e *gormExecutor) OutboxClaim(ctx context.Context, p *OutboxClaimParams) ([]*OutboxRecord, error) {
 	now := newDBTime(p.Now)
 	due := func() *gorm.DB {
 		return e.q(ctx).Model(&outboxRow{}).Where("state = ? AND next_attempt_at <= ?", string(models.DispatchPending), now)
 	}
-	var seqs []int64
-	q := due().Order("next_attempt_at, seq").Limit(p.Limit)
-	if e.dialect == DialectMySQL && !noSkipLocked.Load() {
-		// Replicas claiming at once each take different rows instead of
-		// queueing behind one another's locks.
-		err := q.Clauses(clause.Locking{Strength: "UPDATE", Options: "SKIP LOCKED"}).Pluck("seq", &seqs).Error
-		if err != nil && isSyntaxError(err) {
-			noSkipLocked.Store(true)
-			seqs, err = nil, nil
-			err = due().Order("next_attempt_at, seq").Limit(p.Limit).Pluck("seq", &seqs).Error
-		}
-		if err != nil {
-			return nil, e.classify(err)
-		}
-	} else if err := q.Pluck("seq", &seqs).Error; err != nil {
-		return nil, e.classify(err)
+	seqs, err := e.claimCandidates(func() *gorm.DB { return due().Order("next_attempt_at, seq").Limit(p.Limit) })
+	if err != nil {
+		return nil, err
 	}
 	if len(seqs) == 0 {
 		return nil, nil
