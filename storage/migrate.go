@@ -539,6 +539,12 @@ func galeraMigrationLock(ctx context.Context, conn *sql.Conn) (release func(), e
 		_, err := conn.ExecContext(ctx, take, me, int(galeraLockLease/time.Second))
 		if err == nil {
 			err = conn.QueryRowContext(ctx, `SELECT holder FROM schema_migration_lock WHERE id = 1`).Scan(&holder)
+			if errors.Is(err, sql.ErrNoRows) {
+				// The holder released it (deleted the row) between our
+				// write, which found it held, and this read: it is free,
+				// so try again.
+				err = nil
+			}
 		}
 		if err != nil && !errors.Is(classify(err), errRetryable) {
 			return nil, fmt.Errorf("migrate: take the Galera lock: %w", err)
