@@ -1,11 +1,15 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,6 +17,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"rendezvous/auth"
 	"rendezvous/internal/testdb"
 )
 
@@ -175,4 +180,134 @@ func mustAbs(t *testing.T, p string) string {
 	a, err := filepath.Abs(p)
 	require.NoError(t, err)
 	return a
+}
+
+// examples/serverless, as a real process: a workflow made of plain HTTP
+// handlers. Its dispatch registers a callback wait with the run token and
+// gives the waiter's completion URL to a fake payment provider as a webhook
+// URL; the provider POSTs the charge there (JSON for one run, a form for
+// the other); Rendezvous POSTs the result to the workflow's callback
+// handler, which finishes the run with the provider's data. The server
+// requires tokens and hands out run tokens, as in production.
+func TestExampleServerless(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		bin := buildExample(t, "serverless")
+		port := strconv.Itoa(freePort(t))
+		base := "http://127.0.0.1:" + port
+		e := dispatchEnv(t, db, base+"/workflow", secTokens)
+		logs := startExample(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_SIGNING_SECRET="+signingSecret,
+			"RENDEZVOUS_TOKEN="+secToken, "PORT="+port, "PROVIDER_DELAY=50ms")
+
+		formats := []string{"json", "form"}
+		runs := make([]string, len(formats))
+		for i, format := range formats {
+			var out struct {
+				Trigger struct {
+					WorkflowRunID string `json:"workflowRunId"`
+				} `json:"trigger"`
+			}
+			// The example may not listen yet: the dispatch retries until it does.
+			e.postOK(secAdminToken, dispatchTrigger, map[string]any{"id": uid("order"),
+				"body": map[string]any{"amount": 4200 + i, "currency": "eur", "webhookFormat": format},
+				"d":    map[string]any{"url": base + "/workflow", "retries": 20}}, &out)
+			runs[i] = out.Trigger.WorkflowRunID
+		}
+
+		type waiter struct {
+			ID            string  `json:"id"`
+			StepName      *string `json:"stepName"`
+			State         string  `json:"state"`
+			CompletionURL *string `json:"completionUrl"`
+			Callback      *struct {
+				State    string `json:"state"`
+				URL      string `json:"url"`
+				Attempts int    `json:"attempts"`
+			} `json:"callback"`
+		}
+		type run struct {
+			State   string          `json:"state"`
+			Result  json.RawMessage `json:"result"`
+			Waiters []waiter        `json:"waiters"`
+		}
+		get := func(id string) run {
+			var out struct {
+				WorkflowRun run `json:"workflowRun"`
+			}
+			e.postOK(secAdminToken, `query($id: ID!) { workflowRun(workflowRunId: $id) {
+  state result waiters { id stepName state completionUrl callback { state url attempts } } } }`, map[string]any{"id": id}, &out)
+			return out.WorkflowRun
+		}
+		resumed := func(id string) []string {
+			return regexp.MustCompile(`resumed run `+regexp.QuoteMeta(id)+` \(delivery ([^,]+),`).FindAllString(logs.String(), -1)
+		}
+
+		for i, id := range runs {
+			var r run
+			eventually(t, 20*time.Second, func() bool {
+				r = get(id)
+				return r.State != "RUN_STARTED"
+			}, "run %s ends", id)
+			require.Equal(t, "RUN_SUCCESS", r.State, "result %s", r.Result)
+
+			// The result holds what the provider sent to the completion URL.
+			var res struct {
+				Payment   map[string]any `json:"payment"`
+				MessageID string         `json:"messageId"`
+			}
+			require.NoError(t, json.Unmarshal(r.Result, &res))
+			require.NotEmpty(t, res.MessageID)
+			require.Equal(t, "charge.succeeded", res.Payment["type"])
+			if formats[i] == "json" {
+				data, _ := res.Payment["data"].(map[string]any)
+				require.Equal(t, float64(4200+i), data["amount"], "result %s", r.Result)
+				require.Equal(t, map[string]any{"workflowRunId": id}, data["metadata"])
+				require.Regexp(t, `^ch_[0-9a-f]{16}$`, data["id"])
+			} else {
+				// A form body becomes a JSON object of its fields.
+				require.Equal(t, strconv.Itoa(4200+i), res.Payment["amount"], "result %s", r.Result)
+				require.Equal(t, id, res.Payment["workflow_run_id"])
+				require.Equal(t, "eur", res.Payment["currency"])
+				require.Regexp(t, `^ch_[0-9a-f]{16}$`, res.Payment["charge_id"])
+			}
+
+			// One payment step, notified, its callback delivered once.
+			require.Len(t, r.Waiters, 1)
+			w := r.Waiters[0]
+			require.Equal(t, "payment", *w.StepName)
+			require.Equal(t, "NOTIFIED", w.State)
+			require.NotNil(t, w.CompletionURL)
+			require.NotNil(t, w.Callback)
+			require.Equal(t, base+"/workflow/callback", w.Callback.URL)
+			eventually(t, 10*time.Second, func() bool {
+				w := get(id).Waiters[0]
+				return w.Callback.State == "DELIVERED"
+			}, "the callback of %s is DELIVERED", id)
+			eventually(t, 10*time.Second, func() bool { return len(resumed(id)) == 1 }, "the example logs the callback of %s", id)
+
+			// The provider calling the completion URL again (a webhook
+			// retry) completes nothing: 409.
+			again := secHTTP(t, "POST", *w.CompletionURL, secHeader("Content-Type", "application/json"), strings.NewReader(`{"type":"charge.refunded"}`))
+			require.Equal(t, http.StatusConflict, again.Status, again.Body)
+
+			// The callback delivered again (same delivery id, validly
+			// signed, as after a lost answer) is acknowledged, not redone.
+			delivery := regexp.MustCompile(`\(delivery ([^,]+),`).FindStringSubmatch(resumed(id)[0])[1]
+			body := []byte(fmt.Sprintf(`{"eventId":"payment-%s","eventData":null,"timeout":true,"waiterId":%q,"workflowRunId":%q,"stepName":"payment"}`, id, w.ID, id))
+			signer, err := auth.NewDeliverySigner([]string{signingSecret})
+			require.NoError(t, err)
+			dup := secHTTP(t, "POST", w.Callback.URL, secHeader("Rendezvous-Delivery-Id", delivery, "Rendezvous-Attempt", "2",
+				"Rendezvous-Signature", signer.Sign(body, time.Now()), "Content-Type", "application/json"), bytes.NewReader(body))
+			require.Equal(t, http.StatusOK, dup.Status, dup.Body)
+			// A forged one (another secret) is refused.
+			forged := secHTTP(t, "POST", w.Callback.URL, secHeader("Rendezvous-Delivery-Id", "forged-"+delivery,
+				"Rendezvous-Signature", "t="+strconv.FormatInt(time.Now().Unix(), 10)+",v1=00ff"), bytes.NewReader(body))
+			require.Equal(t, http.StatusUnauthorized, forged.Status)
+
+			r2 := get(id)
+			require.Equal(t, "RUN_SUCCESS", r2.State)
+			require.JSONEq(t, string(r.Result), string(r2.Result))
+			require.Len(t, resumed(id), 1, "the callback was processed once")
+		}
+		require.Contains(t, logs.String(), "duplicate delivery")
+	})
 }
