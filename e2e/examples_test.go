@@ -187,8 +187,9 @@ func mustAbs(t *testing.T, p string) string {
 // gives the waiter's completion URL to a fake payment provider as a webhook
 // URL; the provider POSTs the charge there (JSON for one run, a form for
 // the other); Rendezvous POSTs the result to the workflow's callback
-// handler, which finishes the run with the provider's data. The server
-// requires tokens and hands out run tokens, as in production.
+// handler, which finishes the run with the provider's data (RUN_FAILED for
+// a declined card). The server requires tokens and hands out run tokens,
+// as in production.
 func TestExampleServerless(t *testing.T) {
 	testdb.Dialects(t, func(t *testing.T, db string) {
 		bin := buildExample(t, "serverless")
@@ -198,9 +199,13 @@ func TestExampleServerless(t *testing.T) {
 		logs := startExample(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_SIGNING_SECRET="+signingSecret,
 			"RENDEZVOUS_TOKEN="+secToken, "PORT="+port, "PROVIDER_DELAY=50ms")
 
-		formats := []string{"json", "form"}
-		runs := make([]string, len(formats))
-		for i, format := range formats {
+		cases := []struct{ format, card, state string }{
+			{"json", "", "RUN_SUCCESS"},
+			{"form", "", "RUN_SUCCESS"},
+			{"json", "4000000000000002", "RUN_FAILED"},
+		}
+		runs := make([]string, len(cases))
+		for i, c := range cases {
 			var out struct {
 				Trigger struct {
 					WorkflowRunID string `json:"workflowRunId"`
@@ -208,7 +213,7 @@ func TestExampleServerless(t *testing.T) {
 			}
 			// The example may not listen yet: the dispatch retries until it does.
 			e.postOK(secAdminToken, dispatchTrigger, map[string]any{"id": uid("order"),
-				"body": map[string]any{"amount": 4200 + i, "currency": "eur", "webhookFormat": format},
+				"body": map[string]any{"amount": 4200 + i, "currency": "eur", "webhookFormat": c.format, "card": c.card},
 				"d":    map[string]any{"url": base + "/workflow", "retries": 20}}, &out)
 			runs[i] = out.Trigger.WorkflowRunID
 		}
@@ -247,17 +252,23 @@ func TestExampleServerless(t *testing.T) {
 				r = get(id)
 				return r.State != "RUN_STARTED"
 			}, "run %s ends", id)
-			require.Equal(t, "RUN_SUCCESS", r.State, "result %s", r.Result)
+			require.Equal(t, cases[i].state, r.State, "result %s", r.Result)
 
 			// The result holds what the provider sent to the completion URL.
 			var res struct {
+				Error     string         `json:"error"`
 				Payment   map[string]any `json:"payment"`
 				MessageID string         `json:"messageId"`
 			}
 			require.NoError(t, json.Unmarshal(r.Result, &res))
 			require.NotEmpty(t, res.MessageID)
-			require.Equal(t, "charge.succeeded", res.Payment["type"])
-			if formats[i] == "json" {
+			if cases[i].state == "RUN_FAILED" {
+				require.Equal(t, "payment failed", res.Error)
+				require.Equal(t, "charge.failed", res.Payment["type"])
+			} else {
+				require.Equal(t, "charge.succeeded", res.Payment["type"])
+			}
+			if cases[i].format == "json" {
 				data, _ := res.Payment["data"].(map[string]any)
 				require.Equal(t, float64(4200+i), data["amount"], "result %s", r.Result)
 				require.Equal(t, map[string]any{"workflowRunId": id}, data["metadata"])
@@ -304,7 +315,7 @@ func TestExampleServerless(t *testing.T) {
 			require.Equal(t, http.StatusUnauthorized, forged.Status)
 
 			r2 := get(id)
-			require.Equal(t, "RUN_SUCCESS", r2.State)
+			require.Equal(t, cases[i].state, r2.State)
 			require.JSONEq(t, string(r.Result), string(r2.Result))
 			require.Len(t, resumed(id), 1, "the callback was processed once")
 		}

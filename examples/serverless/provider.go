@@ -39,7 +39,11 @@ type charge struct {
 	Metadata      map[string]string `json:"metadata"`
 	webhookURL    string
 	webhookFormat string
+	declined      bool
 }
+
+// declinedCard is the test card the provider declines.
+const declinedCard = "4000000000000002"
 
 func newProvider(ctx context.Context, delay time.Duration) *provider {
 	return &provider{ctx: ctx, delay: delay, charges: map[string]*charge{}}
@@ -59,6 +63,7 @@ func (p *provider) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Currency      string            `json:"currency"`
 		WebhookURL    string            `json:"webhookUrl"`
 		WebhookFormat string            `json:"webhookFormat"`
+		Card          string            `json:"card"`
 		Metadata      map[string]string `json:"metadata"`
 	}
 	if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
@@ -75,7 +80,8 @@ func (p *provider) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c, seen := p.charges[key]
 	if !seen || key == "" {
 		c = &charge{ID: "ch_" + randomHex(8), Amount: req.Amount, Currency: req.Currency, Status: "pending",
-			Metadata: req.Metadata, webhookURL: req.WebhookURL, webhookFormat: req.WebhookFormat}
+			Metadata: req.Metadata, webhookURL: req.WebhookURL, webhookFormat: req.WebhookFormat,
+			declined: req.Card == declinedCard}
 		if key != "" {
 			p.charges[key] = c
 		}
@@ -98,19 +104,24 @@ func (p *provider) settle(c *charge) {
 	if !p.pause(p.delay) {
 		return
 	}
+	event := "charge.succeeded"
 	p.mu.Lock()
 	c.Status = "succeeded"
+	if c.declined {
+		event, c.Status = "charge.failed", "failed"
+	}
+	status := c.Status
 	p.mu.Unlock()
 	ctype, body := "application/json", []byte(nil)
 	if c.webhookFormat == "form" {
 		// Some providers (PayPal's IPN, Twilio) post forms: Rendezvous turns
 		// the fields into a JSON object.
-		f := url.Values{"type": {"charge.succeeded"}, "charge_id": {c.ID}, "amount": {strconv.Itoa(c.Amount)},
+		f := url.Values{"type": {event}, "charge_id": {c.ID}, "amount": {strconv.Itoa(c.Amount)},
 			"currency": {c.Currency}, "workflow_run_id": {c.Metadata["workflowRunId"]}}
 		ctype, body = "application/x-www-form-urlencoded", []byte(f.Encode())
 	} else {
-		body, _ = json.Marshal(map[string]any{"type": "charge.succeeded", "data": map[string]any{
-			"id": c.ID, "amount": c.Amount, "currency": c.Currency, "status": "succeeded", "metadata": c.Metadata}})
+		body, _ = json.Marshal(map[string]any{"type": event, "data": map[string]any{
+			"id": c.ID, "amount": c.Amount, "currency": c.Currency, "status": status, "metadata": c.Metadata}})
 	}
 	backoff := 200 * time.Millisecond
 	for attempt := 1; attempt <= 8; attempt++ {

@@ -36,6 +36,8 @@ type order struct {
 	// WebhookFormat asks the provider for "json" (default) or "form"
 	// webhooks, as a provider's dashboard would.
 	WebhookFormat string `json:"webhookFormat"`
+	// Card: the fake provider declines "4000000000000002" (a test card).
+	Card string `json:"card"`
 }
 
 // dispatched is step 1: Rendezvous hands over a new run.
@@ -116,7 +118,7 @@ func (wf *workflow) charge(ctx context.Context, run string, o order, webhookURL 
 		o.Currency = "eur"
 	}
 	req := map[string]any{"amount": o.Amount, "currency": o.Currency, "webhookUrl": webhookURL,
-		"webhookFormat": o.WebhookFormat, "metadata": map[string]string{"workflowRunId": run}}
+		"webhookFormat": o.WebhookFormat, "card": o.Card, "metadata": map[string]string{"workflowRunId": run}}
 	var out struct {
 		ID string `json:"id"`
 	}
@@ -134,17 +136,31 @@ func (wf *workflow) charge(ctx context.Context, run string, o order, webhookURL 
 }
 
 // callbackBody is what Rendezvous POSTs to the callback URL: the waiter's
-// WaitResult, and an error when the waiter was canceled.
+// WaitResult fields, its state, and for a CANCELED waiter the error its
+// subscriber would get ({message, extensions: {code: "RUN_NOT_ACTIVE"}}).
 type callbackBody struct {
-	EventID       string          `json:"eventId"`
-	EventData     json.RawMessage `json:"eventData"`
-	Timeout       bool            `json:"timeout"`
+	DeliveryID    string          `json:"deliveryId"`
 	WaiterID      string          `json:"waiterId"`
 	WorkflowRunID string          `json:"workflowRunId"`
 	StepName      string          `json:"stepName"`
+	EventID       string          `json:"eventId"`
+	State         string          `json:"state"` // NOTIFIED, TIMED_OUT or CANCELED
+	Timeout       bool            `json:"timeout"`
+	EventData     json.RawMessage `json:"eventData"`
 	MessageID     *string         `json:"messageId"`
 	NotifiedAt    *string         `json:"notifiedAt"`
-	Error         json.RawMessage `json:"error"`
+	Error         *struct {
+		Message    string `json:"message"`
+		Extensions struct {
+			Code string `json:"code"`
+		} `json:"extensions"`
+	} `json:"error"`
+}
+
+// payment is the provider's webhook as eventData: JSON
+// ({type, data: {…}}) or a form ({type, charge_id, …} as strings).
+type payment struct {
+	Type string `json:"type"`
 }
 
 // resumed is step 2: the payment step ended.
@@ -158,16 +174,21 @@ func (wf *workflow) resumed(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "bad body", http.StatusBadRequest)
 		return
 	}
+	var p payment
+	json.Unmarshal(res.EventData, &p) // anything else: not a success
 	var err error
 	switch {
-	case len(res.Error) > 0 && string(res.Error) != "null":
-		// Canceled: the run ended (cancel, finishRun) while it waited.
-		log.Printf("serverless: run %s: payment step canceled: %s", res.WorkflowRunID, res.Error)
+	case res.Error != nil:
+		// CANCELED: the run ended (cancel, finishRun) while it waited.
+		log.Printf("serverless: run %s: payment step canceled: %s (%s)", res.WorkflowRunID, res.Error.Message, res.Error.Extensions.Code)
 	case res.Timeout:
 		err = wf.rendezvous.finish(r.Context(), res.WorkflowRunID, "RUN_FAILED", map[string]any{"error": "no payment within " + wf.timeout})
-	default:
+	case p.Type == "charge.succeeded":
 		err = wf.rendezvous.finish(r.Context(), res.WorkflowRunID, "RUN_SUCCESS", map[string]any{
 			"payment": res.EventData, "messageId": res.MessageID, "paidAt": res.NotifiedAt})
+	default:
+		err = wf.rendezvous.finish(r.Context(), res.WorkflowRunID, "RUN_FAILED", map[string]any{
+			"error": "payment failed", "payment": res.EventData, "messageId": res.MessageID})
 	}
 	if err != nil {
 		log.Printf("serverless: run %s: finish: %v", res.WorkflowRunID, err)
@@ -175,7 +196,7 @@ func (wf *workflow) resumed(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	wf.seen.done(id)
-	log.Printf("serverless: resumed run %s (delivery %s, timeout %v)", res.WorkflowRunID, id, res.Timeout)
+	log.Printf("serverless: resumed run %s (delivery %s, %s %s)", res.WorkflowRunID, id, res.State, p.Type)
 	w.WriteHeader(http.StatusNoContent)
 }
 
