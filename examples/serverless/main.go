@@ -8,9 +8,8 @@
 //  1. POST /workflow: Rendezvous dispatches the run (trigger with
 //     dispatch: {url: ".../workflow"}). The handler registers a callback wait,
 //     waitForEventCallback(stepName: "payment", callback: {url: ".../workflow/callback"}),
-//     with the run token of the dispatch, reads the waiter's completionUrl,
-//     and gives it to the payment provider as the charge's webhook URL. It
-//     answers at once: nothing waits.
+//     reads the waiter's completionUrl, and gives it to the payment provider
+//     as the charge's webhook URL. It answers at once: nothing waits.
 //  2. The payment provider (a fake one, below, at /provider/) charges the
 //     card and POSTs its webhook to the completion URL, JSON or form encoded.
 //     It needs no Rendezvous token: the URL is the credential, and it
@@ -36,7 +35,7 @@
 //
 //	RENDEZVOUS_URL             the GraphQL endpoint (default http://localhost:8080/query)
 //	RENDEZVOUS_SIGNING_SECRET  the server's signing secret: every request from Rendezvous is checked against it (required)
-//	RENDEZVOUS_TOKEN           a server token, for finishRun (and for waitForEventCallback when the dispatch carries no run token)
+//	RENDEZVOUS_TOKEN           a server token, for waitForEventCallback (to read completionUrl) and finishRun
 //	PORT                       where this process listens, on 127.0.0.1 (default 3000)
 //	WORKFLOW_URL               where Rendezvous reaches this process (default http://127.0.0.1:$PORT)
 //	PROVIDER_URL               the payment provider's API (default $WORKFLOW_URL/provider, the fake one here)

@@ -49,13 +49,12 @@ func (wf *workflow) dispatched(w http.ResponseWriter, r *http.Request) {
 	var run struct {
 		WorkflowRunID string `json:"workflowRunId"`
 		Body          order  `json:"body"`
-		RunToken      string `json:"runToken"`
 	}
 	if err := json.Unmarshal(body, &run); err != nil || run.WorkflowRunID == "" {
 		http.Error(w, "bad body", http.StatusBadRequest)
 		return
 	}
-	if err := wf.startPayment(r.Context(), run.WorkflowRunID, run.RunToken, run.Body); err != nil {
+	if err := wf.startPayment(r.Context(), run.WorkflowRunID, run.Body); err != nil {
 		// A 5xx makes Rendezvous deliver again later, with backoff; every
 		// step above is safe to repeat.
 		log.Printf("serverless: run %s: %v", run.WorkflowRunID, err)
@@ -68,9 +67,12 @@ func (wf *workflow) dispatched(w http.ResponseWriter, r *http.Request) {
 
 // startPayment registers the callback wait and hands its completion URL to
 // the payment provider.
-func (wf *workflow) startPayment(ctx context.Context, run, runToken string, o order) error {
-	// The run token of the dispatch allows waitForEventCallback on this run
-	// only: the function needs no server token for it.
+func (wf *workflow) startPayment(ctx context.Context, run string, o order) error {
+	// The server token: the run token of the dispatch allows
+	// waitForEventCallback on this run too, but not reading completionUrl
+	// (a credential that completes the step, and run tokens are also
+	// handed to browsers); the function needs the server token for
+	// finishRun anyway.
 	var out struct {
 		Waiter struct {
 			ID            string `json:"id"`
@@ -78,7 +80,7 @@ func (wf *workflow) startPayment(ctx context.Context, run, runToken string, o or
 			CompletionURL string `json:"completionUrl"`
 		} `json:"waitForEventCallback"`
 	}
-	err := wf.rendezvous.do(ctx, runToken, `mutation($ev: String!, $run: ID!, $timeout: Duration, $cb: CallbackInput!) {
+	err := wf.rendezvous.do(ctx, wf.rendezvous.serverToken, `mutation($ev: String!, $run: ID!, $timeout: Duration, $cb: CallbackInput!) {
   waitForEventCallback(eventId: $ev, workflowRunId: $run, stepName: "payment", timeout: $timeout, callback: $cb) { id state completionUrl }
 }`, map[string]any{"ev": "payment-" + run, "run": run, "timeout": wf.timeout,
 		"cb": map[string]any{"url": wf.callbackURL, "retries": 10}}, &out)
@@ -298,11 +300,8 @@ type gqlError struct {
 
 func (e *gqlError) Error() string { return fmt.Sprintf("%s (%s)", e.Message, e.Code) }
 
-// do runs a mutation with token (the server token when empty).
+// do runs a query or mutation with token ("": none, on an open server).
 func (c *client) do(ctx context.Context, token, query string, vars map[string]any, data any) error {
-	if token == "" {
-		token = c.serverToken
-	}
 	var out struct {
 		Data   json.RawMessage `json:"data"`
 		Errors []struct {
