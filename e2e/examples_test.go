@@ -246,6 +246,8 @@ func TestExampleServerless(t *testing.T) {
 			return regexp.MustCompile(`resumed run `+regexp.QuoteMeta(id)+` \(delivery ([^,]+),`).FindAllString(logs.String(), -1)
 		}
 
+		signer, err := auth.NewDeliverySigner([]string{signingSecret})
+		require.NoError(t, err)
 		for i, id := range runs {
 			var r run
 			eventually(t, 20*time.Second, func() bool {
@@ -303,9 +305,8 @@ func TestExampleServerless(t *testing.T) {
 			// The callback delivered again (same delivery id, validly
 			// signed, as after a lost answer) is acknowledged, not redone.
 			delivery := regexp.MustCompile(`\(delivery ([^,]+),`).FindStringSubmatch(resumed(id)[0])[1]
-			body := []byte(fmt.Sprintf(`{"eventId":"payment-%s","eventData":null,"timeout":true,"waiterId":%q,"workflowRunId":%q,"stepName":"payment"}`, id, w.ID, id))
-			signer, err := auth.NewDeliverySigner([]string{signingSecret})
-			require.NoError(t, err)
+			body := []byte(fmt.Sprintf(`{"deliveryId":%q,"waiterId":%q,"workflowRunId":%q,"stepName":"payment","eventId":"payment-%s",`+
+				`"state":"TIMED_OUT","timeout":true,"eventData":null,"messageId":null,"notifiedAt":null,"error":null}`, delivery, w.ID, id, id))
 			dup := secHTTP(t, "POST", w.Callback.URL, secHeader("Rendezvous-Delivery-Id", delivery, "Rendezvous-Attempt", "2",
 				"Rendezvous-Signature", signer.Sign(body, time.Now()), "Content-Type", "application/json"), bytes.NewReader(body))
 			require.Equal(t, http.StatusOK, dup.Status, dup.Body)
@@ -314,10 +315,20 @@ func TestExampleServerless(t *testing.T) {
 				"Rendezvous-Signature", "t="+strconv.FormatInt(time.Now().Unix(), 10)+",v1=00ff"), bytes.NewReader(body))
 			require.Equal(t, http.StatusUnauthorized, forged.Status)
 
+			// The dispatch delivered again under a new delivery id (the
+			// function lost its record of deliveries, a cold start): the
+			// step is not registered again and the card not charged again.
+			body = []byte(fmt.Sprintf(`{"workflowRunId":%q,"body":{"amount":%d,"webhookFormat":%q},"label":null}`, id, 4200+i, cases[i].format))
+			redispatch := secHTTP(t, "POST", base+"/workflow", secHeader("Rendezvous-Delivery-Id", "dlv_again-"+id, "Rendezvous-Attempt", "1",
+				"Rendezvous-Signature", signer.Sign(body, time.Now()), "Content-Type", "application/json"), bytes.NewReader(body))
+			require.Less(t, redispatch.Status, 300, redispatch.Body)
+
 			r2 := get(id)
 			require.Equal(t, cases[i].state, r2.State)
 			require.JSONEq(t, string(r.Result), string(r2.Result))
+			require.Len(t, r2.Waiters, 1)
 			require.Len(t, resumed(id), 1, "the callback was processed once")
+			require.Equal(t, 1, strings.Count(logs.String(), "run "+id+": waiting for payment"), "one charge for the run")
 		}
 		require.Contains(t, logs.String(), "duplicate delivery")
 	})
