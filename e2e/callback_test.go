@@ -3,6 +3,10 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -10,6 +14,7 @@ import (
 
 	"rendezvous/internal/gqlclient"
 	"rendezvous/internal/testdb"
+	"rendezvous/storage"
 )
 
 // Callback waiters (waitForEventCallback): every way a waiter ends reaches
@@ -340,4 +345,180 @@ func TestCallbackRetriedThenFailsTheRun(t *testing.T) {
 		require.Equal(t, w2.ID, why["waiterId"])
 		require.Equal(t, fmt.Sprint(2), fmt.Sprint(why["attempts"]))
 	})
+}
+
+// Rule 5 with callback waiters: a targeted notify races
+// waitForEventCallback of the same run, 500 times per dialect (on MariaDB
+// the registration goes to one replica and the notify to another, each
+// with its own delivery loop). Every race ends with the event called back
+// exactly once: either the notify resolved the waiter (its messageId in the
+// body) or it was stored and the registration consumed it (the waiter was
+// born NOTIFIED with that messageId). Never both, never neither; no
+// lookback event is left.
+func TestCallbackRule5Race(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		rcv := newReceiver(t, nil)
+		url := rcv.srv.URL + "/cb/race"
+		a := dispatchEnv(t, db, rcv.srv.URL+"/cb")
+		b := a
+		if a.dialect == storage.DialectMySQL {
+			b = dispatchEnv(t, db, rcv.srv.URL+"/cb")
+		}
+		const races = 500
+		var (
+			wg                 sync.WaitGroup
+			mu                 sync.Mutex
+			resolved, lookback int
+			waiters            = map[string]string{} // waiter id -> the message id that must be called back
+		)
+		sem := make(chan struct{}, 12)
+		for i := range races {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				run, ev := a.trigger(), uid("cbrace")
+				data := fmt.Sprintf(`{"race":%d}`, i)
+				var (
+					w     callbackWaiterView
+					n     notifyView
+					inner sync.WaitGroup
+				)
+				start := make(chan struct{})
+				inner.Add(2)
+				go func() {
+					defer inner.Done()
+					<-start
+					w = a.waitCallback(run, "s", ev, nil, map[string]any{"url": url})
+				}()
+				go func() {
+					defer inner.Done()
+					<-start
+					n = b.notify(ev, rawJSON(data), run)
+				}()
+				close(start)
+				inner.Wait()
+				mu.Lock()
+				defer mu.Unlock()
+				switch {
+				case len(n.NotifyResponse) == 1 && n.Lookback == nil:
+					require.Equal(t, w.ID, n.NotifyResponse[0].Waiter.ID)
+					waiters[w.ID] = n.NotifyResponse[0].MessageID
+					resolved++
+				case len(n.NotifyResponse) == 0 && n.Lookback != nil:
+					require.Equal(t, "NOTIFIED", w.State, "registered after the notify: born notified")
+					waiters[w.ID] = n.Lookback.MessageID
+					lookback++
+				default:
+					t.Errorf("race %d: notify resolved %d waiters and stored lookback %v", i, len(n.NotifyResponse), n.Lookback != nil)
+				}
+			}()
+		}
+		wg.Wait()
+		require.Equal(t, races, resolved+lookback)
+		eventually(t, 60*time.Second, func() bool { return rcv.processedCount() == races }, "every race called back")
+		rcv.mu.Lock()
+		defer rcv.mu.Unlock()
+		require.Zero(t, rcv.badSigs)
+		got := map[string]int{}
+		for _, raw := range rcv.processed {
+			var body callbackBody
+			require.NoError(t, json.Unmarshal(raw, &body))
+			want, ok := waiters[body.WaiterID]
+			require.True(t, ok, "a callback for an unknown waiter %s", body.WaiterID)
+			require.Equal(t, "NOTIFIED", body.State)
+			require.Equal(t, want, *body.MessageID, "the one notification of the race")
+			got[body.WaiterID]++
+		}
+		for id := range waiters {
+			require.Equal(t, 1, got[id], "waiter %s called back once", id)
+		}
+		t.Logf("%s: %d races, %d resolved the waiter, %d went through lookback; %d duplicate arrivals (deduplicated by delivery id)",
+			a.dialect, races, resolved, lookback, rcv.dups)
+	})
+}
+
+// The real binary is SIGKILLed after callback waiters ended and before
+// their callbacks were delivered (the receiver refuses until then), and
+// again while callbacks are in flight: after restart every callback
+// arrives, each waiter has one delivery id, processed once.
+func TestCallbackCrashKill(t *testing.T) {
+	db := testdb.MySQL(t)
+	bin := crashBuild(t)
+	var open atomic.Bool
+	rcv := newReceiver(t, func(id string, attempt int) string {
+		if !open.Load() || rand.IntN(5) == 0 {
+			return "500"
+		}
+		return ""
+	})
+	inner := rcv.srv.Config.Handler
+	rcv.srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(time.Duration(20+rand.IntN(200)) * time.Millisecond) // the receiver's own work: kills find attempts in flight
+		inner.ServeHTTP(w, r)
+	})
+	srv := newCrashServer(t, bin, db,
+		"RENDEZVOUS_OUTBOUND_ALLOWED="+rcv.srv.URL+"/cb",
+		"RENDEZVOUS_SIGNING_SECRET="+signingSecret,
+		"RENDEZVOUS_OUTBOUND_TIMEOUT=1s",
+		"RENDEZVOUS_OUTBOUND_RETRY_BASE=100ms",
+		"RENDEZVOUS_OUTBOUND_RETRY_MAX=500ms",
+	)
+	srv.start()
+	register := func(n int, round int) []string {
+		var ids []string
+		for i := range n {
+			var run struct {
+				Trigger struct {
+					WorkflowRunID string `json:"workflowRunId"`
+				} `json:"trigger"`
+			}
+			sdOK(t, srv.endpoint(), triggerMutation, map[string]any{"id": uid("cbcrash")}, &run)
+			id, ev := run.Trigger.WorkflowRunID, uid("cbcrash-ev")
+			var w struct {
+				W callbackWaiterView `json:"waitForEventCallback"`
+			}
+			sdOK(t, srv.endpoint(), callbackMutation, map[string]any{"ev": ev, "run": id, "step": "s",
+				"cb": map[string]any{"url": rcv.srv.URL + "/cb/step", "retries": 20}}, &w)
+			// End it: notified, or the run finished (a canceled callback).
+			if i%4 == 3 {
+				sdOK(t, srv.endpoint(), `mutation($id: ID!) { finishRun(workflowRunId: $id, state: RUN_SUCCESS) { state } }`, map[string]any{"id": id}, nil)
+			} else {
+				sdOK(t, srv.endpoint(), notifyMutation, map[string]any{"ev": ev, "run": id, "data": map[string]any{"round": round, "i": i}}, nil)
+			}
+			ids = append(ids, w.W.ID)
+		}
+		return ids
+	}
+
+	// Ended, not yet called back: the receiver refuses everything.
+	ids := register(30, 0)
+	srv.kill()
+	open.Store(true)
+	srv.start()
+	eventually(t, 60*time.Second, func() bool { return rcv.processedCount() == len(ids) }, "the callbacks owed at the kill arrive after restart")
+
+	// Killed with callbacks in flight.
+	for round := 1; round <= 2; round++ {
+		ids = append(ids, register(30, round)...)
+		target := len(ids) - 15
+		eventually(t, 60*time.Second, func() bool { return rcv.processedCount() >= target }, "callbacks before the kill")
+		srv.kill()
+		srv.start()
+	}
+	eventually(t, 90*time.Second, func() bool { return rcv.processedCount() == len(ids) }, "every callback after the kills")
+	rcv.mu.Lock()
+	defer rcv.mu.Unlock()
+	require.Zero(t, rcv.badSigs)
+	per := map[string]int{}
+	for _, raw := range rcv.processed {
+		var b callbackBody
+		require.NoError(t, json.Unmarshal(raw, &b))
+		per[b.WaiterID]++
+	}
+	for _, id := range ids {
+		require.Equal(t, 1, per[id], "waiter %s: one delivery id", id)
+	}
+	t.Logf("%d callbacks through 3 kills; %d duplicate arrivals deduplicated by delivery id", len(ids), rcv.dups)
 }
