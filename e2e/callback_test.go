@@ -14,6 +14,7 @@ import (
 
 	"rendezvous/internal/gqlclient"
 	"rendezvous/internal/testdb"
+	"rendezvous/service"
 	"rendezvous/storage"
 )
 
@@ -521,4 +522,47 @@ func TestCallbackCrashKill(t *testing.T) {
 		require.Equal(t, 1, per[id], "waiter %s: one delivery id", id)
 	}
 	t.Logf("%d callbacks through 3 kills; %d duplicate arrivals deduplicated by delivery id", len(ids), rcv.dups)
+}
+
+// Retention: a run that ended with a callback still owed is not purged
+// (nothing live is); once the callback is delivered, the run goes with its
+// waiter and its outbox rows.
+func TestCallbackRetention(t *testing.T) {
+	testdb.Dialects(t, func(t *testing.T, db string) {
+		var open atomic.Bool
+		rcv := newReceiver(t, func(string, int) string {
+			if !open.Load() {
+				return "500"
+			}
+			return ""
+		})
+		e := dispatchEnv(t, db, rcv.srv.URL+"/cb", func(c *service.Config) {
+			c.Engine.RunRetention = 48 * time.Hour
+			c.Engine.PurgeInterval = 50 * time.Millisecond
+			c.Engine.Outbound.RetryBase = time.Hour // retries wait: the callback stays PENDING
+			c.Engine.Outbound.RetryMax = time.Hour
+		})
+		ctx := ctxT(t)
+		run, ev := e.trigger(), uid("cb-ret")
+		w := e.waitCallback(run, "s", ev, nil, map[string]any{"url": rcv.srv.URL + "/cb/r", "retries": 20})
+		e.ok(`mutation($id: ID!) { cancel(workflowRunId: $id) { state } }`, map[string]any{"id": run}, nil)
+		eventually(t, 10*time.Second, func() bool { _, cb := e.callbackOf(run, w.ID); return cb.Attempts >= 1 }, "a first, refused attempt")
+
+		e.clock.Advance(49 * time.Hour) // past the retention, and the retry is due: refused again
+		eventually(t, 10*time.Second, func() bool { _, cb := e.callbackOf(run, w.ID); return cb.Attempts >= 2 }, "a second, refused attempt")
+		_, err := e.svc.Engine.Purge(ctx)
+		require.NoError(t, err)
+		_, cb := e.callbackOf(run, w.ID)
+		require.Equal(t, "PENDING", cb.State, "still owed")
+		require.NotNil(t, e.run(run), "a run with a callback owed is kept")
+
+		open.Store(true)
+		e.clock.Advance(2 * time.Hour) // the next retry is due
+		eventually(t, 10*time.Second, func() bool { _, b := rcv.callbacks(w.ID); return len(b) == 1 }, "delivered")
+		eventually(t, 10*time.Second, func() bool { return e.run(run) == nil }, "then the run is purged")
+		_, err = e.svc.Store.OutboxGetByWaiter(ctx, w.ID)
+		require.ErrorIs(t, err, storage.ErrNotFound, "its callback row with it")
+		_, err = e.svc.Store.WaiterGet(ctx, w.ID)
+		require.ErrorIs(t, err, storage.ErrNotFound, "and its waiter")
+	})
 }
