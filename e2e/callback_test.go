@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -565,4 +566,31 @@ func TestCallbackRetention(t *testing.T) {
 		_, err = e.svc.Store.WaiterGet(ctx, w.ID)
 		require.ErrorIs(t, err, storage.ErrNotFound, "and its waiter")
 	})
+}
+
+// A run token (what a dispatched workflow receives) may register callback
+// waits for its own run only: another run's is FORBIDDEN and registers
+// nothing; no token at all is UNAUTHENTICATED.
+func TestCallbackRunTokenOwnRunOnly(t *testing.T) {
+	rcv := newReceiver(t, nil)
+	url := rcv.srv.URL + "/cb/x"
+	e := secEnv(t, testdb.SQLite(t), func(c *service.Config) {
+		c.Outbound.Allowed = rcv.srv.URL + "/cb"
+		c.Outbound.SigningSecrets = []string{signingSecret}
+	})
+	mine, other := e.aTrigger(uid("cbmine")), e.aTrigger(uid("cbother"))
+	vars := func(run, step string) map[string]any {
+		return map[string]any{"ev": "ev", "run": run, "step": step, "cb": map[string]any{"url": url}}
+	}
+	var out struct {
+		W callbackWaiterView `json:"waitForEventCallback"`
+	}
+	e.postOK(mine.Token, callbackMutation, vars(mine.ID, "s"), &out)
+	require.Equal(t, "WAITING", out.W.State)
+	secRefused(t, e.post(mine.Token, callbackMutation, vars(other.ID, "s")), 0, "FORBIDDEN", "another run's callback wait")
+	// The short id names the same run, and is refused the same.
+	secRefused(t, e.post(mine.Token, callbackMutation, vars(strings.TrimPrefix(other.ID, "wfr_"), "s")), 0, "FORBIDDEN", "another run's, short id")
+	secRefused(t, e.post("", callbackMutation, vars(mine.ID, "t")), http.StatusUnauthorized, "UNAUTHENTICATED", "no token")
+	require.Empty(t, e.aRun(other.ID).Waiters, "nothing registered on the other run")
+	require.Len(t, e.aRun(mine.ID).Waiters, 1)
 }

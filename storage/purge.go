@@ -25,7 +25,7 @@ type PurgeParams struct {
 // PurgeResult counts what one call deleted.
 type PurgeResult struct {
 	Runs, Waiters, Steps, LookbackEvents, Notifications int64
-	// Deliveries: outbox rows (a run's dispatch), purged with their run.
+	// Deliveries: outbox rows (a run's dispatch, its waiters' callbacks), purged with their run.
 	Deliveries int64
 	// More: the call stopped at its limit; call again for the rest.
 	More bool
