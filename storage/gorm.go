@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"gorm.io/gorm"
@@ -23,7 +24,16 @@ type gormStore struct {
 	sqlDB       *sql.DB
 	maxAttempts int
 	log         *slog.Logger
+	// outboxDue is OnOutboxDue's hook.
+	outboxDue atomic.Pointer[func()]
 }
+
+// txNotes is what one attempt of a transaction noted for after its commit.
+type txNotes struct {
+	outboxDue bool // an outbox row was made due
+}
+
+func (s *gormStore) OnOutboxDue(f func()) { s.outboxDue.Store(&f) }
 
 var _ Store = (*gormStore)(nil)
 
@@ -44,6 +54,8 @@ type gormExecutor struct {
 	// galera: the server is a Galera node (wsrep_on). A COMMIT is then
 	// never sent along with an INSERT (see LookbackEventInsertCommit).
 	galera bool
+	// notes: inside a transaction, what to do after its commit; nil on the pool.
+	notes *txNotes
 }
 
 // classify classifies a driver error (see the package function) and tells
@@ -137,7 +149,8 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx, galera: s.galera}); err != nil {
+	notes := &txNotes{}
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx, galera: s.galera, notes: notes}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -150,6 +163,9 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 	}
 	if err := tx.Commit().Error; err != nil {
 		return s.commitErr(err)
+	}
+	if f := s.outboxDue.Load(); notes.outboxDue && f != nil && *f != nil {
+		(*f)()
 	}
 	return nil
 }
