@@ -34,6 +34,7 @@ type ResolverRoot interface {
 	Query() QueryResolver
 	Subscription() SubscriptionResolver
 	TriggerResult() TriggerResultResolver
+	Waiter() WaiterResolver
 	WorkflowRun() WorkflowRunResolver
 }
 
@@ -156,6 +157,7 @@ type ComplexityRoot struct {
 	}
 
 	Waiter struct {
+		CompletionURL func(childComplexity int) int
 		CreatedAt     func(childComplexity int) int
 		Deadline      func(childComplexity int) int
 		EventID       func(childComplexity int) int
@@ -218,6 +220,9 @@ type SubscriptionResolver interface {
 }
 type TriggerResultResolver interface {
 	RunToken(ctx context.Context, obj *models.TriggerResult) (*models.RunToken, error)
+}
+type WaiterResolver interface {
+	CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error)
 }
 type WorkflowRunResolver interface {
 	Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error)
@@ -723,6 +728,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.WaitResult.WorkflowRunID(childComplexity), true
 
+	case "Waiter.completionUrl":
+		if e.ComplexityRoot.Waiter.CompletionURL == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Waiter.CompletionURL(childComplexity), true
 	case "Waiter.createdAt":
 		if e.ComplexityRoot.Waiter.CreatedAt == nil {
 			break
@@ -1145,6 +1156,15 @@ type Waiter {
   state: WaiterState!
   deadline: Time!
   createdAt: Time!
+  """
+  A signed URL that completes this waiter alone: POST any body to it and the waiter is notified with
+  the body as eventData (JSON if it parses, else a JSON string; a urlencoded form as an object of its
+  fields). No Authorization is needed: the URL is the credential, valid until the waiter's deadline.
+  The first call wins; later calls answer 409. Set for durable waiters (workflowRunId and stepName),
+  null for the others. Hand it to whoever should complete the step (an email link, a payment
+  provider's webhook URL). A run token may not read it (FORBIDDEN): it would let it notify.
+  """
+  completionUrl: String
 }
 
 enum WaiterState {
@@ -1461,6 +1481,8 @@ func (ec *executionContext) childFields_Waiter(ctx context.Context, field graphq
 		return ec.fieldContext_Waiter_deadline(ctx, field)
 	case "createdAt":
 		return ec.fieldContext_Waiter_createdAt(ctx, field)
+	case "completionUrl":
+		return ec.fieldContext_Waiter_completionUrl(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type Waiter", field.Name)
 }
@@ -4118,6 +4140,29 @@ func (ec *executionContext) fieldContext_Waiter_createdAt(_ context.Context, fie
 	return graphql.NewScalarFieldContext("Waiter", field, false, false, "Time")
 }
 
+func (ec *executionContext) _Waiter_completionUrl(ctx context.Context, field graphql.CollectedField, obj *models.Waiter) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Waiter_completionUrl(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.Waiter().CompletionURL(ctx, obj)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *string) graphql.Marshaler {
+			return ec.marshalOString2ᚖstring(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Waiter_completionUrl(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Waiter", field, true, true, "String")
+}
+
 func (ec *executionContext) _WaiterStats_waiting(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -6633,38 +6678,44 @@ func (ec *executionContext) _Waiter(ctx context.Context, sel ast.SelectionSet, o
 		case "id":
 			out.Values[i] = ec._Waiter_id(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "eventId":
 			out.Values[i] = ec._Waiter_eventId(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "workflowRunId":
 			out.Values[i] = ec._Waiter_workflowRunId(ctx, field, obj)
 			if out.Values[i] == graphql.RequiredNull {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "stepName":
 			out.Values[i] = ec._Waiter_stepName(ctx, field, obj)
 			if out.Values[i] == graphql.RequiredNull {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "state":
 			out.Values[i] = ec._Waiter_state(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "deadline":
 			out.Values[i] = ec._Waiter_deadline(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "createdAt":
 			out.Values[i] = ec._Waiter_createdAt(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
+		case "completionUrl":
+			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
+				true, false,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._Waiter_completionUrl(ctx, field, obj)
+				})
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))
 		}

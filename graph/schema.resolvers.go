@@ -77,6 +77,11 @@ func (r *triggerResultResolver) RunToken(ctx context.Context, obj *models.Trigge
 	return r.runToken(obj.WorkflowRunID), nil
 }
 
+// CompletionURL is the resolver for the completionUrl field.
+func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error) {
+	return r.completionURL(ctx, obj)
+}
+
 // Steps is the resolver for the steps field.
 func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error) {
 	return r.Engine.RunSteps(ctx, obj.WorkflowRunID)
@@ -109,6 +114,9 @@ func (r *Resolver) Subscription() SubscriptionResolver { return &subscriptionRes
 // TriggerResult returns TriggerResultResolver implementation.
 func (r *Resolver) TriggerResult() TriggerResultResolver { return &triggerResultResolver{r} }
 
+// Waiter returns WaiterResolver implementation.
+func (r *Resolver) Waiter() WaiterResolver { return &waiterResolver{r} }
+
 // WorkflowRun returns WorkflowRunResolver implementation.
 func (r *Resolver) WorkflowRun() WorkflowRunResolver { return &workflowRunResolver{r} }
 
@@ -117,5 +125,6 @@ type (
 	queryResolver         struct{ *Resolver }
 	subscriptionResolver  struct{ *Resolver }
 	triggerResultResolver struct{ *Resolver }
+	waiterResolver        struct{ *Resolver }
 	workflowRunResolver   struct{ *Resolver }
 )
