@@ -367,6 +367,7 @@ func TestCompletionURLConcurrent(t *testing.T) {
 		conn := e.dial("graphql-transport-ws")
 		sub := e.subscribe(conn, ev, waitOpts{run: run, step: "s"})
 		u := *e.stepWaiter(run, "s").CompletionURL
+		before := e.scrape(nil)
 		const n = 50
 		resps := make([]hookResp, n)
 		var wg sync.WaitGroup
@@ -398,6 +399,16 @@ func TestCompletionURLConcurrent(t *testing.T) {
 		got := mustResult(t, sub)
 		require.JSONEq(t, fmt.Sprintf(`{"caller":%d}`, winner), string(got.EventData))
 		require.Equal(t, msg, *got.MessageID)
+
+		after := e.scrape(nil)
+		delta := func(name string, labels ...string) float64 {
+			return after.value(name, labels...) - before.value(name, labels...)
+		}
+		require.Equal(t, 1.0, delta("rendezvous_notifies_total", "kind", "completion_url", "result", "resolved"))
+		require.Equal(t, float64(n-1), delta("rendezvous_notifies_total", "kind", "completion_url", "result", "none"))
+		require.Equal(t, 1.0, delta("rendezvous_waiters_ended_total", "outcome", "notified"))
+		require.Equal(t, float64(n-1), delta("rendezvous_graphql_errors_total", "code", "CONFLICT"))
+		require.Equal(t, float64(n), delta("rendezvous_graphql_operation_duration_seconds", "type", "mutation"))
 	})
 }
 
