@@ -87,6 +87,11 @@ func (r *waiterResolver) Callback(ctx context.Context, obj *models.Waiter) (*mod
 	return r.Engine.WaiterCallback(ctx, obj.ID)
 }
 
+// CompletionURL is the resolver for the completionUrl field.
+func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error) {
+	return r.completionURL(ctx, obj)
+}
+
 // Steps is the resolver for the steps field.
 func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error) {
 	return r.Engine.RunSteps(ctx, obj.WorkflowRunID)
