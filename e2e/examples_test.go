@@ -188,8 +188,8 @@ func mustAbs(t *testing.T, p string) string {
 // URL; the provider POSTs the charge there (JSON for one run, a form for
 // the other); Rendezvous POSTs the result to the workflow's callback
 // handler, which finishes the run with the provider's data (RUN_FAILED for
-// a declined card). The server requires tokens and hands out run tokens,
-// as in production.
+// a declined card, and at the deadline for a payment never completed). The
+// server requires tokens and hands out run tokens, as in production.
 func TestExampleServerless(t *testing.T) {
 	testdb.Dialects(t, func(t *testing.T, db string) {
 		bin := buildExample(t, "serverless")
@@ -331,5 +331,37 @@ func TestExampleServerless(t *testing.T) {
 			require.Equal(t, 1, strings.Count(logs.String(), "run "+id+": waiting for payment"), "one charge for the run")
 		}
 		require.Contains(t, logs.String(), "duplicate delivery")
+
+		// A payment the customer never completes: the provider never calls
+		// the completion URL; at the deadline (the example waits 1h) the
+		// callback says timeout and the run ends RUN_FAILED; the URL is
+		// then dead (404).
+		var out struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		e.postOK(secAdminToken, dispatchTrigger, map[string]any{"id": uid("order"),
+			"body": map[string]any{"amount": 990, "card": "4000000000003220"},
+			"d":    map[string]any{"url": base + "/workflow", "retries": 20}}, &out)
+		id := out.Trigger.WorkflowRunID
+		eventually(t, 20*time.Second, func() bool {
+			return strings.Contains(logs.String(), "run "+id+": waiting for payment") && strings.Contains(logs.String(), "never comes")
+		}, "the payment step of %s waits and the provider will not call", id)
+		w := get(id).Waiters[0]
+		require.Equal(t, "WAITING", w.State)
+		require.NotNil(t, w.Callback)
+		e.clock.Advance(time.Hour + time.Second)
+		var r run
+		eventually(t, 20*time.Second, func() bool {
+			r = get(id)
+			return r.State != "RUN_STARTED"
+		}, "run %s ends", id)
+		require.Equal(t, "RUN_FAILED", r.State)
+		require.JSONEq(t, `{"error":"no payment within 1h"}`, string(r.Result))
+		require.Equal(t, "TIMED_OUT", r.Waiters[0].State)
+		eventually(t, 10*time.Second, func() bool { return len(resumed(id)) == 1 }, "the example logs the callback of %s", id)
+		late := secHTTP(t, "POST", *w.CompletionURL, secHeader("Content-Type", "application/json"), strings.NewReader(`{"type":"charge.succeeded"}`))
+		require.Equal(t, http.StatusNotFound, late.Status, late.Body)
 	})
 }

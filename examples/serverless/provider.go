@@ -40,10 +40,16 @@ type charge struct {
 	webhookURL    string
 	webhookFormat string
 	declined      bool
+	abandoned     bool
 }
 
-// declinedCard is the test card the provider declines.
-const declinedCard = "4000000000000002"
+// Test cards: the provider declines declinedCard; with abandonedCard the
+// charge waits for the customer's 3-D Secure step, which this fake
+// customer never takes: no webhook, and the workflow's wait times out.
+const (
+	declinedCard  = "4000000000000002"
+	abandonedCard = "4000000000003220"
+)
 
 func newProvider(ctx context.Context, delay time.Duration) *provider {
 	return &provider{ctx: ctx, delay: delay, charges: map[string]*charge{}}
@@ -81,7 +87,7 @@ func (p *provider) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !seen || key == "" {
 		c = &charge{ID: "ch_" + randomHex(8), Amount: req.Amount, Currency: req.Currency, Status: "pending",
 			Metadata: req.Metadata, webhookURL: req.WebhookURL, webhookFormat: req.WebhookFormat,
-			declined: req.Card == declinedCard}
+			declined: req.Card == declinedCard, abandoned: req.Card == abandonedCard}
 		if key != "" {
 			p.charges[key] = c
 		}
@@ -102,6 +108,13 @@ func (p *provider) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (p *provider) settle(c *charge) {
 	defer p.wg.Done()
 	if !p.pause(p.delay) {
+		return
+	}
+	if c.abandoned {
+		p.mu.Lock()
+		c.Status = "requires_action"
+		p.mu.Unlock()
+		log.Printf("provider: charge %s waits for the customer's authentication (which never comes)", c.ID)
 		return
 	}
 	event := "charge.succeeded"

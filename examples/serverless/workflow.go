@@ -36,7 +36,8 @@ type order struct {
 	// WebhookFormat asks the provider for "json" (default) or "form"
 	// webhooks, as a provider's dashboard would.
 	WebhookFormat string `json:"webhookFormat"`
-	// Card: the fake provider declines "4000000000000002" (a test card).
+	// Card: the fake provider declines "4000000000000002", and never
+	// settles "4000000000003220" (test cards).
 	Card string `json:"card"`
 }
 
