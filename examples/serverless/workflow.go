@@ -47,6 +47,8 @@ func (wf *workflow) dispatched(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	processed := false
+	defer func() { wf.seen.finish(id, processed) }()
 	var run struct {
 		WorkflowRunID string `json:"workflowRunId"`
 		Body          order  `json:"body"`
@@ -62,7 +64,7 @@ func (wf *workflow) dispatched(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "try again", http.StatusServiceUnavailable)
 		return
 	}
-	wf.seen.done(id)
+	processed = true
 	w.WriteHeader(http.StatusNoContent)
 }
 
@@ -172,6 +174,8 @@ func (wf *workflow) resumed(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	processed := false
+	defer func() { wf.seen.finish(id, processed) }()
 	var res callbackBody
 	if err := json.Unmarshal(body, &res); err != nil || res.WorkflowRunID == "" {
 		http.Error(w, "bad body", http.StatusBadRequest)
@@ -198,14 +202,15 @@ func (wf *workflow) resumed(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "try again", http.StatusServiceUnavailable)
 		return
 	}
-	wf.seen.done(id)
+	processed = true
 	log.Printf("serverless: resumed run %s (delivery %s, %s %s)", res.WorkflowRunID, id, res.State, p.Type)
 	w.WriteHeader(http.StatusNoContent)
 }
 
 // receive reads a request from Rendezvous and checks it: its signature,
 // its age, and whether its delivery was processed already (then it answers
-// 200 itself). ok: the caller processes body.
+// 200 itself). ok: the caller processes body, then calls
+// wf.seen.finish(deliveryID, success).
 func (wf *workflow) receive(w http.ResponseWriter, r *http.Request) (body []byte, deliveryID string, ok bool) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
 	if err != nil {
@@ -222,35 +227,56 @@ func (wf *workflow) receive(w http.ResponseWriter, r *http.Request) (body []byte
 		http.Error(w, "no Rendezvous-Delivery-Id", http.StatusBadRequest)
 		return nil, "", false
 	}
-	if wf.seen.has(deliveryID) {
+	switch ok, done := wf.seen.claim(deliveryID); {
+	case done:
 		// Processed already (its answer was lost, or a replica died while
 		// delivering): say so, or it is retried.
 		log.Printf("serverless: duplicate delivery %s to %s ignored", deliveryID, r.URL.Path)
 		w.WriteHeader(http.StatusOK)
 		return nil, "", false
+	case !ok:
+		// Being processed by another request: Rendezvous retries later.
+		log.Printf("serverless: delivery %s to %s is in progress; try again", deliveryID, r.URL.Path)
+		http.Error(w, "in progress", http.StatusConflict)
+		return nil, "", false
 	}
 	return body, deliveryID, true
 }
 
-// deliveries remembers the delivery ids processed. A real function keeps
-// them in its database (a unique key), in the transaction of its work.
+// deliveries remembers the delivery ids processed, and those being
+// processed: a delivery may arrive again while its first attempt is still
+// at work (that attempt timed out on Rendezvous' side). A real function
+// keeps them in its database (a unique key), in the transaction of its
+// work.
 type deliveries struct {
 	mu  sync.Mutex
-	ids map[string]bool
+	ids map[string]bool // true: done; false: in progress
 }
 
 func newDeliveries() *deliveries { return &deliveries{ids: map[string]bool{}} }
 
-func (d *deliveries) has(id string) bool {
+// claim takes the delivery for processing; false with done: it was
+// processed; false without: another request is processing it.
+func (d *deliveries) claim(id string) (ok, done bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.ids[id]
+	if done, seen := d.ids[id]; seen {
+		return false, done
+	}
+	d.ids[id] = false
+	return true, false
 }
 
-func (d *deliveries) done(id string) {
+// finish records the claimed delivery as processed (ok) or gives it back
+// for a later attempt.
+func (d *deliveries) finish(id string, ok bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.ids[id] = true
+	if ok {
+		d.ids[id] = true
+	} else {
+		delete(d.ids, id)
+	}
 }
 
 // verify checks a Rendezvous-Signature header: "t=<unix seconds>,v1=<hex>"
