@@ -38,21 +38,52 @@ func buildExample(t *testing.T, name string) string {
 // ends (then it is killed).
 func startExample(t *testing.T, argv []string, env ...string) *syncBuffer {
 	t.Helper()
-	bin := argv[0]
-	logs := &syncBuffer{}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, bin, argv[1:]...)
-	cmd.Env = env
-	cmd.Stdout, cmd.Stderr = logs, logs
-	require.NoError(t, cmd.Start())
+	return startExampleProc(t, argv, env...).logs
+}
+
+// exampleProc is an example's process, which a test may kill and start
+// again; its output, across restarts, is in logs.
+type exampleProc struct {
+	t    *testing.T
+	argv []string
+	env  []string
+	logs *syncBuffer
+
+	cancel context.CancelFunc
+	cmd    *exec.Cmd
+}
+
+func startExampleProc(t *testing.T, argv []string, env ...string) *exampleProc {
+	t.Helper()
+	p := &exampleProc{t: t, argv: argv, env: env, logs: &syncBuffer{}}
+	p.start()
 	t.Cleanup(func() {
-		cancel()
-		cmd.Wait()
+		p.kill()
 		if t.Failed() {
-			t.Logf("%s log:\n%s", filepath.Base(bin), logs.String())
+			t.Logf("%s log:\n%s", filepath.Base(argv[0]), p.logs.String())
 		}
 	})
-	return logs
+	return p
+}
+
+func (p *exampleProc) start() {
+	p.t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, p.argv[0], p.argv[1:]...)
+	cmd.Env = p.env
+	cmd.Stdout, cmd.Stderr = p.logs, p.logs
+	require.NoError(p.t, cmd.Start())
+	p.cancel, p.cmd = cancel, cmd
+}
+
+// kill SIGKILLs the process and waits for it; harmless when it is not running.
+func (p *exampleProc) kill() {
+	if p.cmd == nil {
+		return
+	}
+	p.cancel()
+	p.cmd.Wait()
+	p.cmd = nil
 }
 
 func (e *env) awaitRunState(id, state string) *runView {
@@ -196,8 +227,9 @@ func TestExampleServerless(t *testing.T) {
 		port := strconv.Itoa(freePort(t))
 		base := "http://127.0.0.1:" + port
 		e := dispatchEnv(t, db, base+"/workflow", secTokens)
-		logs := startExample(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_SIGNING_SECRET="+signingSecret,
-			"RENDEZVOUS_TOKEN="+secToken, "PORT="+port, "PROVIDER_DELAY=50ms")
+		proc := startExampleProc(t, []string{bin}, "RENDEZVOUS_URL="+e.endpoint, "RENDEZVOUS_SIGNING_SECRET="+signingSecret,
+			"RENDEZVOUS_TOKEN="+secToken, "PORT="+port, "PROVIDER_DELAY=50ms", "CALLBACK_RETRIES=20")
+		logs := proc.logs
 
 		cases := []struct{ format, card, state string }{
 			{"json", "", "RUN_SUCCESS"},
@@ -224,9 +256,10 @@ func TestExampleServerless(t *testing.T) {
 			State         string  `json:"state"`
 			CompletionURL *string `json:"completionUrl"`
 			Callback      *struct {
-				State    string `json:"state"`
-				URL      string `json:"url"`
-				Attempts int    `json:"attempts"`
+				State     string  `json:"state"`
+				URL       string  `json:"url"`
+				Attempts  int     `json:"attempts"`
+				LastError *string `json:"lastError"`
 			} `json:"callback"`
 		}
 		type run struct {
@@ -239,7 +272,7 @@ func TestExampleServerless(t *testing.T) {
 				WorkflowRun run `json:"workflowRun"`
 			}
 			e.postOK(secAdminToken, `query($id: ID!) { workflowRun(workflowRunId: $id) {
-  state result waiters { id stepName state completionUrl callback { state url attempts } } } }`, map[string]any{"id": id}, &out)
+  state result waiters { id stepName state completionUrl callback { state url attempts lastError } } } }`, map[string]any{"id": id}, &out)
 			return out.WorkflowRun
 		}
 		resumed := func(id string) []string {
@@ -363,5 +396,43 @@ func TestExampleServerless(t *testing.T) {
 		eventually(t, 10*time.Second, func() bool { return len(resumed(id)) == 1 }, "the example logs the callback of %s", id)
 		late := secHTTP(t, "POST", *w.CompletionURL, secHeader("Content-Type", "application/json"), strings.NewReader(`{"type":"charge.succeeded"}`))
 		require.Equal(t, http.StatusNotFound, late.Status, late.Body)
+
+		// The function is down (SIGKILL) when the payment is confirmed:
+		// the callback fails, is retried, and arrives, once, when the
+		// function is back (with none of its memory).
+		e.postOK(secAdminToken, dispatchTrigger, map[string]any{"id": uid("order"),
+			"body": map[string]any{"amount": 1234, "card": "4000000000003220"},
+			"d":    map[string]any{"url": base + "/workflow", "retries": 20}}, &out)
+		id = out.Trigger.WorkflowRunID
+		eventually(t, 20*time.Second, func() bool {
+			return strings.Contains(logs.String(), "run "+id+": waiting for payment")
+		}, "the payment step of %s waits", id)
+		proc.kill()
+		w = get(id).Waiters[0]
+		paid := secHTTP(t, "POST", *w.CompletionURL, secHeader("Content-Type", "application/json"),
+			strings.NewReader(`{"type":"charge.succeeded","data":{"id":"ch_confirmed_late","amount":1234}}`))
+		require.Equal(t, http.StatusOK, paid.Status, paid.Body)
+		eventually(t, 10*time.Second, func() bool {
+			w := get(id).Waiters[0]
+			return w.Callback.Attempts >= 1 && w.Callback.LastError != nil
+		}, "the callback of %s fails while the function is down", id)
+		require.Equal(t, "RUN_STARTED", get(id).State)
+		proc.start()
+		eventually(t, 20*time.Second, func() bool {
+			r = get(id)
+			return r.State != "RUN_STARTED"
+		}, "run %s ends", id)
+		require.Equal(t, "RUN_SUCCESS", r.State, "result %s", r.Result)
+		require.JSONEq(t, `{"type":"charge.succeeded","data":{"id":"ch_confirmed_late","amount":1234}}`, string(jsonMember(t, r.Result, "payment")))
+		eventually(t, 10*time.Second, func() bool { return get(id).Waiters[0].Callback.State == "DELIVERED" }, "the callback of %s is DELIVERED", id)
+		eventually(t, 10*time.Second, func() bool { return len(resumed(id)) == 1 }, "the example logs the callback of %s", id)
 	})
+}
+
+// jsonMember returns the member of a JSON object.
+func jsonMember(t *testing.T, obj json.RawMessage, key string) json.RawMessage {
+	t.Helper()
+	var m map[string]json.RawMessage
+	require.NoError(t, json.Unmarshal(obj, &m))
+	return m[key]
 }

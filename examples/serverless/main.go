@@ -40,6 +40,7 @@
 //	WORKFLOW_URL               where Rendezvous reaches this process (default http://127.0.0.1:$PORT)
 //	PROVIDER_URL               the payment provider's API (default $WORKFLOW_URL/provider, the fake one here)
 //	PAYMENT_TIMEOUT            how long the run waits for the payment (default 1h)
+//	CALLBACK_RETRIES           how many times Rendezvous retries the callback while this function is down (default 10, at most 20)
 //	PROVIDER_DELAY             how long the fake provider takes to charge (default 300ms)
 //
 // Every handler is safe to call twice with the same input, because
@@ -56,6 +57,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -73,6 +75,10 @@ func main() {
 	if err != nil {
 		log.Fatalf("PROVIDER_DELAY: %v", err)
 	}
+	retries, err := strconv.Atoi(envOr("CALLBACK_RETRIES", "10"))
+	if err != nil || retries < 0 || retries > 20 {
+		log.Fatalf("CALLBACK_RETRIES: want 0..20")
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -84,6 +90,7 @@ func main() {
 		callbackURL: self + "/workflow/callback",
 		providerURL: strings.TrimRight(envOr("PROVIDER_URL", self+"/provider"), "/"),
 		timeout:     timeout,
+		retries:     retries,
 		seen:        newDeliveries(),
 	}
 

@@ -26,6 +26,7 @@ type workflow struct {
 	callbackURL string // where Rendezvous POSTs the payment step's result
 	providerURL string
 	timeout     string
+	retries     int // of the callback
 	seen        *deliveries
 }
 
@@ -86,7 +87,7 @@ func (wf *workflow) startPayment(ctx context.Context, run string, o order) error
 	err := wf.rendezvous.do(ctx, wf.rendezvous.serverToken, `mutation($ev: String!, $run: ID!, $timeout: Duration, $cb: CallbackInput!) {
   waitForEventCallback(eventId: $ev, workflowRunId: $run, stepName: "payment", timeout: $timeout, callback: $cb) { id state completionUrl }
 }`, map[string]any{"ev": "payment-" + run, "run": run, "timeout": wf.timeout,
-		"cb": map[string]any{"url": wf.callbackURL, "retries": 10}}, &out)
+		"cb": map[string]any{"url": wf.callbackURL, "retries": wf.retries}}, &out)
 	var ge *gqlError
 	if errors.As(err, &ge) && ge.Code == "RUN_NOT_ACTIVE" {
 		log.Printf("serverless: run %s has ended already: nothing to do", run)
