@@ -258,6 +258,16 @@ func TestCallbackDurableStepAndLiveSubscriber(t *testing.T) {
 		e.fails("RUN_NOT_ACTIVE", callbackMutation, map[string]any{"ev": ev, "run": run, "step": "later", "cb": map[string]any{"url": url}})
 		_, bodies := rcv.callbacks(w.ID)
 		require.Len(t, bodies, 1, "repeats registered no second callback")
+
+		// A step a subscription registered first: the same waiter, and no callback.
+		run2, ev2 := e.trigger(), uid("cb-subfirst")
+		first := e.subscribe(c, ev2, waitOpts{run: run2, step: "s"})
+		waiting := e.awaitWaiting(ev2, 1)
+		same := e.waitCallback(run2, "s", ev2, nil, map[string]any{"url": url})
+		require.Equal(t, waiting[0].ID, same.ID)
+		require.Nil(t, same.Callback)
+		require.Len(t, e.notify(ev2, "x", run2).NotifyResponse, 1)
+		require.Equal(t, `"x"`, string(mustResult(t, first).EventData))
 	})
 }
 
