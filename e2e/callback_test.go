@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 
 	"rendezvous/internal/gqlclient"
 	"rendezvous/internal/testdb"
+	"rendezvous/internal/testgalera"
 	"rendezvous/service"
 	"rendezvous/storage"
 )
@@ -256,6 +258,16 @@ func TestCallbackDurableStepAndLiveSubscriber(t *testing.T) {
 		e.fails("RUN_NOT_ACTIVE", callbackMutation, map[string]any{"ev": ev, "run": run, "step": "later", "cb": map[string]any{"url": url}})
 		_, bodies := rcv.callbacks(w.ID)
 		require.Len(t, bodies, 1, "repeats registered no second callback")
+
+		// A step a subscription registered first: the same waiter, and no callback.
+		run2, ev2 := e.trigger(), uid("cb-subfirst")
+		first := e.subscribe(c, ev2, waitOpts{run: run2, step: "s"})
+		waiting := e.awaitWaiting(ev2, 1)
+		same := e.waitCallback(run2, "s", ev2, nil, map[string]any{"url": url})
+		require.Equal(t, waiting[0].ID, same.ID)
+		require.Nil(t, same.Callback)
+		require.Len(t, e.notify(ev2, "x", run2).NotifyResponse, 1)
+		require.Equal(t, `"x"`, string(mustResult(t, first).EventData))
 	})
 }
 
@@ -593,4 +605,162 @@ func TestCallbackRunTokenOwnRunOnly(t *testing.T) {
 	secRefused(t, e.post("", callbackMutation, vars(mine.ID, "t")), http.StatusUnauthorized, "UNAUTHENTICATED", "no token")
 	require.Empty(t, e.aRun(other.ID).Waiters, "nothing registered on the other run")
 	require.Len(t, e.aRun(mine.ID).Waiters, 1)
+}
+
+// Rule 5 with callback waiters on a three-node Galera cluster (which
+// replicates writes, not row locks): three replica processes, one per
+// node; each trial registers the callback waiter on one replica while a
+// targeted notify goes to another. Every waiter is called back exactly
+// once, with the acknowledged notify's message (a lookback event stored
+// beside a waiter left waiting would never be called back). Trials:
+// RENDEZVOUS_GALERA_TRIALS, default 500.
+func TestGaleraCallbackRace(t *testing.T) {
+	testgalera.Require(t)
+	rcv := newReceiver(t, nil)
+	url := rcv.srv.URL + "/cb/galera"
+	g := newGaleraReplicas(t, redisURL(t),
+		"RENDEZVOUS_OUTBOUND_ALLOWED="+rcv.srv.URL+"/cb",
+		"RENDEZVOUS_SIGNING_SECRET="+signingSecret,
+		"RENDEZVOUS_OUTBOUND_RETRY_BASE=100ms",
+		"RENDEZVOUS_OUTBOUND_RETRY_MAX=500ms")
+	trials := 500
+	if v := os.Getenv("RENDEZVOUS_GALERA_TRIALS"); v != "" {
+		trials = galeraTrials(t)
+	}
+	type outcome struct{ waiter, message string } // message "": a failed notify, any one event will do
+	var (
+		mu                 sync.Mutex
+		outcomes           []outcome
+		wrong              []string
+		resolved, lookback int
+		notifyErrors       = map[string]int{}
+	)
+	fail := func(format string, args ...any) {
+		mu.Lock()
+		defer mu.Unlock()
+		wrong = append(wrong, fmt.Sprintf(format, args...))
+	}
+	trial := func(k int, rng *rand.Rand) {
+		a, b, c := rng.IntN(3), rng.IntN(3), rng.IntN(3)
+		if b == c {
+			b = (c + 1) % 3 // the notify and the registration on different replicas
+		}
+		var tr struct {
+			Trigger struct {
+				WorkflowRunID string `json:"workflowRunId"`
+			} `json:"trigger"`
+		}
+		if _, err := galeraPost(g.ep(a), triggerMutation, map[string]any{"id": uid("gcb")}, &tr); err != nil {
+			fail("trial %d: trigger: %v", k, err)
+			return
+		}
+		run, ev := tr.Trigger.WorkflowRunID, uid("gcb-ev")
+		var (
+			nv         notifyView
+			nCode      string
+			nErr, wErr error
+			w          callbackWaiterView
+			inner      sync.WaitGroup
+		)
+		start := make(chan struct{})
+		inner.Add(2)
+		go func() {
+			defer inner.Done()
+			<-start
+			var out struct {
+				Notify notifyView `json:"notify"`
+			}
+			nCode, nErr = galeraPost(g.ep(b), notifyMutation, map[string]any{"ev": ev, "run": run, "data": map[string]any{"k": k}}, &out)
+			nv = out.Notify
+		}()
+		go func() {
+			defer inner.Done()
+			<-start
+			var out struct {
+				W callbackWaiterView `json:"waitForEventCallback"`
+			}
+			vars := map[string]any{"ev": ev, "run": run, "step": "s", "cb": map[string]any{"url": url, "retries": 20}}
+			for attempt := 0; attempt < 5; attempt++ { // a durable step: registering again is safe
+				if _, wErr = galeraPost(g.ep(c), callbackMutation, vars, &out); wErr == nil {
+					break
+				}
+			}
+			w = out.W
+		}()
+		close(start)
+		inner.Wait()
+		if wErr != nil {
+			fail("trial %d: register: %v", k, wErr)
+			return
+		}
+		o := outcome{waiter: w.ID}
+		switch {
+		case nErr != nil:
+			mu.Lock()
+			notifyErrors[nCode]++
+			mu.Unlock()
+			if _, err := galeraPost(g.ep(rng.IntN(3)), notifyMutation, map[string]any{"ev": ev, "run": run, "data": "finisher"}, nil); err != nil {
+				fail("trial %d: finisher notify: %v", k, err)
+				return
+			}
+		case len(nv.NotifyResponse) == 1 && nv.Lookback == nil && nv.NotifyResponse[0].Waiter.ID == w.ID:
+			o.message = nv.NotifyResponse[0].MessageID
+		case len(nv.NotifyResponse) == 0 && nv.Lookback != nil && w.State == "NOTIFIED":
+			o.message = nv.Lookback.MessageID
+		default:
+			fail("trial %d: notify answered %s; the registration %+v", k, galeraNotifySummary(nv, nErr), w)
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		outcomes = append(outcomes, o)
+		switch {
+		case nErr != nil:
+		case nv.Lookback != nil:
+			lookback++
+		default:
+			resolved++
+		}
+	}
+	seed := uint64(time.Now().UnixNano())
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for wk := range galeraWorkers {
+		rng := rand.New(rand.NewPCG(seed, uint64(wk)))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range next {
+				trial(k, rng)
+			}
+		}()
+	}
+	for k := range trials {
+		next <- k
+	}
+	close(next)
+	wg.Wait()
+	require.Empty(t, wrong)
+	require.Len(t, outcomes, trials)
+	eventually(t, 120*time.Second, func() bool { return rcv.processedCount() >= trials }, "every waiter called back")
+	rcv.mu.Lock()
+	defer rcv.mu.Unlock()
+	require.Zero(t, rcv.badSigs)
+	bodies := map[string][]callbackBody{}
+	for _, raw := range rcv.processed {
+		var b callbackBody
+		require.NoError(t, json.Unmarshal(raw, &b))
+		bodies[b.WaiterID] = append(bodies[b.WaiterID], b)
+	}
+	require.Len(t, rcv.processed, trials, "one delivery id per waiter")
+	for _, o := range outcomes {
+		got := bodies[o.waiter]
+		require.Len(t, got, 1, "waiter %s called back once", o.waiter)
+		require.Equal(t, "NOTIFIED", got[0].State)
+		if o.message != "" {
+			require.Equal(t, o.message, *got[0].MessageID, "waiter %s: the acknowledged notify's message", o.waiter)
+		}
+	}
+	t.Logf("%d trials on Galera (seed %d): %d resolved the waiter, %d through lookback, notify errors %v; %d duplicate arrivals (deduplicated by delivery id)",
+		trials, seed, resolved, lookback, notifyErrors, rcv.dups)
 }

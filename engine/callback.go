@@ -86,6 +86,17 @@ func (e *Engine) insertCallback(ctx context.Context, tx storage.Executor, rec *s
 	return tx.OutboxInsert(ctx, rec)
 }
 
+// noCallbacks says that none of the waiters can have a callback: none is
+// a durable step (WaiterEndParams.NoCallbacks).
+func noCallbacks(ws []*models.Waiter) bool {
+	for _, w := range ws {
+		if w.StepName != nil {
+			return false
+		}
+	}
+	return true
+}
+
 // WaiterCallback is where the waiter's callback stands; nil when it has
 // none (a waiter registered by waitForEvent).
 func (e *Engine) WaiterCallback(ctx context.Context, waiterID string) (*models.Dispatch, error) {

@@ -212,14 +212,12 @@ func notifyOutcome(res *models.NotifyResult, err error) NotifyOutcome {
 func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID string, data json.RawMessage,
 	target string, waiting []*models.Waiter, last bool, messageID string, now time.Time, wakes map[string]hub.Wake) (*models.NotifyResult, error) {
 	ids := make([]string, len(waiting))
-	steps := false // only durable steps may have callbacks
 	for i, w := range waiting {
 		ids[i] = w.ID
-		steps = steps || w.StepName != nil
 	}
 	ended, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{
 		WaiterIDs: ids, State: models.WaiterNotified, EndedAt: now, DeadlineAfter: &now,
-		MessageID: &messageID, EventID: eventID, EventData: data, NoCallbacks: !steps,
+		MessageID: &messageID, EventID: eventID, EventData: data, NoCallbacks: noCallbacks(waiting),
 	})
 	if err != nil {
 		return nil, err

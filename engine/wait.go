@@ -612,8 +612,7 @@ func (w *Wait) expire(ctx context.Context) (bool, error) {
 		now   time.Time
 		ended []string
 	)
-	// In a transaction: ending a durable step makes its callback due with it.
-	err := e.store.InTx(ctx, func(tx storage.Executor) error {
+	end := func(tx storage.Executor) error {
 		now = e.now()
 		var err error
 		ended, err = tx.WaiterEnd(ctx, &storage.WaiterEndParams{
@@ -621,7 +620,14 @@ func (w *Wait) expire(ctx context.Context) (bool, error) {
 			NoCallbacks: w.waiter.StepName == nil,
 		})
 		return err
-	})
+	}
+	var err error
+	if w.waiter.StepName == nil {
+		err = end(e.store) // one statement: no callback to make due with it
+	} else {
+		// A durable step may have a callback, made due in the same transaction.
+		err = e.store.InTx(ctx, end)
+	}
 	if err != nil || len(ended) == 0 {
 		return false, err
 	}
