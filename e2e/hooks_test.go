@@ -199,6 +199,12 @@ func TestCompletionURLReplays(t *testing.T) {
 		run, ev := e.trigger(), uid("ev")
 		sub := e.subscribe(conn, ev, waitOpts{run: run, step: "s"})
 		u := *e.stepWaiter(run, "s").CompletionURL
+		var active struct {
+			Waiters []hookWaiter `json:"waiters"`
+		}
+		e.ok(`query($ev: String!) { waiters(eventId: $ev) { id completionUrl } }`, map[string]any{"ev": ev}, &active)
+		require.Len(t, active.Waiters, 1)
+		require.Equal(t, u, *active.Waiters[0].CompletionURL, "the same URL wherever the waiter is read")
 		first := hookPost(t, u, "application/json", []byte(`{"n":1}`))
 		require.Equal(t, http.StatusOK, first.Status, "%s", first.Raw)
 		for i := range 3 {
