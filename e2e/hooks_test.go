@@ -12,6 +12,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -21,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"rendezvous/auth"
+	"rendezvous/bus"
 	"rendezvous/graph"
 	"rendezvous/internal/gqlclient"
 	"rendezvous/internal/testdb"
@@ -197,6 +199,12 @@ func TestCompletionURLReplays(t *testing.T) {
 		run, ev := e.trigger(), uid("ev")
 		sub := e.subscribe(conn, ev, waitOpts{run: run, step: "s"})
 		u := *e.stepWaiter(run, "s").CompletionURL
+		var active struct {
+			Waiters []hookWaiter `json:"waiters"`
+		}
+		e.ok(`query($ev: String!) { waiters(eventId: $ev) { id completionUrl } }`, map[string]any{"ev": ev}, &active)
+		require.Len(t, active.Waiters, 1)
+		require.Equal(t, u, *active.Waiters[0].CompletionURL, "the same URL wherever the waiter is read")
 		first := hookPost(t, u, "application/json", []byte(`{"n":1}`))
 		require.Equal(t, http.StatusOK, first.Status, "%s", first.Raw)
 		for i := range 3 {
@@ -418,7 +426,7 @@ func TestCompletionURLRaces(t *testing.T) {
 	testdb.Dialects(t, func(t *testing.T, db string) {
 		e := newEnv(t, db)
 		conn := e.dial("graphql-transport-ws")
-		trials := 15
+		trials := 20
 		if testing.Short() {
 			trials = 5
 		}
@@ -733,4 +741,35 @@ func TestCompletionURLKeyAcrossReplicasAndRestarts(t *testing.T) {
 		require.Equal(t, `"after restart"`, string(got.EventData))
 		_ = sub
 	})
+}
+
+// With Redis, a completion on one replica wakes the subscriber on another
+// through the bus (the catch-up poll is made too slow to be what did it).
+func TestCompletionURLWakesOtherReplicaThroughRedis(t *testing.T) {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Skip("redis-server is not installed: this test starts its own Redis")
+	}
+	db := testdb.MySQL(t)
+	rp := &redisProc{t: t, port: freePort(t)}
+	t.Cleanup(rp.kill)
+	rp.start()
+	mod := func(c *service.Config) {
+		c.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", rp.port)
+		c.Engine.CatchUpInterval = time.Hour
+	}
+	a, b := newEnv(t, db, mod), newEnv(t, db, mod)
+	a.awaitRedis(bus.StateUp)
+	b.awaitRedis(bus.StateUp)
+	run, ev := a.trigger(), uid("ev")
+	sub := a.subscribe(a.dial("graphql-transport-ws"), ev, waitOpts{run: run, step: "s"})
+	u := *a.stepWaiter(run, "s").CompletionURL
+	_, token, _ := strings.Cut(u, "/hooks/")
+	before := a.received()
+	start := time.Now()
+	r := hookPost(t, b.srv.URL+"/hooks/"+token, "application/json", []byte(`{"via":"b"}`))
+	require.Equal(t, http.StatusOK, r.Status, "%s", r.Raw)
+	got := mustResult(t, sub)
+	require.JSONEq(t, `{"via":"b"}`, string(got.EventData))
+	require.Greater(t, a.received(), before, "the wake-up came through Redis")
+	t.Logf("completed on b, delivered on a after %s", time.Since(start))
 }

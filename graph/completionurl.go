@@ -94,7 +94,7 @@ func validHost(h string) bool {
 // for the others (and when no base URL is known). Only callers with full
 // access may read it: it is a credential that notifies.
 func (r *Resolver) completionURL(ctx context.Context, w *models.Waiter) (*string, error) {
-	if w.WorkflowRunID == nil || w.StepName == nil || r.Hooks == nil {
+	if w.WorkflowRunID == nil || w.StepName == nil || r.Hooks == nil || w.ID == "" || w.Deadline.Unix() <= 0 {
 		return nil, nil
 	}
 	if p := principal(ctx); p == nil || !p.FullAccess() {
