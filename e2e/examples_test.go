@@ -219,8 +219,10 @@ func mustAbs(t *testing.T, p string) string {
 // URL; the provider POSTs the charge there (JSON for one run, a form for
 // the other); Rendezvous POSTs the result to the workflow's callback
 // handler, which finishes the run with the provider's data (RUN_FAILED for
-// a declined card, and at the deadline for a payment never completed). The
-// server requires tokens and hands out run tokens, as in production.
+// a declined card, and at the deadline for a payment never completed). A
+// canceled run, and a function down when its callback is due, are shown
+// too. The server requires tokens and hands out run tokens, as in
+// production.
 func TestExampleServerless(t *testing.T) {
 	testdb.Dialects(t, func(t *testing.T, db string) {
 		bin := buildExample(t, "serverless")
@@ -396,6 +398,25 @@ func TestExampleServerless(t *testing.T) {
 		eventually(t, 10*time.Second, func() bool { return len(resumed(id)) == 1 }, "the example logs the callback of %s", id)
 		late := secHTTP(t, "POST", *w.CompletionURL, secHeader("Content-Type", "application/json"), strings.NewReader(`{"type":"charge.succeeded"}`))
 		require.Equal(t, http.StatusNotFound, late.Status, late.Body)
+
+		// The order canceled while it waits for the payment: the callback
+		// tells the function (CANCELED, RUN_NOT_ACTIVE), which has nothing
+		// to finish.
+		e.postOK(secAdminToken, dispatchTrigger, map[string]any{"id": uid("order"),
+			"body": map[string]any{"amount": 777, "card": "4000000000003220"},
+			"d":    map[string]any{"url": base + "/workflow", "retries": 20}}, &out)
+		id = out.Trigger.WorkflowRunID
+		eventually(t, 20*time.Second, func() bool {
+			return strings.Contains(logs.String(), "run "+id+": waiting for payment")
+		}, "the payment step of %s waits", id)
+		e.postOK(secAdminToken, `mutation($id: ID!) { cancel(workflowRunId: $id) { state } }`, map[string]any{"id": id}, nil)
+		eventually(t, 10*time.Second, func() bool {
+			return strings.Contains(logs.String(), "run "+id+": payment step canceled") && len(resumed(id)) == 1
+		}, "the example hears that %s was canceled", id)
+		r = get(id)
+		require.Equal(t, "RUN_CANCELED", r.State)
+		require.Equal(t, "CANCELED", r.Waiters[0].State)
+		require.Contains(t, logs.String(), "run "+id+": payment step canceled: workflow run "+id)
 
 		// The function is down (SIGKILL) when the payment is confirmed:
 		// the callback fails, is retried, and arrives, once, when the
