@@ -608,26 +608,13 @@ func retryDelay(failures int) time.Duration {
 // delivers that; false when something else had ended it (or it is gone).
 func (w *Wait) expire(ctx context.Context) (bool, error) {
 	e := w.e
-	var (
-		now   time.Time
-		ended []string
-	)
-	end := func(tx storage.Executor) error {
-		now = e.now()
-		var err error
-		ended, err = tx.WaiterEnd(ctx, &storage.WaiterEndParams{
-			WaiterIDs: []string{w.waiter.ID}, State: models.WaiterTimedOut, EndedAt: now,
-			NoCallbacks: w.waiter.StepName == nil,
-		})
-		return err
-	}
-	var err error
-	if w.waiter.StepName == nil {
-		err = end(e.store) // one statement: no callback to make due with it
-	} else {
-		// A durable step may have a callback, made due in the same transaction.
-		err = e.store.InTx(ctx, end)
-	}
+	now := e.now()
+	// On the store: one statement for a waiter without a step; a durable
+	// step's callback, if it has one, is made due in the same transaction.
+	ended, err := e.store.WaiterEnd(ctx, &storage.WaiterEndParams{
+		WaiterIDs: []string{w.waiter.ID}, State: models.WaiterTimedOut, EndedAt: now,
+		NoCallbacks: w.waiter.StepName == nil,
+	})
 	if err != nil || len(ended) == 0 {
 		return false, err
 	}

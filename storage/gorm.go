@@ -35,6 +35,22 @@ type txNotes struct {
 
 func (s *gormStore) OnOutboxDue(f func()) { s.outboxDue.Store(&f) }
 
+// WaiterEnd on the store (outside a transaction) runs in one of its own
+// unless the caller vouched that no waiter has a callback: a callback is
+// made due in the same transaction as its waiter's end, whoever calls.
+func (s *gormStore) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error) {
+	if p.NoCallbacks {
+		return s.gormExecutor.WaiterEnd(ctx, p)
+	}
+	var ended []string
+	err := s.InTx(ctx, func(tx Executor) error {
+		var err error
+		ended, err = tx.WaiterEnd(ctx, p)
+		return err
+	})
+	return ended, err
+}
+
 var _ Store = (*gormStore)(nil)
 
 // gormExecutor runs the queries on a pool or inside a transaction; the same

@@ -110,8 +110,8 @@ type Executor interface {
 	// set) and returns the IDs it moved; the others had already ended.
 	// It is the one statement that ends a waiter that was WAITING, so it
 	// also makes the callbacks of the waiters it moved due (their HELD
-	// outbox rows PENDING at p.EndedAt), in the same transaction: run it
-	// in InTx when any may have a callback.
+	// outbox rows PENDING at p.EndedAt), in the same transaction (called
+	// on the Store, it opens one of its own unless p.NoCallbacks).
 	// With more than one id it must run inside InTx.
 	WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error)
 	// WaiterDeleteWaiting deletes those of the waiters that are still

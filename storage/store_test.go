@@ -795,6 +795,14 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.True(t, r.NextAttemptAt.Equal(b.now.Add(time.Minute).Truncate(time.Microsecond)), "due when the waiter ended: %s", r.NextAttemptAt)
 		require.Len(t, claim(), 2)
 
+		// On the store, outside a transaction: it opens one of its own.
+		w4, d4 := step("four")
+		ended, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w4.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+		require.NoError(t, err)
+		require.Equal(t, []string{w4.ID}, ended)
+		require.Equal(t, models.DispatchPending, state(d4))
+		require.Equal(t, int64(2), hooks.Load())
+
 		// Ending the run cancels its dispatch only: the callbacks are owed.
 		n, err := b.store.OutboxCancelByRun(b.ctx, "wfr_cb", b.now)
 		require.NoError(t, err)
