@@ -456,10 +456,14 @@ func TestCallbackRule5Race(t *testing.T) {
 // The real binary is SIGKILLed after callback waiters ended and before
 // their callbacks were delivered (the receiver refuses until then), and
 // again while callbacks are in flight: after restart every callback
-// arrives, each waiter has one delivery id, processed once.
+// arrives, each waiter has one delivery id, processed once. On SQLite and
+// MariaDB.
 func TestCallbackCrashKill(t *testing.T) {
-	db := testdb.MySQL(t)
 	bin := crashBuild(t)
+	testdb.Dialects(t, func(t *testing.T, db string) { callbackCrashKill(t, bin, db) })
+}
+
+func callbackCrashKill(t *testing.T, bin, db string) {
 	var open atomic.Bool
 	rcv := newReceiver(t, func(id string, attempt int) string {
 		if !open.Load() || rand.IntN(5) == 0 {
@@ -534,7 +538,7 @@ func TestCallbackCrashKill(t *testing.T) {
 	for _, id := range ids {
 		require.Equal(t, 1, per[id], "waiter %s: one delivery id", id)
 	}
-	t.Logf("%d callbacks through 3 kills; %d duplicate arrivals deduplicated by delivery id", len(ids), rcv.dups)
+	t.Logf("%s: %d callbacks through 3 kills; %d duplicate arrivals deduplicated by delivery id", testdb.Dialect(db), len(ids), rcv.dups)
 }
 
 // Retention: a run that ended with a callback still owed is not purged
