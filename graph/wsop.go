@@ -109,7 +109,8 @@ func (c *wsConn) dispatch(op *wsOp, start time.Time, payload json.RawMessage) {
 		})
 		return
 	}
-	params.Headers = c.headers
+	// No Headers: a websocket's are its upgrade request's, which nothing
+	// reads, and keeping them would keep them for the connection's life.
 	params.ReadTime = graphql.TraceTiming{Start: start, End: graphql.Now()}
 
 	rc, errs := c.exec.CreateOperationContext(ctx, params)
