@@ -467,3 +467,38 @@ func TestWSFrame(t *testing.T) {
 		require.True(t, utf8.ValidString(reason))
 	}
 }
+
+// The reflection-free path writes what encoding/json would, byte for byte,
+// and leaves to it whatever it would change or refuse.
+func TestWSFrameDataPayload(t *testing.T) {
+	yes := true
+	for _, tc := range []struct {
+		resp *graphql.Response
+		fast bool
+	}{
+		{&graphql.Response{Data: json.RawMessage(`{"waitForEvent":{"eventData":{"b":1,"a":"<&>\u2028","n":12345678901234567890}}}`)}, true},
+		{&graphql.Response{Data: json.RawMessage(`null`)}, true},
+		{&graphql.Response{Data: json.RawMessage("{\"a\":\"\u2028\u2029é<\"}")}, true},
+		{&graphql.Response{Data: json.RawMessage(`{"a": 1}`)}, false},   // compacted by encoding/json
+		{&graphql.Response{Data: json.RawMessage(`{"a":"x y"}`)}, false}, // a space in a string: the slow path, same bytes
+		{&graphql.Response{Data: json.RawMessage(`{"a":1`)}, false},      // invalid: encoding/json refuses it
+		{&graphql.Response{Data: json.RawMessage(`{}`), Errors: gqlerror.List{{Message: "m"}}}, false},
+		{&graphql.Response{Data: json.RawMessage(`{}`), Extensions: map[string]any{}}, false},
+		{&graphql.Response{Data: json.RawMessage(`{}`), HasNext: &yes}, false},
+		{&graphql.Response{}, false},
+	} {
+		fast := newFrame("next", "1")
+		ok := fast.dataPayload(tc.resp)
+		require.Equal(t, tc.fast, ok, "%s", tc.resp.Data)
+		slow := newFrame("next", "1")
+		err := slow.payload(tc.resp)
+		if ok {
+			require.NoError(t, err)
+			require.Equal(t, string(slow.bytes()), string(fast.bytes()))
+		} else {
+			require.Equal(t, `{"type":"next","id":"1"}`, string(fast.bytes()), "nothing appended")
+		}
+		fast.free()
+		slow.free()
+	}
+}

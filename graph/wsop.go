@@ -200,6 +200,10 @@ func (c *wsConn) answer(op *wsOp, resp *graphql.Response) {
 // send sends one response as next (graphql-ws: data).
 func (c *wsConn) send(op *wsOp, resp *graphql.Response) {
 	f := newFrame(c.proto.next, op.id)
+	if f.dataPayload(resp) {
+		c.sendOp(op, f, false)
+		return
+	}
 	if err := f.payload(resp); err != nil {
 		f.free()
 		panic(fmt.Errorf("marshal a response: %w", err)) // a resolver returned invalid JSON; stream's recover answers
