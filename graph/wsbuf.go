@@ -94,8 +94,9 @@ func (h leanHijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 type leanConn struct {
 	net.Conn
 	// raw lets a read wait for the socket to become readable before taking
-	// a buffer; nil when the connection is not a socket (then the buffer is
-	// taken before the read blocks, which is correct, only less lean).
+	// a buffer (see fill); nil when the connection is not a socket (then the
+	// buffer is taken before the read blocks, which is correct, only less
+	// lean).
 	raw syscall.RawConn
 	// pending: bytes that arrived with the upgrade request.
 	pending []byte
@@ -119,15 +120,11 @@ func (c *leanConn) Read(p []byte) (int, error) {
 		if len(p) >= leanReadBuffer {
 			return c.Conn.Read(p) // the caller's buffer is big enough
 		}
-		if c.raw != nil {
-			if err := waitReadable(c.raw); err != nil {
-				return 0, err
-			}
-		}
-		b := leanReadPool.Get().(*[]byte)
-		n, err := c.Conn.Read(*b)
+		b, n, err := c.fill()
 		if n <= 0 {
-			leanReadPool.Put(b)
+			if b != nil {
+				leanReadPool.Put(b)
+			}
 			return 0, err
 		}
 		c.buf, c.r, c.w = b, 0, n
@@ -139,4 +136,14 @@ func (c *leanConn) Read(p []byte) (int, error) {
 		c.buf = nil
 	}
 	return n, nil
+}
+
+// fill reads into a pooled buffer: the buffer (nil only with an error) and
+// the n bytes read into it.
+
+// fillBlocking takes a pooled buffer and reads into it, waiting with it.
+func (c *leanConn) fillBlocking() (*[]byte, int, error) {
+	b := leanReadPool.Get().(*[]byte)
+	n, err := c.Conn.Read(*b)
+	return b, n, err
 }

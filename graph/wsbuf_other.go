@@ -2,7 +2,6 @@
 
 package graph
 
-import "syscall"
-
-// waitReadable: without a portable peek, the read takes its buffer first.
-func waitReadable(syscall.RawConn) error { return nil }
+// fill: without the poller's raw reads, the buffer is taken before the
+// read waits.
+func (c *leanConn) fill() (*[]byte, int, error) { return c.fillBlocking() }
