@@ -277,13 +277,23 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 		rc.SetReadDeadline(time.Time{})
 		rc.SetWriteDeadline(time.Time{})
 		parent := r.Context()
+		expires, hasDeadline := parent.Deadline()
 		if transport == TransportWebsocket {
 			// The websocket transport takes the stream over and serves it
-			// after the handler returned, when net/http cancels the
-			// request's context: the stream's ends here and with streams.
+			// after the handler returned, when net/http (and authenticate)
+			// cancel the request's context: the stream's ends here and with
+			// streams, and keeps the one deadline an upgrade request has, a
+			// run token's expiry from its Authorization header (connection
+			// init sets it again on the connection's context).
 			parent = context.WithoutCancel(parent)
 		}
 		ctx, cancel := context.WithCancelCause(parent)
+		if transport == TransportWebsocket && hasDeadline {
+			var cancelDeadline context.CancelFunc
+			ctx, cancelDeadline = context.WithDeadlineCause(ctx, expires, errTokenExpired)
+			cancelStream := cancel
+			cancel = func(cause error) { cancelStream(cause); cancelDeadline() } // the cause first: it is what the child reports
+		}
 		stop := func() bool { return false }
 		if streams != nil {
 			stop = context.AfterFunc(streams, func() { cancel(errShuttingDown) })
