@@ -303,10 +303,12 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 			cancel(nil)
 			rec.ConnectionClosed(transport)
 		}}
+		defer func() { // deferred: a panicking handler's stream ends too
+			if !t.taken {
+				t.end()
+			}
+		}()
 		next.ServeHTTP(w, r.WithContext(context.WithValue(ctx, streamTakeoverKey{}, t)))
-		if !t.taken {
-			t.end()
-		}
 	})
 }
 
@@ -322,9 +324,9 @@ type streamTakeoverKey struct{}
 
 // takeOverStream makes the caller responsible for ending the stream of the
 // request with ctx: it must call the returned function once, when the
-// stream has ended. nil: the request
-// did not come through endStreamsWith; the handler serves it to the end.
-// Only the handler's goroutine may call it.
+// stream has ended. nil: the request did not come through endStreamsWith,
+// and the handler serves it to the end. Only the handler's goroutine may
+// call it.
 func takeOverStream(ctx context.Context) func() {
 	t, _ := ctx.Value(streamTakeoverKey{}).(*streamTakeover)
 	if t == nil || t.taken {
