@@ -17,9 +17,13 @@ import (
 type crossResult struct {
 	same, cross latency
 	call        latency // the notify's own response time
-	n, missing  int
-	errors      int
-	firstErr    string
+	// afterSame, afterCross: from the notify's answer to the message
+	// (0 when the message came first): the part of a delivery that is not
+	// the notify's own commit.
+	afterSame, afterCross latency
+	n, missing            int
+	errors                int
+	firstErr              string
 }
 
 // delivery subscribes Rate × DeliveryFor waiters (one each, 100 per
@@ -54,10 +58,13 @@ func (g *galeraBench) delivery(ctx context.Context, tag string, eps []string, db
 	for _, ep := range eps {
 		g.p.warm(ctx, ep)
 	}
-	type one struct{ at, i, from int }
-	plan := make([]one, n)
+	type one struct {
+		at, i, from int
+		answered    atomic.Int64 // unix nanoseconds the notify's answer came
+	}
+	plan := make([]*one, n)
 	for k := range plan {
-		plan[k] = one{at: k % len(eps), i: k / len(eps), from: g.rng.IntN(len(eps))}
+		plan[k] = &one{at: k % len(eps), i: k / len(eps), from: g.rng.IntN(len(eps))}
 	}
 	var (
 		wg       sync.WaitGroup
@@ -79,6 +86,7 @@ func (g *galeraBench) delivery(ctx context.Context, tag string, eps []string, db
 			s.sent[o.i].Store(sent.UnixNano())
 			data, err := post(ctx, g.p.hc, eps[o.from], body)
 			took := time.Since(sent)
+			o.answered.Store(sent.Add(took).UnixNano())
 			if err == nil {
 				err = checkResolved(data, 1)
 			}
@@ -97,7 +105,7 @@ func (g *galeraBench) delivery(ctx context.Context, tag string, eps []string, db
 	for _, s := range sets {
 		waitReceived(s, patience)
 	}
-	var same, cross []time.Duration
+	var same, cross, afterSame, afterCross []time.Duration
 	res := crossResult{n: n}
 	for _, o := range plan {
 		s := sets[o.at]
@@ -107,10 +115,14 @@ func (g *galeraBench) delivery(ctx context.Context, tag string, eps []string, db
 			continue
 		}
 		d := time.Duration(rc - s.sent[o.i].Load())
+		var after time.Duration
+		if a := o.answered.Load(); a != 0 {
+			after = max(time.Duration(rc-a), 0)
+		}
 		if o.from == o.at {
-			same = append(same, d)
+			same, afterSame = append(same, d), append(afterSame, after)
 		} else {
-			cross = append(cross, d)
+			cross, afterCross = append(cross, d), append(afterCross, after)
 		}
 		if os.Getenv("BENCH_DEBUG") != "" && d > 20*time.Millisecond {
 			fmt.Fprintf(os.Stderr, "slow delivery (%s, replica %d → %d): sent at +%s, took %s\n", tag, o.from+1, o.at+1,
@@ -118,6 +130,7 @@ func (g *galeraBench) delivery(ctx context.Context, tag string, eps []string, db
 		}
 	}
 	res.same, res.cross, res.call = summarize(same), summarize(cross), summarize(calls)
+	res.afterSame, res.afterCross = summarize(afterSame), summarize(afterCross)
 	res.errors = int(errs.Load())
 	for _, s := range sets {
 		res.errors += int(s.errors.Load())

@@ -43,7 +43,8 @@ func (g *galeraBench) rows(errs map[string]error) []row {
 	}
 	nodes := len(g.nodes)
 	del := func(c crossResult) string {
-		return fmt.Sprintf("%s (n=%s, max %s); the notify's own response %s%s", pp(c.cross), fmtInt(c.cross.N), fmtDur(c.cross.Max), pp(c.call), delTrouble(c))
+		return fmt.Sprintf("%s (n=%s, max %s); of which after the notify had answered (bus, wake-up, the subscriber's read): %s (same replica: %s); the notify's own response %s%s",
+			pp(c.cross), fmtInt(c.cross.N), fmtDur(c.cross.Max), pp(c.afterCross), pp(c.afterSame), pp(c.call), delTrouble(c))
 	}
 	base := func(c crossResult) string {
 		s := fmt.Sprintf("notify through the subscriber's own replica, same run: %s (n=%s)", pp(c.same), fmtInt(c.same.N))

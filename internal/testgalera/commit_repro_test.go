@@ -8,7 +8,9 @@ package testgalera_test
 // makes some fail; every one the driver acknowledged must have its row.
 //
 // Opt-in (RENDEZVOUS_GALERA_REPRO=1; it needs the cluster of scripts/galera):
-// it does not pass on MariaDB Galera 10.11 (see the message it fails with),
+// it does not pass on MariaDB 10.11.19 with Galera 4.23 (see the message
+// it fails with: the server answers OK for the COMMIT of a transaction it
+// did not keep),
 // and storage no longer sends COMMIT along with an INSERT on Galera.
 //
 //	RENDEZVOUS_GALERA_REPRO=1 go test -run TestGaleraMultiStatementCommit -v ./internal/testgalera/
