@@ -92,7 +92,9 @@ func TestGaleraMultiStatementCommit(t *testing.T) {
 	}
 	// The control first: the same transactions with COMMIT sent on its own.
 	t.Run("separate COMMIT", func(t *testing.T) { multiStatementCommit(t, "INSERT INTO ev (tag) VALUES (?) RETURNING seq", true) })
-	t.Run("INSERT RETURNING; COMMIT", func(t *testing.T) { multiStatementCommit(t, "INSERT INTO ev (tag) VALUES (?) RETURNING seq; COMMIT", false) })
+	t.Run("INSERT RETURNING; COMMIT", func(t *testing.T) {
+		multiStatementCommit(t, "INSERT INTO ev (tag) VALUES (?) RETURNING seq; COMMIT", false)
+	})
 }
 
 // multiStatementCommit runs the race with query as the transaction's last
