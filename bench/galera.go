@@ -44,6 +44,7 @@ var (
 	galeraNodes   = flag.String("galera-nodes", "127.0.0.1:3311,127.0.0.1:3312,127.0.0.1:3313", "with -galera: the MySQL addresses of the cluster's nodes (root, no password)")
 	galeraRedis   = flag.String("redis-url", "redis://127.0.0.1:6379/0", "with -galera: the Redis the replicas share")
 	galeraReplica = flag.Bool("galera-replica", false, "internal: run as a replica process of -galera")
+	galeraParams  = flag.String("galera-url-params", "", "with -galera: query parameters added to the replicas' DATABASE_URL on the cluster (a diagnosis: wsrep_sync_wait=0 shows what the causal wait costs; Rendezvous then no longer reads other nodes' commits at once)")
 	galeraDataDir = flag.String("galera-dir", "/var/tmp/rendezvous-galera", "with -galera: scripts/galera's directory (to find the nodes' processes for their CPU time)")
 )
 
@@ -56,6 +57,7 @@ type galeraBench struct {
 	admins    []*sql.DB // one per node, on the bench database
 	single    *sql.DB   // the plain MariaDB, on its bench database
 	urls      []string  // DATABASE_URL per node
+	dbName    string    // the bench database, on the cluster and on the plain MariaDB
 	sURL      string    // DATABASE_URL on the plain MariaDB
 	nodePIDs  []int
 	singlePID int
@@ -165,6 +167,7 @@ func (g *galeraBench) setup(ctx context.Context) error {
 	var b [6]byte
 	rand.Read(b[:])
 	name := "rdv_bench_galera_" + hex.EncodeToString(b[:])
+	g.dbName = name
 	create := func(addr string) error {
 		db, err := sql.Open("mysql", galeraDSN(addr, "", nil))
 		if err != nil {
@@ -190,7 +193,11 @@ func (g *galeraBench) setup(ctx context.Context) error {
 		return err
 	}
 	for _, n := range g.nodes {
-		g.urls = append(g.urls, "mysql://root@"+n+"/"+name)
+		u := "mysql://root@" + n + "/" + name
+		if *galeraParams != "" {
+			u += "?" + *galeraParams
+		}
+		g.urls = append(g.urls, u)
 		db, err := sql.Open("mysql", galeraDSN(n, name, nil))
 		if err != nil {
 			return err
@@ -350,7 +357,7 @@ func (g *galeraBench) phaseStatements(ctx context.Context) error {
 		wait string
 		lat  *latency
 	}{{"15", &g.res.readSync}, {"0", &g.res.readNoSync}} {
-		db, err := sql.Open("mysql", galeraDSN(g.nodes[1%len(g.nodes)], strings.TrimPrefix(mustURL(g.urls[0]).Path, "/"), map[string]string{"wsrep_sync_wait": t.wait}))
+		db, err := sql.Open("mysql", galeraDSN(g.nodes[1%len(g.nodes)], g.dbName, map[string]string{"wsrep_sync_wait": t.wait}))
 		if err != nil {
 			return err
 		}
@@ -372,11 +379,6 @@ func (g *galeraBench) phaseStatements(ctx context.Context) error {
 		*t.lat = summarize(lat)
 	}
 	return nil
-}
-
-func mustURL(s string) *url.URL {
-	u, _ := url.Parse(s)
-	return u
 }
 
 func (g *galeraBench) phaseDeliveryRedis(ctx context.Context) error {
