@@ -72,6 +72,7 @@ type galeraResults struct {
 	insG, insS                latency // bare INSERT+COMMIT, one connection
 	insGRate, insSRate        float64 // … 16 connections
 	readSync, readNoSync      latency // a point read on node 2
+	flushG, flushS            string  // innodb_flush_log_at_trx_commit of node 1 and of the plain MariaDB
 	wsrep                     wsrepDelta
 	cpu                       []galeraCPU
 }
@@ -351,6 +352,8 @@ func (g *galeraBench) phaseStatements(ctx context.Context) error {
 			return err
 		}
 	}
+	g.admins[0].QueryRowContext(ctx, "SELECT @@innodb_flush_log_at_trx_commit").Scan(&g.res.flushG)
+	g.single.QueryRowContext(ctx, "SELECT @@innodb_flush_log_at_trx_commit").Scan(&g.res.flushS)
 	// A point read on node 2 of a row written through node 1, with and
 	// without the causal wait the service's sessions have on Galera.
 	for _, t := range []struct {
