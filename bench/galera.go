@@ -45,6 +45,7 @@ var (
 	galeraRedis   = flag.String("redis-url", "redis://127.0.0.1:6379/0", "with -galera: the Redis the replicas share")
 	galeraReplica = flag.Bool("galera-replica", false, "internal: run as a replica process of -galera")
 	galeraParams  = flag.String("galera-url-params", "", "with -galera: query parameters added to the replicas' DATABASE_URL on the cluster (a diagnosis: wsrep_sync_wait=0 shows what the causal wait costs; Rendezvous then no longer reads other nodes' commits at once)")
+	galeraRate    = flag.Float64("galera-rate", 500, "with -galera: broadcast notifies per second of the delivery figures")
 	galeraDataDir = flag.String("galera-dir", "/var/tmp/rendezvous-galera", "with -galera: scripts/galera's directory (to find the nodes' processes for their CPU time)")
 )
 
@@ -79,6 +80,7 @@ type galeraResults struct {
 
 func runGalera(ctx context.Context, o options) error {
 	started := time.Now()
+	o.Sizes.DeliveryRate = *galeraRate
 	d := newRotatingDialer()
 	g := &galeraBench{
 		o:     o,
