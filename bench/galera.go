@@ -17,7 +17,12 @@ package main
 //     throughput run.
 //
 // The bench process is the client here (the replicas are child processes);
-// its CPU counts as "client".
+// its CPU counts as "client". -only takes the parts: statements, redis
+// (delivery with Redis, then the three-node throughput), catchup (delivery
+// without Redis, then one replica on one node), single (the plain MariaDB).
+//
+//	go run ./bench -galera                 # about 2 minutes
+//	go run ./bench -galera -quick -only redis -cpuprofile cpu.pprof -profile redis
 
 import (
 	"context"
