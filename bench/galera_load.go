@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -132,14 +133,14 @@ func (g *galeraBench) delivery(ctx context.Context, tag string, eps []string, db
 	res.same, res.cross, res.call = summarize(same), summarize(cross), summarize(calls)
 	res.afterSame, res.afterCross = summarize(afterSame), summarize(afterCross)
 	res.errors = int(errs.Load())
+	if e := firstErr.Load(); e != nil {
+		res.firstErr = "notify: " + *e
+	}
 	for _, s := range sets {
 		res.errors += int(s.errors.Load())
-		if e := s.firstErr.Load(); e != nil && firstErr.Load() == nil {
-			firstErr.Store(e)
+		if e := s.firstErr.Load(); e != nil && !strings.Contains(res.firstErr, "subscriber") {
+			res.firstErr += "; first subscriber error: " + *e
 		}
-	}
-	if e := firstErr.Load(); e != nil {
-		res.firstErr = *e
 	}
 	return res, nil
 }

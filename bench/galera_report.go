@@ -39,7 +39,7 @@ func (g *galeraBench) rows(errs map[string]error) []row {
 		if c.errors == 0 && c.missing == 0 {
 			return ""
 		}
-		return fmt.Sprintf("; %d errors, %d not delivered (first: %.160s)", c.errors, c.missing, c.firstErr)
+		return fmt.Sprintf("; %d errors, %d not delivered (first: %.400s)", c.errors, c.missing, c.firstErr)
 	}
 	nodes := len(g.nodes)
 	del := func(c crossResult) string {
