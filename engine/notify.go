@@ -33,6 +33,8 @@ type NotifyParams struct {
 // exactly once whichever comes first.
 // With Step: the first call does the above and records its result; a repeat
 // returns that result, marked deduplicated, and notifies nobody.
+// A targeted notify without a step may be committed together with others
+// arriving at the same time (notifygroup.go), with the same outcome.
 func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.NotifyResult, err error) {
 	start := time.Now()
 	defer func() { e.rec.NotifyDone(notifyKind(p), notifyOutcome(res, err), time.Since(start)) }()
