@@ -38,6 +38,11 @@ func (r *mutationResolver) AckRun(ctx context.Context, workflowRunID string, att
 	return r.Engine.AckRun(ctx, workflowRunID, attempt)
 }
 
+// WaitForEventCallback is the resolver for the waitForEventCallback field.
+func (r *mutationResolver) WaitForEventCallback(ctx context.Context, eventID string, workflowRunID string, stepName string, timeout *time.Duration, callback models.CallbackInput) (*models.Waiter, error) {
+	return r.Engine.WaitCallback(ctx, engine.WaitParams{EventID: eventID, RunID: &workflowRunID, StepName: &stepName, Timeout: timeout}, &callback)
+}
+
 // WorkflowRun is the resolver for the workflowRun field.
 func (r *queryResolver) WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error) {
 	return r.Engine.Run(ctx, workflowRunID)
@@ -77,6 +82,16 @@ func (r *triggerResultResolver) RunToken(ctx context.Context, obj *models.Trigge
 	return r.runToken(obj.WorkflowRunID), nil
 }
 
+// Callback is the resolver for the callback field.
+func (r *waiterResolver) Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error) {
+	return r.Engine.WaiterCallback(ctx, obj.ID)
+}
+
+// CompletionURL is the resolver for the completionUrl field.
+func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error) {
+	return r.completionURL(ctx, obj)
+}
+
 // Steps is the resolver for the steps field.
 func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error) {
 	return r.Engine.RunSteps(ctx, obj.WorkflowRunID)
@@ -109,6 +124,9 @@ func (r *Resolver) Subscription() SubscriptionResolver { return &subscriptionRes
 // TriggerResult returns TriggerResultResolver implementation.
 func (r *Resolver) TriggerResult() TriggerResultResolver { return &triggerResultResolver{r} }
 
+// Waiter returns WaiterResolver implementation.
+func (r *Resolver) Waiter() WaiterResolver { return &waiterResolver{r} }
+
 // WorkflowRun returns WorkflowRunResolver implementation.
 func (r *Resolver) WorkflowRun() WorkflowRunResolver { return &workflowRunResolver{r} }
 
@@ -117,5 +135,55 @@ type (
 	queryResolver         struct{ *Resolver }
 	subscriptionResolver  struct{ *Resolver }
 	triggerResultResolver struct{ *Resolver }
+	waiterResolver        struct{ *Resolver }
 	workflowRunResolver   struct{ *Resolver }
 )
+
+// !!! WARNING !!!
+// The code below was going to be deleted when updating resolvers. It has been copied here so you have
+// one last chance to move it out of harms way if you want. There are two reasons this happens:
+//  - When renaming or deleting a resolver the old code will be put in here. You can safely delete
+//    it when you're done.
+//  - You have helper methods in this file. Move them out to keep these resolver files clean.
+/*
+	}
+
+		// CompletionURL is the resolver for the completionUrl field.
+		func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error){
+			panic(fmt.Errorf("not implemented: CompletionURL - completionUrl"))
+		}
+
+		// Steps is the resolver for the steps field.
+		func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error){
+			panic(fmt.Errorf("not implemented: Steps - steps"))
+		}
+
+		// Waiters is the resolver for the waiters field.
+		func (r *workflowRunResolver) Waiters(ctx context.Context, obj *models.WorkflowRun) ([]*models.Waiter, error){
+			panic(fmt.Errorf("not implemented: Waiters - waiters"))
+		}
+
+		// LookbackEvents is the resolver for the lookbackEvents field.
+		func (r *workflowRunResolver) LookbackEvents(ctx context.Context, obj *models.WorkflowRun) ([]*models.LookbackEvent, error){
+			panic(fmt.Errorf("not implemented: LookbackEvents - lookbackEvents"))
+		}
+
+		// Dispatch is the resolver for the dispatch field.
+		func (r *workflowRunResolver) Dispatch(ctx context.Context, obj *models.WorkflowRun) (*models.Dispatch, error){
+			panic(fmt.Errorf("not implemented: Dispatch - dispatch"))
+		}
+
+
+// Mutation returns MutationResolver implementation.
+	func (r *Resolver) Mutation() MutationResolver { return &mutationResolver{r} }
+// Query returns QueryResolver implementation.
+	func (r *Resolver) Query() QueryResolver { return &queryResolver{r} }
+// Subscription returns SubscriptionResolver implementation.
+	func (r *Resolver) Subscription() SubscriptionResolver { return &subscriptionResolver{r} }
+// TriggerResult returns TriggerResultResolver implementation.
+	func (r *Resolver) TriggerResult() TriggerResultResolver { return &triggerResultResolver{r} }
+// Waiter returns WaiterResolver implementation.
+	func (r *Resolver) Waiter() WaiterResolver { return &waiterResolver{r} }
+// WorkflowRun returns WorkflowRunResolver implementation.
+	func (r *Resolver) WorkflowRun() WorkflowRunResolver { return &workflowRunResolver{r} }
+*/

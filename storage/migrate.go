@@ -44,8 +44,10 @@ type migration struct {
 //	outbox          (state, next_attempt_at)           the delivery loop claiming due rows; counting by state
 //	outbox          (run_id)                           run.dispatch, ending a run (cancel its delivery)
 //	outbox          UNIQUE(id)                         recording an attempt's result by delivery id
+//	outbox          (waiter_seq)                       a waiter's callback: made due when the waiter ends; waiter.callback
 //	runs            (start_pending, label, seq)        runsToStart: the oldest runs of a label not yet acked
 //	runs            (claimed_by)                       giving back a worker's runs when its subscription ends
+//	service_keys    PRIMARY(name)                      the completion URL key, read once at start
 //
 // runs.lock_version is written, never read: on Galera, which replicates
 // writes and not row locks, the run lock bumps it (see bumpRunSQL), so
@@ -316,6 +318,37 @@ var migrations = []migration{
 			`ALTER TABLE runs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0`,
 			`CREATE INDEX runs_start_pending ON runs (start_pending, label, seq)`,
 			`CREATE INDEX runs_claimed_by ON runs (claimed_by)`,
+		},
+	},
+	{
+		version: 7,
+		name:    "outbox: callbacks of waiters (waitForEventCallback)",
+		mysql: []string{
+			`ALTER TABLE outbox ADD COLUMN waiter_seq BIGINT NULL`,
+			`CREATE INDEX outbox_waiter ON outbox (waiter_seq)`,
+		},
+		sqlite: []string{
+			`ALTER TABLE outbox ADD COLUMN waiter_seq INTEGER NULL`,
+			`CREATE INDEX outbox_waiter ON outbox (waiter_seq)`,
+		},
+	},
+	{
+		version: 8,
+		name:    "service keys (the completion URL key shared by replicas)",
+		mysql: []string{
+			`CREATE TABLE IF NOT EXISTS service_keys (
+				name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				secret VARCHAR(256) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				created_at DATETIME(6) NOT NULL,
+				PRIMARY KEY (name)
+			) ENGINE=InnoDB`,
+		},
+		sqlite: []string{
+			`CREATE TABLE IF NOT EXISTS service_keys (
+				name TEXT NOT NULL PRIMARY KEY,
+				secret TEXT NOT NULL,
+				created_at TEXT NOT NULL
+			)`,
 		},
 	},
 }
