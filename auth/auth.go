@@ -1,6 +1,6 @@
 // Package auth decides who is calling: a server token (full access), a run
 // token (a signed, expiring token that trigger hands out and that allows only
-// waitForEvent and workflowRun on its run), or nobody. It knows nothing of
+// waitForEvent, waitForEventCallback and workflowRun on its run), or nobody. It knows nothing of
 // GraphQL or HTTP; the graph package asks it and enforces the answer.
 package auth
 
@@ -28,7 +28,7 @@ const (
 	Anonymous Kind = iota
 	// Server: a server token; everything.
 	Server
-	// Run: a run token; waitForEvent and workflowRun on RunID only.
+	// Run: a run token; waitForEvent, waitForEventCallback and workflowRun on RunID only.
 	Run
 )
 

@@ -1146,7 +1146,7 @@ type TriggerResult {
   workflowRunId: ID!
   created: Boolean!
   run: WorkflowRun!
-  "A token for browsers: it allows only waitForEvent and workflowRun on this run, until it expires."
+  "A token for browsers: it allows only waitForEvent, waitForEventCallback and workflowRun on this run, until it expires."
   runToken: RunToken
 }
 

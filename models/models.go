@@ -77,7 +77,7 @@ type TriggerResult struct {
 	Run           *WorkflowRun
 }
 
-// RunToken is a signed token that allows waitForEvent and workflowRun on one run.
+// RunToken is a signed token that allows waitForEvent, waitForEventCallback and workflowRun on one run.
 type RunToken struct {
 	Token     string
 	ExpiresAt time.Time
