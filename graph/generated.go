@@ -63,11 +63,12 @@ type ComplexityRoot struct {
 	}
 
 	Mutation struct {
-		AckRun    func(childComplexity int, workflowRunID string, attempt *int) int
-		Cancel    func(childComplexity int, workflowRunID string) int
-		FinishRun func(childComplexity int, workflowRunID string, state models.RunState, result json.RawMessage) int
-		Notify    func(childComplexity int, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) int
-		Trigger   func(childComplexity int, workflowRunID *string, body json.RawMessage, label *string, dispatch *models.DispatchInput) int
+		AckRun               func(childComplexity int, workflowRunID string, attempt *int) int
+		Cancel               func(childComplexity int, workflowRunID string) int
+		FinishRun            func(childComplexity int, workflowRunID string, state models.RunState, result json.RawMessage) int
+		Notify               func(childComplexity int, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) int
+		Trigger              func(childComplexity int, workflowRunID *string, body json.RawMessage, label *string, dispatch *models.DispatchInput) int
+		WaitForEventCallback func(childComplexity int, eventID string, workflowRunID string, stepName string, timeout *time.Duration, callback models.CallbackInput) int
 	}
 
 	NotifyResponse struct {
@@ -157,6 +158,7 @@ type ComplexityRoot struct {
 	}
 
 	Waiter struct {
+		Callback      func(childComplexity int) int
 		CompletionURL func(childComplexity int) int
 		CreatedAt     func(childComplexity int) int
 		Deadline      func(childComplexity int) int
@@ -207,6 +209,7 @@ type MutationResolver interface {
 	Cancel(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
 	FinishRun(ctx context.Context, workflowRunID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error)
 	AckRun(ctx context.Context, workflowRunID string, attempt *int) (*models.WorkflowRun, error)
+	WaitForEventCallback(ctx context.Context, eventID string, workflowRunID string, stepName string, timeout *time.Duration, callback models.CallbackInput) (*models.Waiter, error)
 }
 type QueryResolver interface {
 	WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
@@ -223,6 +226,7 @@ type TriggerResultResolver interface {
 }
 type WaiterResolver interface {
 	CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error)
+	Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error)
 }
 type WorkflowRunResolver interface {
 	Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error)
@@ -390,6 +394,17 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.Mutation.Trigger(childComplexity, args["workflowRunId"].(*string), args["body"].(json.RawMessage), args["label"].(*string), args["dispatch"].(*models.DispatchInput)), true
+	case "Mutation.waitForEventCallback":
+		if e.ComplexityRoot.Mutation.WaitForEventCallback == nil {
+			break
+		}
+
+		args, err := ec.field_Mutation_waitForEventCallback_args(ctx, rawArgs)
+		if err != nil {
+			return 0, false
+		}
+
+		return e.ComplexityRoot.Mutation.WaitForEventCallback(childComplexity, args["eventId"].(string), args["workflowRunId"].(string), args["stepName"].(string), args["timeout"].(*time.Duration), args["callback"].(models.CallbackInput)), true
 
 	case "NotifyResponse.deduplicated":
 		if e.ComplexityRoot.NotifyResponse.Deduplicated == nil {
@@ -728,6 +743,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.WaitResult.WorkflowRunID(childComplexity), true
 
+	case "Waiter.callback":
+		if e.ComplexityRoot.Waiter.Callback == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Waiter.Callback(childComplexity), true
 	case "Waiter.completionUrl":
 		if e.ComplexityRoot.Waiter.CompletionURL == nil {
 			break
@@ -909,6 +930,7 @@ func (e *executableSchema) Exec(ctx context.Context) graphql.ResponseHandler {
 	ec := newExecutionContext(opCtx, e, make(chan graphql.DeferredResult))
 	inputUnmarshalers := func() *graphql.InputUnmarshalerIndex {
 		return graphql.NewInputUnmarshalerIndex(
+			graphql.NewInputUnmarshaler("CallbackInput", ec.unmarshalInputCallbackInput),
 			graphql.NewInputUnmarshaler("DispatchInput", ec.unmarshalInputDispatchInput),
 			graphql.NewInputUnmarshaler("StepRef", ec.unmarshalInputStepRef),
 		)
@@ -1048,6 +1070,14 @@ type Mutation {
   passed cannot take the run from the worker it went to next (RUN_NOT_CLAIMED). Without it, any live hand-over is acked.
   """
   ackRun(workflowRunId: ID!, attempt: Int): WorkflowRun!
+  """
+  A durable step (as waitForEvent with workflowRunId and stepName) whose result is POSTed to callback.url when
+  it ends, for workflows that cannot hold a connection: notified, timed out (timeout: true), or canceled with its
+  run (the body's error has code RUN_NOT_ACTIVE). A lookback event waiting for the run is consumed at once and
+  called back at once. The same (run, step) again returns the same waiter and registers nothing new; a different
+  eventId for it is BAD_USER_INPUT. The POST is durable, signed and retried like a dispatch (see README, "Callback waiters").
+  """
+  waitForEventCallback(eventId: String!, workflowRunId: ID!, stepName: String!, timeout: Duration, callback: CallbackInput!): Waiter!
 }
 
 type Subscription {
@@ -1074,7 +1104,7 @@ input DispatchInput {
   delay: Duration
 }
 
-"Where a run's HTTP dispatch stands."
+"Where an HTTP delivery stands: a run's dispatch, or a waiter's callback."
 type Dispatch {
   state: DispatchState!
   url: String!
@@ -1094,6 +1124,16 @@ enum DispatchState {
   DELIVERED
   FAILED
   CANCELED
+}
+
+"Where to POST a waiter's result when it ends."
+input CallbackInput {
+  "An http(s) URL under one of the prefixes in RENDEZVOUS_OUTBOUND_ALLOWED."
+  url: String!
+  "Extra request headers, a JSON object of strings."
+  headers: JSON
+  "Retries after the first attempt (default 3, at most 20)."
+  retries: Int
 }
 
 "The notifying run's own step."
@@ -1165,6 +1205,8 @@ type Waiter {
   provider's webhook URL). A run token may not read it (FORBIDDEN): it would let it notify.
   """
   completionUrl: String
+  "The callback of a waitForEventCallback waiter (null otherwise). PENDING with no nextAttemptAt while the waiter waits."
+  callback: Dispatch
 }
 
 enum WaiterState {
@@ -1483,6 +1525,8 @@ func (ec *executionContext) childFields_Waiter(ctx context.Context, field graphq
 		return ec.fieldContext_Waiter_createdAt(ctx, field)
 	case "completionUrl":
 		return ec.fieldContext_Waiter_completionUrl(ctx, field)
+	case "callback":
+		return ec.fieldContext_Waiter_callback(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type Waiter", field.Name)
 }
@@ -1800,6 +1844,52 @@ func (ec *executionContext) field_Mutation_trigger_args(ctx context.Context, raw
 		return nil, err
 	}
 	args["dispatch"] = arg3
+	return args, nil
+}
+
+func (ec *executionContext) field_Mutation_waitForEventCallback_args(ctx context.Context, rawArgs map[string]any) (map[string]any, error) {
+	var err error
+	args := map[string]any{}
+	arg0, err := graphql.ProcessArgField(ctx, rawArgs, "eventId",
+		func(ctx context.Context, v any) (string, error) {
+			return ec.unmarshalNString2string(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["eventId"] = arg0
+	arg1, err := graphql.ProcessArgField(ctx, rawArgs, "workflowRunId",
+		func(ctx context.Context, v any) (string, error) {
+			return ec.unmarshalNID2string(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["workflowRunId"] = arg1
+	arg2, err := graphql.ProcessArgField(ctx, rawArgs, "stepName",
+		func(ctx context.Context, v any) (string, error) {
+			return ec.unmarshalNString2string(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["stepName"] = arg2
+	arg3, err := graphql.ProcessArgField(ctx, rawArgs, "timeout",
+		func(ctx context.Context, v any) (*time.Duration, error) {
+			return ec.unmarshalODuration2ᚖtimeᚐDuration(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["timeout"] = arg3
+	arg4, err := graphql.ProcessArgField(ctx, rawArgs, "callback",
+		func(ctx context.Context, v any) (models.CallbackInput, error) {
+			return ec.unmarshalNCallbackInput2rendezvousᚋmodelsᚐCallbackInput(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["callback"] = arg4
 	return args, nil
 }
 
@@ -2561,6 +2651,50 @@ func (ec *executionContext) fieldContext_Mutation_ackRun(ctx context.Context, fi
 	}()
 	ctx = graphql.WithFieldContext(ctx, fc)
 	if fc.Args, err = ec.field_Mutation_ackRun_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
+		ec.Error(ctx, err)
+		return fc, err
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _Mutation_waitForEventCallback(ctx context.Context, field graphql.CollectedField) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Mutation_waitForEventCallback(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			fc := graphql.GetFieldContext(ctx)
+			return ec.Resolvers.Mutation().WaitForEventCallback(ctx, fc.Args["eventId"].(string), fc.Args["workflowRunId"].(string), fc.Args["stepName"].(string), fc.Args["timeout"].(*time.Duration), fc.Args["callback"].(models.CallbackInput))
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.Waiter) graphql.Marshaler {
+			return ec.marshalNWaiter2ᚖrendezvousᚋmodelsᚐWaiter(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Mutation_waitForEventCallback(ctx context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Mutation",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_Waiter(ctx, field)
+		},
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			err = ec.Recover(ctx, r)
+			ec.Error(ctx, err)
+		}
+	}()
+	ctx = graphql.WithFieldContext(ctx, fc)
+	if fc.Args, err = ec.field_Mutation_waitForEventCallback_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
 		ec.Error(ctx, err)
 		return fc, err
 	}
@@ -4163,6 +4297,38 @@ func (ec *executionContext) fieldContext_Waiter_completionUrl(_ context.Context,
 	return graphql.NewScalarFieldContext("Waiter", field, true, true, "String")
 }
 
+func (ec *executionContext) _Waiter_callback(ctx context.Context, field graphql.CollectedField, obj *models.Waiter) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Waiter_callback(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.Waiter().Callback(ctx, obj)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.Dispatch) graphql.Marshaler {
+			return ec.marshalODispatch2ᚖrendezvousᚋmodelsᚐDispatch(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Waiter_callback(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Waiter",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_Dispatch(ctx, field)
+		},
+	}
+	return fc, nil
+}
+
 func (ec *executionContext) _WaiterStats_waiting(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -5750,6 +5916,62 @@ func (ec *executionContext) fieldContext___Type_isOneOf(_ context.Context, field
 
 // region    **************************** input.gotpl *****************************
 
+func (ec *executionContext) unmarshalInputCallbackInput(ctx context.Context, obj any) (models.CallbackInput, error) {
+	var it models.CallbackInput
+	if obj == nil {
+		return it, nil
+	}
+
+	asMap := map[string]any{}
+	for k, v := range obj.(map[string]any) {
+		asMap[k] = v
+	}
+
+	fieldsInOrder := [...]string{"url", "headers", "retries"}
+	for _, k := range fieldsInOrder {
+		v, ok := asMap[k]
+		if !ok {
+			continue
+		}
+		switch k {
+		case "url":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("url"))
+			data, err := ec.unmarshalNString2string(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.URL = data
+		case "headers":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("headers"))
+			data, err := ec.unmarshalOJSON2encodingᚋjsonᚐRawMessage(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.Headers = data
+		case "retries":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("retries"))
+			data, err := ec.unmarshalOInt2ᚖint(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.Retries = data
+		}
+	}
+	return it, nil
+}
+
+// UnmarshalCallbackInput unmarshals raw into the CallbackInput input type, using the
+// unmarshaler bound to ctx's request. Call it from a resolver to decode an input
+// object that was not passed as a field argument.
+//
+// ctx must come from a gqlgen request; outside one there is no unmarshaler to use
+// and the returned error says so.
+func UnmarshalCallbackInput(ctx context.Context, raw any) (models.CallbackInput, error) {
+	var out models.CallbackInput
+	err := graphql.UnmarshalNamedInputFromContext(ctx, "CallbackInput", raw, &out)
+	return out, err
+}
+
 func (ec *executionContext) unmarshalInputDispatchInput(ctx context.Context, obj any) (models.DispatchInput, error) {
 	var it models.DispatchInput
 	if obj == nil {
@@ -6046,6 +6268,13 @@ func (ec *executionContext) _Mutation(ctx context.Context, sel ast.SelectionSet)
 		case "ackRun":
 			out.Values[i] = ec.OperationContext.RootResolverMiddleware(innerCtx, func(ctx context.Context) (res graphql.Marshaler) {
 				return ec._Mutation_ackRun(ctx, field)
+			})
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "waitForEventCallback":
+			out.Values[i] = ec.OperationContext.RootResolverMiddleware(innerCtx, func(ctx context.Context) (res graphql.Marshaler) {
+				return ec._Mutation_waitForEventCallback(ctx, field)
 			})
 			if out.Values[i] == graphql.Null {
 				out.Invalids++
@@ -6716,6 +6945,12 @@ func (ec *executionContext) _Waiter(ctx context.Context, sel ast.SelectionSet, o
 				func(ctx context.Context) graphql.Marshaler {
 					return ec._Waiter_completionUrl(ctx, field, obj)
 				})
+		case "callback":
+			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
+				true, false,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._Waiter_callback(ctx, field, obj)
+				})
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))
 		}
@@ -7295,6 +7530,11 @@ func (ec *executionContext) marshalNBoolean2bool(ctx context.Context, sel ast.Se
 		graphql.AddInvalidNullFromMarshaler(ctx, "Boolean!")
 	}
 	return res
+}
+
+func (ec *executionContext) unmarshalNCallbackInput2rendezvousᚋmodelsᚐCallbackInput(ctx context.Context, v any) (models.CallbackInput, error) {
+	res, err := ec.unmarshalInputCallbackInput(ctx, v)
+	return res, graphql.ErrorOnPath(ctx, err)
 }
 
 func (ec *executionContext) unmarshalNDispatchState2rendezvousᚋmodelsᚐDispatchState(ctx context.Context, v any) (models.DispatchState, error) {

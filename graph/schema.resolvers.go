@@ -38,6 +38,11 @@ func (r *mutationResolver) AckRun(ctx context.Context, workflowRunID string, att
 	return r.Engine.AckRun(ctx, workflowRunID, attempt)
 }
 
+// WaitForEventCallback is the resolver for the waitForEventCallback field.
+func (r *mutationResolver) WaitForEventCallback(ctx context.Context, eventID string, workflowRunID string, stepName string, timeout *time.Duration, callback models.CallbackInput) (*models.Waiter, error) {
+	return r.Engine.WaitCallback(ctx, engine.WaitParams{EventID: eventID, RunID: &workflowRunID, StepName: &stepName, Timeout: timeout}, &callback)
+}
+
 // WorkflowRun is the resolver for the workflowRun field.
 func (r *queryResolver) WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error) {
 	return r.Engine.Run(ctx, workflowRunID)
@@ -80,6 +85,11 @@ func (r *triggerResultResolver) RunToken(ctx context.Context, obj *models.Trigge
 // CompletionURL is the resolver for the completionUrl field.
 func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error) {
 	return r.completionURL(ctx, obj)
+}
+
+// Callback is the resolver for the callback field.
+func (r *waiterResolver) Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error) {
+	return r.Engine.WaiterCallback(ctx, obj.ID)
 }
 
 // Steps is the resolver for the steps field.
