@@ -225,8 +225,8 @@ type TriggerResultResolver interface {
 	RunToken(ctx context.Context, obj *models.TriggerResult) (*models.RunToken, error)
 }
 type WaiterResolver interface {
-	CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error)
 	Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error)
+	CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error)
 }
 type WorkflowRunResolver interface {
 	Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error)
@@ -1196,6 +1196,8 @@ type Waiter {
   state: WaiterState!
   deadline: Time!
   createdAt: Time!
+  "The callback of a waitForEventCallback waiter (null otherwise). PENDING with no nextAttemptAt while the waiter waits."
+  callback: Dispatch
   """
   A signed URL that completes this waiter alone: POST any body to it and the waiter is notified with
   the body as eventData (JSON if it parses, else a JSON string; a urlencoded form as an object of its
@@ -1205,8 +1207,6 @@ type Waiter {
   provider's webhook URL). A run token may not read it (FORBIDDEN): it would let it notify.
   """
   completionUrl: String
-  "The callback of a waitForEventCallback waiter (null otherwise). PENDING with no nextAttemptAt while the waiter waits."
-  callback: Dispatch
 }
 
 enum WaiterState {
@@ -1523,10 +1523,10 @@ func (ec *executionContext) childFields_Waiter(ctx context.Context, field graphq
 		return ec.fieldContext_Waiter_deadline(ctx, field)
 	case "createdAt":
 		return ec.fieldContext_Waiter_createdAt(ctx, field)
-	case "completionUrl":
-		return ec.fieldContext_Waiter_completionUrl(ctx, field)
 	case "callback":
 		return ec.fieldContext_Waiter_callback(ctx, field)
+	case "completionUrl":
+		return ec.fieldContext_Waiter_completionUrl(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type Waiter", field.Name)
 }
@@ -4274,29 +4274,6 @@ func (ec *executionContext) fieldContext_Waiter_createdAt(_ context.Context, fie
 	return graphql.NewScalarFieldContext("Waiter", field, false, false, "Time")
 }
 
-func (ec *executionContext) _Waiter_completionUrl(ctx context.Context, field graphql.CollectedField, obj *models.Waiter) (ret graphql.Marshaler) {
-	return graphql.ResolveField(
-		ctx,
-		ec.OperationContext,
-		field,
-		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
-			return ec.fieldContext_Waiter_completionUrl(ctx, field)
-		},
-		func(ctx context.Context) (any, error) {
-			return ec.Resolvers.Waiter().CompletionURL(ctx, obj)
-		},
-		nil,
-		func(ctx context.Context, selections ast.SelectionSet, v *string) graphql.Marshaler {
-			return ec.marshalOString2ᚖstring(ctx, selections, v)
-		},
-		true,
-		false,
-	)
-}
-func (ec *executionContext) fieldContext_Waiter_completionUrl(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
-	return graphql.NewScalarFieldContext("Waiter", field, true, true, "String")
-}
-
 func (ec *executionContext) _Waiter_callback(ctx context.Context, field graphql.CollectedField, obj *models.Waiter) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -4327,6 +4304,29 @@ func (ec *executionContext) fieldContext_Waiter_callback(_ context.Context, fiel
 		},
 	}
 	return fc, nil
+}
+
+func (ec *executionContext) _Waiter_completionUrl(ctx context.Context, field graphql.CollectedField, obj *models.Waiter) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Waiter_completionUrl(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.Waiter().CompletionURL(ctx, obj)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *string) graphql.Marshaler {
+			return ec.marshalOString2ᚖstring(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Waiter_completionUrl(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Waiter", field, true, true, "String")
 }
 
 func (ec *executionContext) _WaiterStats_waiting(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
@@ -6939,17 +6939,17 @@ func (ec *executionContext) _Waiter(ctx context.Context, sel ast.SelectionSet, o
 			if out.Values[i] == graphql.Null {
 				atomic.AddUint32(&out.Invalids, 1)
 			}
-		case "completionUrl":
-			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
-				true, false,
-				func(ctx context.Context) graphql.Marshaler {
-					return ec._Waiter_completionUrl(ctx, field, obj)
-				})
 		case "callback":
 			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
 				true, false,
 				func(ctx context.Context) graphql.Marshaler {
 					return ec._Waiter_callback(ctx, field, obj)
+				})
+		case "completionUrl":
+			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
+				true, false,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._Waiter_completionUrl(ctx, field, obj)
 				})
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))

@@ -82,14 +82,14 @@ func (r *triggerResultResolver) RunToken(ctx context.Context, obj *models.Trigge
 	return r.runToken(obj.WorkflowRunID), nil
 }
 
-// CompletionURL is the resolver for the completionUrl field.
-func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error) {
-	return r.completionURL(ctx, obj)
-}
-
 // Callback is the resolver for the callback field.
 func (r *waiterResolver) Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error) {
 	return r.Engine.WaiterCallback(ctx, obj.ID)
+}
+
+// CompletionURL is the resolver for the completionUrl field.
+func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error) {
+	return r.completionURL(ctx, obj)
 }
 
 // Steps is the resolver for the steps field.
