@@ -59,6 +59,8 @@ type command struct {
 	Duration time.Duration `json:"duration,omitempty"`
 	// deliver: notifies per second, one per subscription of Set.
 	Rate float64 `json:"rate,omitempty"`
+	// psubscribe: the peer's publish API, where deliver and fanout publish.
+	API string `json:"api,omitempty"`
 }
 
 // reply answers a command.
@@ -87,15 +89,21 @@ func runID(prefix string, client, k int) string {
 // ---- the client process
 
 type clientProc struct {
-	hc   *http.Client // POSTs
-	wsc  *http.Client // websocket upgrades
-	sets map[string]*subSet
+	dialer *rotatingDialer
+	hc     *http.Client // POSTs
+	wsc    *http.Client // websocket upgrades
+	sets   map[string]*subSet
+}
+
+func newClientProc() *clientProc {
+	d := newRotatingDialer()
+	p := &clientProc{dialer: d, hc: newHTTPClient(d, 256), wsc: newHTTPClient(d, 0), sets: map[string]*subSet{}}
+	p.wsc.Timeout = 0
+	return p
 }
 
 func runClient() error {
-	d := newRotatingDialer()
-	p := &clientProc{hc: newHTTPClient(d, 256), wsc: newHTTPClient(d, 0), sets: map[string]*subSet{}}
-	p.wsc.Timeout = 0
+	p := newClientProc()
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 16<<20)
 	out := json.NewEncoder(os.Stdout)
@@ -127,6 +135,8 @@ func (p *clientProc) handle(cmd command) (r reply) {
 	switch cmd.Op {
 	case "subscribe":
 		r, err = p.subscribe(ctx, cmd)
+	case "psubscribe":
+		r, err = p.peerSubscribe(ctx, cmd)
 	case "close":
 		p.closeSet(cmd.Set)
 	case "cpu":
@@ -160,6 +170,7 @@ type subSet struct {
 	endpoint string
 	n        int
 	conns    []*wsConn
+	peer     *peerSet       // the peer's clients, when the set is on the peer
 	sent     []atomic.Int64 // unix nanoseconds the notify for subscription i was sent
 	recv     []atomic.Int64 // unix nanoseconds its message arrived
 	received atomic.Int64
@@ -255,6 +266,10 @@ func (p *clientProc) closeSet(name string) {
 		return
 	}
 	delete(p.sets, name)
+	if s.peer != nil {
+		s.peer.close()
+		return
+	}
 	parallel(len(s.conns), 256, func(j int) error {
 		if c := s.conns[j]; c != nil {
 			c.close()
@@ -386,6 +401,38 @@ func (p *clientProc) warm(ctx context.Context, endpoint string) {
 	})
 }
 
+// notifyBody is the broadcast notify (or, on the peer, the publish) that
+// wakes the subscriptions on event.
+func (s *subSet) notifyBody(event string) []byte {
+	if s.peer != nil {
+		return mustJSON(map[string]any{"channel": event, "data": eventData})
+	}
+	return mustJSON(gqlRequest{Query: qNotifyBroadcast, Variables: map[string]any{"e": event, "d": eventData}})
+}
+
+// notify sends a body made by notifyBody; on Rendezvous it checks that
+// the notify resolved want waiters (the peer's publish says no such thing).
+func (p *clientProc) notify(ctx context.Context, s *subSet, body []byte, want int) error {
+	if s.peer != nil {
+		return peerPublish(ctx, p.hc, s.peer.api, body)
+	}
+	data, err := post(ctx, p.hc, s.endpoint, body)
+	if err == nil {
+		err = checkResolved(data, want)
+	}
+	return err
+}
+
+// warmSet opens the HTTP client's connections to where the set's notifies go.
+func (p *clientProc) warmSet(ctx context.Context, s *subSet) {
+	if s.peer == nil {
+		p.warm(ctx, s.endpoint)
+		return
+	}
+	body := s.notifyBody("bench-warm-up")
+	parallel(64, 32, func(int) error { return peerPublish(ctx, p.hc, s.peer.api, body) })
+}
+
 // deliver notifies the subscriptions of Set one by one at Rate per second
 // (open loop: a slow response does not slow the sender) with broadcast
 // notifies on their event ids, and measures from sending each notify to
@@ -395,10 +442,10 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 	if s == nil {
 		return reply{}, fmt.Errorf("no set %q", cmd.Set)
 	}
-	p.warm(ctx, s.endpoint)
+	p.warmSet(ctx, s)
 	bodies := make([][]byte, s.n)
 	for i := range bodies {
-		bodies[i] = mustJSON(gqlRequest{Query: qNotifyBroadcast, Variables: map[string]any{"e": s.event(i), "d": eventData}})
+		bodies[i] = s.notifyBody(s.event(i))
 	}
 	var (
 		wg       sync.WaitGroup
@@ -413,10 +460,7 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 		go func() {
 			defer wg.Done()
 			s.sent[i].Store(time.Now().UnixNano())
-			data, err := post(ctx, p.hc, s.endpoint, bodies[i])
-			if err == nil {
-				err = checkResolved(data, 1)
-			}
+			err := p.notify(ctx, s, bodies[i], 1)
 			if err != nil {
 				errs.Add(1)
 				msg := err.Error()
@@ -456,15 +500,12 @@ func (p *clientProc) fanout(ctx context.Context, cmd command) (reply, error) {
 	if s == nil {
 		return reply{}, fmt.Errorf("no set %q", cmd.Set)
 	}
-	p.warm(ctx, s.endpoint)
-	body := mustJSON(gqlRequest{Query: qNotifyBroadcast, Variables: map[string]any{"e": s.event(0), "d": eventData}})
+	p.warmSet(ctx, s)
+	body := s.notifyBody(s.event(0))
 	var r reply
 	t0 := time.Now()
-	data, err := post(ctx, p.hc, s.endpoint, body)
+	err := p.notify(ctx, s, body, s.n)
 	r.NotifyTook = time.Since(t0)
-	if err == nil {
-		err = checkResolved(data, s.n)
-	}
 	if err != nil {
 		r.Errors++
 		r.FirstError = err.Error()

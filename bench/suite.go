@@ -18,6 +18,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
+	"strconv"
 	"strings"
 	"time"
 
@@ -47,6 +48,7 @@ type suite struct {
 	client *clientHandle
 	mem    *memServer
 	prof   *profiler
+	peer   *peerRun // measured once per bench run, by the first suite that runs phase peer
 
 	label    string // MariaDB 10.11.19, SQLite
 	dbURL    string
@@ -88,6 +90,7 @@ type results struct {
 	latFull         reply
 	idle            memDelta
 	delivery        reply
+	deliveryGC      gcWindow // our server process over the delivery window
 	deliveryBase    reply
 	mux             memDelta
 	fan             []fanResult
@@ -123,6 +126,7 @@ func (s *suite) run(ctx context.Context) []row {
 	s.phase(ctx, "growth", s.phaseGrowth)
 	s.phase(ctx, "purge", s.phasePurge)
 	s.phase(ctx, "idle", s.phaseIdle)
+	s.phase(ctx, "peer", s.phasePeer)
 	s.phase(ctx, "mux", s.phaseMux)
 	s.phase(ctx, "fanout", s.phaseFanOut)
 	return s.rows()
@@ -289,7 +293,11 @@ func (s *suite) setupMySQL(ctx context.Context) error {
 	s.baseDB = s.db
 	s.cleanups = append(s.cleanups, func() { s.db.Close() })
 	if host := u.Hostname(); host == "localhost" || net.ParseIP(host) != nil && net.ParseIP(host).IsLoopback() {
-		s.dbPID = findProcess("mariadbd", "mysqld")
+		port, _ := strconv.Atoi(u.Port())
+		if port == 0 {
+			port = 3306
+		}
+		s.dbPID = listenerPID(port, "mariadbd", "mysqld")
 	}
 	return nil
 }
