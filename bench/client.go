@@ -72,6 +72,8 @@ type reply struct {
 	Missing    int           `json:"missing"`
 	Elapsed    time.Duration `json:"elapsed"`
 	Lat        latency       `json:"lat"`
+	// Resp: deliver: the notifies' own response times.
+	Resp latency `json:"resp"`
 	// fanout: from sending the notify to the first and the last
 	// subscriber's message, and the notify's own response time.
 	First      time.Duration `json:"first"`
@@ -451,6 +453,7 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 		wg       sync.WaitGroup
 		errs     atomic.Int64
 		firstErr atomic.Pointer[string]
+		answered = make([]time.Duration, s.n) // the notify's own response time
 	)
 	interval := time.Duration(float64(time.Second) / cmd.Rate)
 	t0 := time.Now().Add(20 * time.Millisecond)
@@ -459,8 +462,10 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.sent[i].Store(time.Now().UnixNano())
+			sent := time.Now()
+			s.sent[i].Store(sent.UnixNano())
 			err := p.notify(ctx, s, bodies[i], 1)
+			answered[i] = time.Since(sent)
 			if err != nil {
 				errs.Add(1)
 				msg := err.Error()
@@ -484,7 +489,7 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 			}
 		}
 	}
-	r := reply{OK: len(lat), Missing: s.n - len(lat), Errors: int(errs.Load() + s.errors.Load()), Elapsed: time.Since(t0), Lat: summarize(lat)}
+	r := reply{OK: len(lat), Missing: s.n - len(lat), Errors: int(errs.Load() + s.errors.Load()), Elapsed: time.Since(t0), Lat: summarize(lat), Resp: summarize(answered)}
 	if e := firstErr.Load(); e != nil {
 		r.FirstError = *e
 	} else if e := s.firstErr.Load(); e != nil {

@@ -131,11 +131,12 @@ func (s *suite) rows() []row {
 		"≤ peer p50 + 1 ms",
 		func() (string, string, bool, bool) {
 			d := r.delivery.Lat
-			res := fmt.Sprintf("%s%s", fmtDur(d.P50), trouble(r.delivery))
+			res := fmt.Sprintf("%s%s; the notify's own response p50 %s", fmtDur(d.P50), trouble(r.delivery), fmtDur(r.delivery.Resp.P50))
 			if !peerOK {
 				return res, peerDelivery(), false, false
 			}
-			return res + fmt.Sprintf(" (peer + %s)", fmtDur(d.P50-pr.delivery.Lat.P50)), peerDelivery(),
+			return fmt.Sprintf("%s (peer + %s)%s; the notify's own response p50 %s", fmtDur(d.P50), fmtDur(d.P50-pr.delivery.Lat.P50), trouble(r.delivery), fmtDur(r.delivery.Resp.P50)),
+				peerDelivery() + fmt.Sprintf("; its publish's own response p50 %s", fmtDur(pr.delivery.Resp.P50)),
 				d.P50 <= pr.delivery.Lat.P50+time.Millisecond && r.delivery.Errors == 0 && r.delivery.Missing == 0, true
 		})
 	add([]string{"idle"},
@@ -147,6 +148,25 @@ func (s *suite) rows() []row {
 				base = "peer: " + pr.gc.String()
 			}
 			return "ours: " + r.deliveryGC.String(), base, false, false
+		})
+	add([]string{"idle"},
+		"server CPU per delivery (the server process's CPU over the delivery window ÷ notifies; the idle populations' keep-alives included)",
+		"— (reported)",
+		func() (string, string, bool, bool) {
+			perDelivery := func(u cpuUse, n reply) string {
+				return fmt.Sprintf("%s per delivery (%.2f cores)", fmtDur(time.Duration(u.server*float64(u.wall)/float64(max(n.OK+n.Missing, 1)))), u.server)
+			}
+			var ours cpuUse
+			for _, u := range r.cpu {
+				if u.name == "delivery" {
+					ours = u
+				}
+			}
+			base := peerMissing()
+			if peerOK {
+				base = "peer: " + perDelivery(pr.cpu, pr.delivery)
+			}
+			return perDelivery(ours, r.delivery), base, false, false
 		})
 	add([]string{"idle"},
 		fmt.Sprintf("memory per idle waitForEvent subscription, %s subscriptions, one websocket each", fmtInt(z.Idle)),
