@@ -28,6 +28,10 @@ type gcSample struct {
 	Cycles  uint64  `json:"cycles"`  // /gc/cycles/total
 	// HeapGoal is /gc/heap/goal:bytes at the time of the reading.
 	HeapGoal uint64 `json:"heapGoal"`
+	// GOGC and MemLimit are the process's GC settings (/gc/gogc:percent,
+	// /gc/gomemlimit:bytes).
+	GOGC     uint64 `json:"gogc"`
+	MemLimit uint64 `json:"memLimit"`
 }
 
 var gcMetricNames = []string{
@@ -38,6 +42,8 @@ var gcMetricNames = []string{
 	"/cpu/classes/idle:cpu-seconds",
 	"/gc/cycles/total:gc-cycles",
 	"/gc/heap/goal:bytes",
+	"/gc/gogc:percent",
+	"/gc/gomemlimit:bytes",
 }
 
 // readGC reads the GC metrics of this process.
@@ -71,7 +77,7 @@ func readGC() gcSample {
 		return 0
 	}
 	g.Assist, g.GCTotal, g.Total, g.Idle = f(1), f(2), f(3), f(4)
-	g.Cycles, g.HeapGoal = u(5), u(6)
+	g.Cycles, g.HeapGoal, g.GOGC, g.MemLimit = u(5), u(6), u(7), u(8)
 	return g
 }
 
@@ -84,11 +90,12 @@ type gcWindow struct {
 	assist    float64       // share of the CPU the process used (total − idle)
 	gcShare   float64       // all GC work, same share
 	heapGoal  uint64        // at the end
+	settings  string        // GOGC and GOMEMLIMIT
 	cpuCovers time.Duration // the span the CPU classes cover (GC cycle to GC cycle)
 }
 
 func gcBetween(a, b gcSample) gcWindow {
-	w := gcWindow{measured: true, cycles: b.Cycles - a.Cycles, heapGoal: b.HeapGoal}
+	w := gcWindow{measured: true, cycles: b.Cycles - a.Cycles, heapGoal: b.HeapGoal, settings: gcSettings(b)}
 	if len(a.Pauses) == len(b.Pauses) && len(b.Bounds) == len(b.Pauses) {
 		for i := range b.Pauses {
 			d := b.Pauses[i] - a.Pauses[i]
@@ -113,8 +120,20 @@ func (w gcWindow) String() string {
 		return "not measured"
 	}
 	if w.cycles == 0 {
-		return fmt.Sprintf("no GC cycle (heap goal %s)", fmtBytes(w.heapGoal))
+		return fmt.Sprintf("no GC cycle (heap goal %s; %s)", fmtBytes(w.heapGoal), w.settings)
 	}
-	return fmt.Sprintf("%d GC cycles, longest stop %s (%d stops), mark assist %.1f%% and all GC work %.1f%% of the process's CPU, heap goal %s",
-		w.cycles, fmtDur(w.maxPause), w.pauses, 100*w.assist, 100*w.gcShare, fmtBytes(w.heapGoal))
+	return fmt.Sprintf("%d GC cycles, longest stop %s (%d stops), mark assist %.1f%% and all GC work %.1f%% of the process's CPU, heap goal %s; %s",
+		w.cycles, fmtDur(w.maxPause), w.pauses, 100*w.assist, 100*w.gcShare, fmtBytes(w.heapGoal), w.settings)
+}
+
+func gcSettings(g gcSample) string {
+	gogc := fmt.Sprint(g.GOGC)
+	if g.GOGC == math.MaxUint64 || g.GOGC > 1<<40 {
+		gogc = "off"
+	}
+	limit := "none"
+	if g.MemLimit < math.MaxInt64 {
+		limit = fmtBytes(g.MemLimit)
+	}
+	return fmt.Sprintf("GOGC %s, GOMEMLIMIT %s", gogc, limit)
 }

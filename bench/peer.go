@@ -144,7 +144,9 @@ func startPeer() (*peerHandle, error) {
 	cmd := exec.Command(exe, "-peer-server")
 	cmd.Stderr = os.Stderr
 	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "GODEBUG=") { // a gctrace is meant for our server process
+		// The peer runs with Go's GC defaults, as shipped: GC settings
+		// (and a gctrace) in the environment are meant for our server.
+		if !strings.HasPrefix(kv, "GODEBUG=") && !strings.HasPrefix(kv, "GOGC=") && !strings.HasPrefix(kv, "GOMEMLIMIT=") {
 			cmd.Env = append(cmd.Env, kv)
 		}
 	}
