@@ -11,8 +11,8 @@
 // github.com/centrifugal/centrifuge server, runs in a process of its own
 // (-peer-server) with its centrifuge-go clients in another client process.
 //
-//	go run ./bench            # full run, about 4 minutes on 2 cores
-//	go run ./bench -quick     # smoke run with small sizes, about a minute
+//	go run ./bench            # full run, about 12 minutes on 2 shared cores
+//	go run ./bench -quick     # smoke run with small sizes, 1–2 minutes
 //	go run ./bench -sqlite    # MariaDB, then the same on SQLite
 //	go run ./bench -only idle -cpuprofile cpu.pprof -profile delivery
 //
@@ -115,7 +115,7 @@ func main() {
 		"MySQL server to create the throwaway database on (mysql://user:pass@host:port/); with a database name in the path that database is used as is (it must be empty) and not dropped")
 	flag.BoolVar(&o.SQLite, "sqlite", false, "also run everything on SQLite (a temporary file)")
 	flag.BoolVar(&o.MySQL, "mysql", true, "run on MySQL/MariaDB (-mysql=false -sqlite: SQLite only)")
-	flag.BoolVar(&o.Quick, "quick", false, "small sizes: a smoke run of about a minute")
+	flag.BoolVar(&o.Quick, "quick", false, "small sizes: a smoke run of 1–2 minutes")
 	flag.StringVar(&o.CPUProfile, "cpuprofile", "", "write a CPU profile of the server process to this file")
 	flag.StringVar(&o.ProfilePart, "profile", "all", "what -cpuprofile covers: all, a phase (baseline, latency, throughput, growth, idle, mux, fanout), delivery (the deliveries of idle) or fanout-notify (the broadcast of fanout)")
 	flag.StringVar(&o.MemProfile, "memprofile", "", "write heap and goroutine profiles of the server process before and while the idle subscriptions are connected (FILE-idle-heap.pprof, FILE-mux-goroutines.txt, …)")
