@@ -72,6 +72,8 @@ type reply struct {
 	Missing    int           `json:"missing"`
 	Elapsed    time.Duration `json:"elapsed"`
 	Lat        latency       `json:"lat"`
+	// Retried: subscriptions refused with SERVICE_UNAVAILABLE and sent again.
+	Retried int `json:"retried,omitempty"`
 	// Resp: deliver: the notifies' own response times.
 	Resp latency `json:"resp"`
 	// fanout: from sending the notify to the first and the last
@@ -171,12 +173,16 @@ func (p *clientProc) handle(cmd command) (r reply) {
 type subSet struct {
 	endpoint string
 	n        int
-	conns    []*wsConn
+	conns    []atomic.Pointer[wsConn]
 	peer     *peerSet       // the peer's clients, when the set is on the peer
 	sent     []atomic.Int64 // unix nanoseconds the notify for subscription i was sent
 	recv     []atomic.Int64 // unix nanoseconds its message arrived
 	received atomic.Int64
 	errors   atomic.Int64
+	// retried counts subscriptions the server refused with
+	// SERVICE_UNAVAILABLE ("try again") that were sent again.
+	retried  atomic.Int64
+	resend   func(i, attempt int) // sends subscription i again (Rendezvous sets)
 	firstErr atomic.Pointer[string]
 	event    func(i int) string
 }
@@ -186,14 +192,34 @@ func (s *subSet) fail(msg string) {
 	s.firstErr.CompareAndSwap(nil, &msg)
 }
 
+// maxResend is how often a subscription refused with "try again" is sent again.
+const maxResend = 5
+
+// subID names subscription i's attempt (0: the first) on its websocket.
+func subID(i, attempt int) string {
+	if attempt == 0 {
+		return strconv.Itoa(i)
+	}
+	return strconv.Itoa(i) + "." + strconv.Itoa(attempt)
+}
+
 func (s *subSet) on(id, typ string, at time.Time, payload json.RawMessage) {
-	i, err := strconv.Atoi(id)
+	num, att, _ := strings.Cut(id, ".")
+	i, err := strconv.Atoi(num)
 	if err != nil || i < 0 || i >= s.n {
 		return
 	}
+	attempt, _ := strconv.Atoi(att)
 	switch typ {
 	case "next":
 		if bytes.Contains(payload, []byte(`"errors"`)) {
+			// The server's retryable refusal (a database too busy to
+			// register the waiter): subscribe again, as a client would.
+			if bytes.Contains(payload, []byte(`"SERVICE_UNAVAILABLE"`)) && s.resend != nil && attempt < maxResend && s.recv[i].Load() == 0 {
+				s.retried.Add(1)
+				go s.resend(i, attempt+1)
+				return
+			}
 			s.fail(fmt.Sprintf("subscription %d: %.300s", i, payload))
 			return
 		}
@@ -201,12 +227,17 @@ func (s *subSet) on(id, typ string, at time.Time, payload json.RawMessage) {
 			s.received.Add(1)
 		}
 	case "error":
+		if bytes.Contains(payload, []byte(`"SERVICE_UNAVAILABLE"`)) && s.resend != nil && attempt < maxResend && s.recv[i].Load() == 0 {
+			s.retried.Add(1)
+			go s.resend(i, attempt+1)
+			return
+		}
 		s.fail(fmt.Sprintf("subscription %d: %.300s", i, payload))
 	}
 }
 
 func (s *subSet) status() reply {
-	r := reply{OK: int(s.received.Load()), Errors: int(s.errors.Load())}
+	r := reply{OK: int(s.received.Load()), Errors: int(s.errors.Load()), Retried: int(s.retried.Load())}
 	if e := s.firstErr.Load(); e != nil {
 		r.FirstError = *e
 	}
@@ -221,13 +252,29 @@ func (p *clientProc) subscribe(ctx context.Context, cmd command) (reply, error) 
 	s := &subSet{
 		endpoint: cmd.Endpoint,
 		n:        cmd.N,
-		conns:    make([]*wsConn, (cmd.N+per-1)/per),
+		conns:    make([]atomic.Pointer[wsConn], (cmd.N+per-1)/per),
 		sent:     make([]atomic.Int64, cmd.N),
 		recv:     make([]atomic.Int64, cmd.N),
 		event:    func(i int) string { return cmd.Prefix + strconv.Itoa(i) },
 	}
 	if cmd.SameEvent {
 		s.event = func(int) string { return cmd.Prefix }
+	}
+	subMsg := func(i, attempt int) []byte {
+		return mustJSON(map[string]any{"id": subID(i, attempt), "type": "subscribe", "payload": gqlRequest{Query: qWait, Variables: map[string]any{"e": s.event(i)}}})
+	}
+	s.resend = func(i, attempt int) {
+		time.Sleep(time.Duration(attempt) * 100 * time.Millisecond)
+		c := s.conns[i/per].Load()
+		if c == nil {
+			s.fail(fmt.Sprintf("subscription %d: no websocket to subscribe again on", i))
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := c.send(ctx, subMsg(i, attempt)); err != nil {
+			s.fail(fmt.Sprintf("subscription %d, sent again: %v", i, err))
+		}
 	}
 	p.sets[cmd.Set] = s
 	start := time.Now()
@@ -248,10 +295,9 @@ func (p *clientProc) subscribe(ctx context.Context, cmd command) (reply, error) 
 			}
 			time.Sleep(time.Duration(attempt) * 200 * time.Millisecond)
 		}
-		s.conns[j] = c
+		s.conns[j].Store(c)
 		for i := j * per; i < min(s.n, (j+1)*per); i++ {
-			msg := mustJSON(map[string]any{"id": strconv.Itoa(i), "type": "subscribe", "payload": gqlRequest{Query: qWait, Variables: map[string]any{"e": s.event(i)}}})
-			if err := c.send(ctx, msg); err != nil {
+			if err := c.send(ctx, subMsg(i, 0)); err != nil {
 				return fmt.Errorf("subscribe %d: %w", i, err)
 			}
 		}
@@ -273,7 +319,7 @@ func (p *clientProc) closeSet(name string) {
 		return
 	}
 	parallel(len(s.conns), 256, func(j int) error {
-		if c := s.conns[j]; c != nil {
+		if c := s.conns[j].Load(); c != nil {
 			c.close()
 		}
 		return nil

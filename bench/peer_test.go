@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/http"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -11,6 +12,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
+
+	"rendezvous/service"
 )
 
 // TestPeerDelivery drives the peer's server code and its client code the
@@ -86,4 +89,53 @@ func TestGCBetweenNoCycle(t *testing.T) {
 	w := gcBetween(g, g)
 	require.Zero(t, w.cycles)
 	require.True(t, strings.HasPrefix(w.String(), "no GC cycle"), w.String())
+}
+
+// TestRendezvousDelivery drives our server the way the idle phase does,
+// on SQLite and at a small size: the client process's code subscribes,
+// notifies at a rate, and receives every message once.
+func TestRendezvousDelivery(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent(), goleak.IgnoreAnyFunction("github.com/centrifugal/centrifuge/internal/dissolve.(*Dissolver).runWorker"))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	path := filepath.Join(t.TempDir(), "bench.db")
+	cfg := service.Config{DatabaseURL: "sqlite://" + path, ShutdownGrace: 5 * time.Second}
+	cfg.HTTP.RateLimit = 0
+	svc, err := service.New(ctx, cfg)
+	require.NoError(t, err)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	serveCtx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- svc.Serve(serveCtx, ln) }()
+	endpoint := "http://" + ln.Addr().String() + "/query"
+	db, err := openSQLite(path)
+	require.NoError(t, err)
+	p := newClientProc()
+	defer func() {
+		p.closeSet("idle")
+		p.closeSet("dlv")
+		p.hc.CloseIdleConnections()
+		db.Close()
+		stop()
+		require.NoError(t, <-served)
+	}()
+	s := &suite{db: db, client: nil}
+	for _, c := range []command{
+		{Op: "subscribe", Set: "idle", Endpoint: endpoint, N: 6, PerConn: 1, Prefix: "idle-"},
+		{Op: "subscribe", Set: "dlv", Endpoint: endpoint, N: 30, PerConn: 10, Prefix: "dlv-"},
+	} {
+		r := p.handle(c)
+		require.Empty(t, r.Err)
+		require.NoError(t, s.waitWaiting(ctx, c.Prefix+"%", c.N, "", 20*time.Second), "registered")
+	}
+	r := p.handle(command{Op: "deliver", Set: "dlv", Rate: 100})
+	require.Empty(t, r.Err)
+	require.Equal(t, 30, r.OK, "received: %+v", r)
+	require.Zero(t, r.Missing)
+	require.Zero(t, r.Errors, r.FirstError)
+	require.Positive(t, r.Resp.P50)
+	idle := p.handle(command{Op: "status", Set: "idle"})
+	require.Zero(t, idle.OK, "an idle subscription received a message")
+	require.Zero(t, idle.Errors, idle.FirstError)
 }

@@ -60,6 +60,7 @@ type suite struct {
 	cleanups []func()
 
 	res   results
+	cur   string // the phase running
 	errs  map[string]error
 	notes map[string][]string // per phase: trouble that did not stop it
 }
@@ -144,6 +145,7 @@ func (s *suite) phase(ctx context.Context, name string, fn func(context.Context)
 		return
 	}
 	log.Printf("[%s] %s …", s.label, name)
+	s.cur = name
 	s.prof.begin(name)
 	t := time.Now()
 	err := fn(ctx)
@@ -361,11 +363,19 @@ func (s *suite) waitWaiting(ctx context.Context, like string, want int, set stri
 	if !strings.Contains(like, "%") {
 		q = "SELECT COUNT(*) FROM waiters WHERE state = 'WAITING' AND event_id = ?"
 	}
-	return waitCount(ctx, want, patience, func() (int, error) {
+	err := waitCount(ctx, want, patience, func() (int, error) {
 		var n int
 		err := s.db.QueryRowContext(ctx, q, like).Scan(&n)
 		return n, err
 	}, func() string { return s.setStatus(ctx, set) })
+	if err == nil && set != "" && want > 0 {
+		if r, err := s.client.do(ctx, command{Op: "status", Set: set}); err == nil && r.Retried > 0 {
+			note := fmt.Sprintf("%s of the %s subscriptions of %s were refused with SERVICE_UNAVAILABLE (\"try again\") and subscribed again", fmtInt(r.Retried), fmtInt(want), set)
+			log.Printf("[%s]   %s", s.label, note)
+			s.notes[s.cur] = append(s.notes[s.cur], note)
+		}
+	}
+	return err
 }
 
 func (s *suite) waitMem(ctx context.Context, want int, set string) error {
