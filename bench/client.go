@@ -92,6 +92,9 @@ func runID(prefix string, client, k int) string {
 
 // ---- the client process
 
+// maxPosts bounds the client process's HTTP requests in flight to one server.
+const maxPosts = 2000
+
 type clientProc struct {
 	dialer *rotatingDialer
 	hc     *http.Client // POSTs
@@ -102,6 +105,13 @@ type clientProc struct {
 func newClientProc() *clientProc {
 	d := newRotatingDialer()
 	p := &clientProc{dialer: d, hc: newHTTPClient(d, 256), wsc: newHTTPClient(d, 0), sets: map[string]*subSet{}}
+	// At most maxPosts requests in flight: beside 15,000 websockets, an
+	// open-loop sender facing a slow server would otherwise open a
+	// connection per waiting notify until this process, and the server's,
+	// run out of file descriptors (20,000 here). A notify that waits for a
+	// connection waits in the latency measured: its clock starts when it
+	// is due.
+	p.hc.Transport.(*http.Transport).MaxConnsPerHost = maxPosts
 	p.wsc.Timeout = 0
 	return p
 }
