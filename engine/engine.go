@@ -81,6 +81,10 @@ type Engine struct {
 // New returns an engine over the store. bus may be nil.
 func New(store storage.Store, h *hub.Hub, bus Bus, cfg Config) *Engine {
 	cfg = cfg.withDefaults()
+	if w := cfg.Outbound.Written; w != nil {
+		// A commit that ended a callback waiter made its callback due.
+		store.OnOutboxDue(w)
+	}
 	return &Engine{cfg: cfg, store: store, hub: h, bus: bus, log: cfg.Logger, rec: cfg.Recorder, replicaID: newID("rep_")}
 }
 

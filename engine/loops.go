@@ -167,7 +167,7 @@ func (e *Engine) expireDue(ctx context.Context) (int, error) {
 			ids[i] = w.ID
 			byID[w.ID] = w
 		}
-		ended, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: ids, State: models.WaiterTimedOut, EndedAt: now})
+		ended, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: ids, State: models.WaiterTimedOut, EndedAt: now, NoCallbacks: noCallbacks(due)})
 		if err != nil {
 			return err
 		}

@@ -217,7 +217,7 @@ func (e *Engine) resolve(ctx context.Context, tx storage.Executor, eventID strin
 	}
 	ended, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{
 		WaiterIDs: ids, State: models.WaiterNotified, EndedAt: now, DeadlineAfter: &now,
-		MessageID: &messageID, EventID: eventID, EventData: data,
+		MessageID: &messageID, EventID: eventID, EventData: data, NoCallbacks: noCallbacks(waiting),
 	})
 	if err != nil {
 		return nil, err

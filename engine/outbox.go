@@ -78,29 +78,40 @@ var reservedHeaders = map[string]bool{
 // outboxFor validates a dispatch and returns its row (without run id and
 // times), or a BAD_USER_INPUT error.
 func (e *Engine) outboxFor(d *models.DispatchInput) (*storage.OutboxRecord, error) {
-	out := e.cfg.Outbound
-	if out.Allow.Empty() {
-		return nil, errorf(CodeBadUserInput, "dispatch is refused: RENDEZVOUS_OUTBOUND_ALLOWED is empty (the operator must list the URL prefixes Rendezvous may call)")
-	}
-	if err := out.Allow.Check(d.URL); err != nil {
-		return nil, errorf(CodeBadUserInput, "dispatch.url: %v", err)
-	}
-	retries := DefaultRetries
-	if d.Retries != nil {
-		if *d.Retries < 0 || *d.Retries > MaxRetries {
-			return nil, errorf(CodeBadUserInput, "dispatch.retries must be between 0 and %d, got %d", MaxRetries, *d.Retries)
-		}
-		retries = *d.Retries
+	rec, err := e.outboundRecord("dispatch", d.URL, d.Headers, d.Retries)
+	if err != nil {
+		return nil, err
 	}
 	if d.Delay != nil && (*d.Delay < 0 || *d.Delay > e.cfg.MaxTimeout) {
 		return nil, errorf(CodeBadUserInput, "dispatch.delay must be between 0 and %s", e.cfg.MaxTimeout)
 	}
-	rec := &storage.OutboxRecord{
-		ID: newID("dlv_"), Kind: storage.OutboxKindDispatch, URL: d.URL,
-		State: models.DispatchPending, MaxAttempts: retries + 1,
+	rec.Kind = storage.OutboxKindDispatch
+	return rec, nil
+}
+
+// outboundRecord validates what every outbound call has (the URL against
+// the allow-list, headers, retries; field names the argument in errors)
+// and returns a PENDING row without kind, run, waiter, body or times.
+func (e *Engine) outboundRecord(field, url string, rawHeaders json.RawMessage, retriesIn *int) (*storage.OutboxRecord, error) {
+	out := e.cfg.Outbound
+	if out.Allow.Empty() {
+		return nil, errorf(CodeBadUserInput, "%s is refused: RENDEZVOUS_OUTBOUND_ALLOWED is empty (the operator must list the URL prefixes Rendezvous may call)", field)
 	}
-	if h := nullJSON(d.Headers); len(h) > 0 {
-		headers, err := checkHeaders(h)
+	if err := out.Allow.Check(url); err != nil {
+		return nil, errorf(CodeBadUserInput, "%s.url: %v", field, err)
+	}
+	retries := DefaultRetries
+	if retriesIn != nil {
+		if *retriesIn < 0 || *retriesIn > MaxRetries {
+			return nil, errorf(CodeBadUserInput, "%s.retries must be between 0 and %d, got %d", field, MaxRetries, *retriesIn)
+		}
+		retries = *retriesIn
+	}
+	rec := &storage.OutboxRecord{
+		ID: newID("dlv_"), URL: url, State: models.DispatchPending, MaxAttempts: retries + 1,
+	}
+	if h := nullJSON(rawHeaders); len(h) > 0 {
+		headers, err := checkHeaders(field+".headers", h)
 		if err != nil {
 			return nil, err
 		}
@@ -109,31 +120,31 @@ func (e *Engine) outboxFor(d *models.DispatchInput) (*storage.OutboxRecord, erro
 	return rec, nil
 }
 
-func checkHeaders(raw json.RawMessage) (map[string]string, error) {
+func checkHeaders(field string, raw json.RawMessage) (map[string]string, error) {
 	if len(raw) > maxHeaderBytes {
-		return nil, errorf(CodeBadUserInput, "dispatch.headers is over %d bytes", maxHeaderBytes)
+		return nil, errorf(CodeBadUserInput, "%s is over %d bytes", field, maxHeaderBytes)
 	}
 	var h map[string]string
 	if err := json.Unmarshal(raw, &h); err != nil {
-		return nil, errorf(CodeBadUserInput, "dispatch.headers must be a JSON object of strings")
+		return nil, errorf(CodeBadUserInput, "%s must be a JSON object of strings", field)
 	}
 	if len(h) > maxHeaders {
-		return nil, errorf(CodeBadUserInput, "dispatch.headers has more than %d headers", maxHeaders)
+		return nil, errorf(CodeBadUserInput, "%s has more than %d headers", field, maxHeaders)
 	}
 	out := make(map[string]string, len(h))
 	for k, v := range h {
 		if !validHeaderName(k) {
-			return nil, errorf(CodeBadUserInput, "dispatch.headers: %q is not a header name", k)
+			return nil, errorf(CodeBadUserInput, "%s: %q is not a header name", field, k)
 		}
 		canon := textproto.CanonicalMIMEHeaderKey(k)
 		if reservedHeaders[canon] || strings.HasPrefix(canon, "Rendezvous-") {
-			return nil, errorf(CodeBadUserInput, "dispatch.headers: %s is set by Rendezvous", canon)
+			return nil, errorf(CodeBadUserInput, "%s: %s is set by Rendezvous", field, canon)
 		}
 		if strings.ContainsAny(v, "\r\n\x00") {
-			return nil, errorf(CodeBadUserInput, "dispatch.headers: the value of %s has a line break or NUL", canon)
+			return nil, errorf(CodeBadUserInput, "%s: the value of %s has a line break or NUL", field, canon)
 		}
 		if _, dup := out[canon]; dup {
-			return nil, errorf(CodeBadUserInput, "dispatch.headers: %s is given twice", canon)
+			return nil, errorf(CodeBadUserInput, "%s: %s is given twice", field, canon)
 		}
 		out[canon] = v
 	}
@@ -202,15 +213,23 @@ func (e *Engine) RunDispatch(ctx context.Context, runID string) (*models.Dispatc
 	if err != nil {
 		return nil, storageErr("get dispatch of "+runID, err)
 	}
+	return dispatchOf(rec), nil
+}
+
+// dispatchOf is where a delivery stands, as the API shows it. A callback
+// whose waiter is still waiting is PENDING with no next attempt.
+func dispatchOf(rec *storage.OutboxRecord) *models.Dispatch {
 	d := &models.Dispatch{State: rec.State, URL: rec.URL, Attempts: rec.Attempts, LastStatus: rec.LastStatus, LastError: rec.LastError}
 	switch rec.State {
+	case storage.OutboxHeld:
+		d.State = models.DispatchPending
 	case models.DispatchPending:
 		t := rec.NextAttemptAt
 		d.NextAttemptAt = &t
 	case models.DispatchDelivered:
 		d.DeliveredAt = rec.EndedAt
 	}
-	return d, nil
+	return d
 }
 
 // ClaimDeliveries implements delivery.Source: due deliveries, claimed
@@ -229,10 +248,17 @@ func (e *Engine) ClaimDeliveries(ctx context.Context, limit int, lease time.Dura
 	}
 	out := make([]delivery.Delivery, 0, len(recs))
 	for _, r := range recs {
-		if r.Attempts > 1 && r.RunID != nil && e.runEnded(ctx, r) {
+		if r.Kind == storage.OutboxKindDispatch && r.Attempts > 1 && r.RunID != nil && e.runEnded(ctx, r) {
 			continue
 		}
 		d := delivery.Delivery{ID: r.ID, URL: r.URL, Body: r.Body, Attempt: r.Attempts, MaxAttempts: r.MaxAttempts, Claim: r.Claim}
+		if r.Kind == storage.OutboxKindCallback {
+			body, ok := e.callbackBody(ctx, r)
+			if !ok {
+				continue
+			}
+			d.Body = body
+		}
 		if len(r.Headers) > 0 {
 			if err := json.Unmarshal(r.Headers, &d.Headers); err != nil {
 				e.log.Error("stored dispatch headers do not decode; sending without them", "delivery_id", r.ID, "err", err)
@@ -417,10 +443,13 @@ func (e *Engine) recordDelivery(ctx context.Context, r delivery.Result) error {
 
 // failRun records a delivery FAILED and ends its run RUN_FAILED with a
 // result that says why, in one transaction. A run that ended while the
-// delivery was in flight no longer wants it: the delivery ends CANCELED.
+// delivery was in flight no longer wants its dispatch: that ends CANCELED.
+// A callback the run did not get fails it the same way (the workflow
+// would otherwise wait for good); once the run has ended, the callback is
+// only recorded FAILED.
 func (e *Engine) failRun(ctx context.Context, runID string, rec *storage.OutboxRecord, r delivery.Result, p0 *storage.OutboxAttemptParams, record func(storage.Executor, time.Time) error) error {
 	why := map[string]any{
-		"error":      "dispatch failed",
+		"error":      rec.Kind + " failed",
 		"deliveryId": rec.ID,
 		"url":        rec.URL,
 		"attempts":   r.Attempt,
@@ -430,10 +459,16 @@ func (e *Engine) failRun(ctx context.Context, runID string, rec *storage.OutboxR
 		why["lastStatus"] = r.Status
 	}
 	if r.Refused {
-		why["error"] = "dispatch refused"
+		why["error"] = rec.Kind + " refused"
+	}
+	if rec.WaiterID != "" {
+		why["waiterId"] = rec.WaiterID
 	}
 	result, _ := json.Marshal(why)
 	_, err := e.endRun(ctx, runID, models.RunFailed, result, record)
+	if (ErrorCode(err) == CodeRunNotActive || ErrorCode(err) == CodeNotFound) && rec.Kind == storage.OutboxKindCallback {
+		return e.store.InTx(ctx, func(tx storage.Executor) error { return record(tx, e.now()) })
+	}
 	if ErrorCode(err) == CodeRunNotActive || ErrorCode(err) == CodeNotFound {
 		// The run ended while this delivery was in flight: nothing to
 		// fail, the delivery is no longer wanted.

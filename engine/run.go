@@ -142,11 +142,12 @@ func (e *Engine) endRun(ctx context.Context, rawID string, state models.RunState
 				expired = append(expired, w.ID)
 			}
 		}
-		canceled, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: live, State: models.WaiterCanceled, EndedAt: now, DeadlineAfter: &now})
+		none := noCallbacks(waiters)
+		canceled, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: live, State: models.WaiterCanceled, EndedAt: now, DeadlineAfter: &now, NoCallbacks: none})
 		if err != nil {
 			return err
 		}
-		timedOut, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: expired, State: models.WaiterTimedOut, EndedAt: now})
+		timedOut, err := tx.WaiterEnd(ctx, &storage.WaiterEndParams{WaiterIDs: expired, State: models.WaiterTimedOut, EndedAt: now, NoCallbacks: none})
 		if err != nil {
 			return err
 		}

@@ -22,6 +22,10 @@ type WaitParams struct {
 	// ends whether or not anybody is connected.
 	StepName *string
 	Timeout  *time.Duration
+
+	// callback (WaitCallback): the waiter's callback, written with a waiter
+	// this registration inserts; nobody listens on the hub for it.
+	callback *storage.OutboxRecord
 }
 
 // Wait is one registered waitForEvent. Call Watch exactly once.
@@ -160,6 +164,9 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 	err = e.store.InTx(ctx, func(tx storage.Executor) error {
 		unlisten() // a retried attempt inserts another waiter
 		live, ended, endedNow, t, w.fresh = nil, nil, false, tally{}, false
+		if p.callback != nil {
+			p.callback.WaiterID = "" // set when this attempt writes it
+		}
 		now := e.now()
 		if runID != nil {
 			run, err := e.lockRun(ctx, tx, *runID)
@@ -197,6 +204,9 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 				if err := e.insertWaiter(ctx, tx, born); err != nil {
 					return err
 				}
+				if err := e.insertCallback(ctx, tx, p.callback, born, now); err != nil {
+					return err
+				}
 				ended, endedNow = born, true
 				t.consumed, t.notified = 1, 1
 				return nil
@@ -210,6 +220,9 @@ func (e *Engine) register(ctx context.Context, p WaitParams) (*Wait, error) {
 			return err
 		}
 		live, w.fresh = nw, true
+		if p.callback != nil {
+			return e.insertCallback(ctx, tx, p.callback, nw, now)
+		}
 		w.listener = e.hub.Listen(nw.ID, w.onWake)
 		return nil
 	})
@@ -596,8 +609,11 @@ func retryDelay(failures int) time.Duration {
 func (w *Wait) expire(ctx context.Context) (bool, error) {
 	e := w.e
 	now := e.now()
+	// On the store: one statement for a waiter without a step; a durable
+	// step's callback, if it has one, is made due in the same transaction.
 	ended, err := e.store.WaiterEnd(ctx, &storage.WaiterEndParams{
 		WaiterIDs: []string{w.waiter.ID}, State: models.WaiterTimedOut, EndedAt: now,
+		NoCallbacks: w.waiter.StepName == nil,
 	})
 	if err != nil || len(ended) == 0 {
 		return false, err

@@ -16,8 +16,8 @@ import (
 	"rendezvous/engine"
 )
 
-// authorizer lets a run token resolve waitForEvent and workflowRun on its
-// own run only (and __typename). It decides on the fields gqlgen executes,
+// authorizer lets a run token resolve waitForEvent, waitForEventCallback
+// and workflowRun on its own run only (and __typename). It decides on the fields gqlgen executes,
 // never on a reading of the document of its own: gqlgen has already applied
 // fragments, @skip/@include with the request's variables and operationName
 // when it hands a field over, so no second parser can disagree with it.
@@ -165,7 +165,8 @@ func orUnknown(name string) string {
 
 // mayUse decides whether p may use the root field at all, whatever its
 // arguments: anything with full access; a run token __typename,
-// waitForEvent and workflowRun; nothing without a principal.
+// waitForEvent, waitForEventCallback and workflowRun; nothing without a
+// principal.
 func mayUse(p *auth.Principal, name string) error {
 	switch {
 	case p == nil:
@@ -174,14 +175,15 @@ func mayUse(p *auth.Principal, name string) error {
 		return nil
 	case p.Kind != auth.Run || p.RunID == "":
 		return errors.New("the caller's rights are unknown")
-	case name == "__typename", name == "waitForEvent", name == "workflowRun":
+	case name == "__typename", name == "waitForEvent", name == "waitForEventCallback", name == "workflowRun":
 		return nil
 	}
 	return fmt.Errorf("a run token may not use %s", orUnknown(name))
 }
 
 // mayResolve decides whether p may resolve the root field with the
-// arguments: a run token waitForEvent and workflowRun on its own run only.
+// arguments: a run token waitForEvent, waitForEventCallback and
+// workflowRun on its own run only.
 func mayResolve(p *auth.Principal, name string, args map[string]any) error {
 	if err := mayUse(p, name); err != nil || p.FullAccess() || name == "__typename" {
 		return err

@@ -45,6 +45,7 @@ import (
 	"github.com/coder/websocket/wsjson"
 
 	"rendezvous/auth"
+	"rendezvous/delivery"
 	"rendezvous/engine"
 	"rendezvous/hub"
 	"rendezvous/storage"
@@ -91,7 +92,12 @@ func newDiffServer(tb testing.TB, name string, fieldCheckOnly bool) *diffServer 
 	if err != nil {
 		tb.Fatal(err)
 	}
+	allow, err := delivery.ParseAllowList("http://127.0.0.1:9/")
+	if err != nil {
+		tb.Fatal(err)
+	}
 	eng := engine.New(store, hub.New(), nil, engine.Config{
+		Outbound:        engine.OutboundConfig{Allow: allow}, // waitForEventCallback registers
 		MaxPayloadBytes: 4 << 10,
 		DefaultTimeout:  10 * time.Millisecond, // an allowed wait ends at once
 		MaxTimeout:      time.Hour,
@@ -173,7 +179,7 @@ func runTokenAllows(run string, r resolved) bool {
 	if r.kind != auth.Run || r.runID != run {
 		return false
 	}
-	if r.name != "workflowRun" && r.name != "waitForEvent" {
+	if r.name != "workflowRun" && r.name != "waitForEvent" && r.name != "waitForEventCallback" {
 		return false
 	}
 	id, _ := r.args["workflowRunId"].(string)
@@ -732,7 +738,7 @@ func (g *docGen) field(op *genOp) string {
 			return a + "__typename" + d
 		}
 	case "Mutation":
-		switch g.c.n(6) {
+		switch g.c.n(7) {
 		case 0:
 			return a + "trigger(workflowRunId: " + g.runArg(op, "ID") + ")" + d + " { workflowRunId }"
 		case 1:
@@ -741,6 +747,11 @@ func (g *docGen) field(op *genOp) string {
 			return a + "cancel(workflowRunId: " + g.runArg(op, "ID!") + ")" + d + " { state }"
 		case 4:
 			return a + "finishRun(workflowRunId: " + g.runArg(op, "ID!") + ", state: RUN_SUCCESS)" + d + " { state }"
+		case 5:
+			// The other run's event: a leak would consume its lookback event.
+			ev := []string{diffOtherEvent, "ev-mine"}[g.c.n(2)]
+			return a + `waitForEventCallback(eventId: "` + ev + `", workflowRunId: ` + g.runArg(op, "ID!") + `, stepName: "cb` + strconv.Itoa(g.c.n(3)) +
+				`", timeout: "1h", callback: {url: "http://127.0.0.1:9/cb"})` + d + " { id state }"
 		default:
 			return a + "__typename" + d
 		}

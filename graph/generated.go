@@ -34,6 +34,7 @@ type ResolverRoot interface {
 	Query() QueryResolver
 	Subscription() SubscriptionResolver
 	TriggerResult() TriggerResultResolver
+	Waiter() WaiterResolver
 	WorkflowRun() WorkflowRunResolver
 }
 
@@ -62,11 +63,12 @@ type ComplexityRoot struct {
 	}
 
 	Mutation struct {
-		AckRun    func(childComplexity int, workflowRunID string, attempt *int) int
-		Cancel    func(childComplexity int, workflowRunID string) int
-		FinishRun func(childComplexity int, workflowRunID string, state models.RunState, result json.RawMessage) int
-		Notify    func(childComplexity int, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) int
-		Trigger   func(childComplexity int, workflowRunID *string, body json.RawMessage, label *string, dispatch *models.DispatchInput) int
+		AckRun               func(childComplexity int, workflowRunID string, attempt *int) int
+		Cancel               func(childComplexity int, workflowRunID string) int
+		FinishRun            func(childComplexity int, workflowRunID string, state models.RunState, result json.RawMessage) int
+		Notify               func(childComplexity int, eventID string, eventData json.RawMessage, workflowRunID *string, step *models.StepRef) int
+		Trigger              func(childComplexity int, workflowRunID *string, body json.RawMessage, label *string, dispatch *models.DispatchInput) int
+		WaitForEventCallback func(childComplexity int, eventID string, workflowRunID string, stepName string, timeout *time.Duration, callback models.CallbackInput) int
 	}
 
 	NotifyResponse struct {
@@ -156,6 +158,7 @@ type ComplexityRoot struct {
 	}
 
 	Waiter struct {
+		Callback      func(childComplexity int) int
 		CreatedAt     func(childComplexity int) int
 		Deadline      func(childComplexity int) int
 		EventID       func(childComplexity int) int
@@ -205,6 +208,7 @@ type MutationResolver interface {
 	Cancel(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
 	FinishRun(ctx context.Context, workflowRunID string, state models.RunState, result json.RawMessage) (*models.WorkflowRun, error)
 	AckRun(ctx context.Context, workflowRunID string, attempt *int) (*models.WorkflowRun, error)
+	WaitForEventCallback(ctx context.Context, eventID string, workflowRunID string, stepName string, timeout *time.Duration, callback models.CallbackInput) (*models.Waiter, error)
 }
 type QueryResolver interface {
 	WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error)
@@ -218,6 +222,9 @@ type SubscriptionResolver interface {
 }
 type TriggerResultResolver interface {
 	RunToken(ctx context.Context, obj *models.TriggerResult) (*models.RunToken, error)
+}
+type WaiterResolver interface {
+	Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error)
 }
 type WorkflowRunResolver interface {
 	Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error)
@@ -385,6 +392,17 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.Mutation.Trigger(childComplexity, args["workflowRunId"].(*string), args["body"].(json.RawMessage), args["label"].(*string), args["dispatch"].(*models.DispatchInput)), true
+	case "Mutation.waitForEventCallback":
+		if e.ComplexityRoot.Mutation.WaitForEventCallback == nil {
+			break
+		}
+
+		args, err := ec.field_Mutation_waitForEventCallback_args(ctx, rawArgs)
+		if err != nil {
+			return 0, false
+		}
+
+		return e.ComplexityRoot.Mutation.WaitForEventCallback(childComplexity, args["eventId"].(string), args["workflowRunId"].(string), args["stepName"].(string), args["timeout"].(*time.Duration), args["callback"].(models.CallbackInput)), true
 
 	case "NotifyResponse.deduplicated":
 		if e.ComplexityRoot.NotifyResponse.Deduplicated == nil {
@@ -723,6 +741,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 
 		return e.ComplexityRoot.WaitResult.WorkflowRunID(childComplexity), true
 
+	case "Waiter.callback":
+		if e.ComplexityRoot.Waiter.Callback == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Waiter.Callback(childComplexity), true
 	case "Waiter.createdAt":
 		if e.ComplexityRoot.Waiter.CreatedAt == nil {
 			break
@@ -898,6 +922,7 @@ func (e *executableSchema) Exec(ctx context.Context) graphql.ResponseHandler {
 	ec := newExecutionContext(opCtx, e, make(chan graphql.DeferredResult))
 	inputUnmarshalers := func() *graphql.InputUnmarshalerIndex {
 		return graphql.NewInputUnmarshalerIndex(
+			graphql.NewInputUnmarshaler("CallbackInput", ec.unmarshalInputCallbackInput),
 			graphql.NewInputUnmarshaler("DispatchInput", ec.unmarshalInputDispatchInput),
 			graphql.NewInputUnmarshaler("StepRef", ec.unmarshalInputStepRef),
 		)
@@ -1037,6 +1062,14 @@ type Mutation {
   passed cannot take the run from the worker it went to next (RUN_NOT_CLAIMED). Without it, any live hand-over is acked.
   """
   ackRun(workflowRunId: ID!, attempt: Int): WorkflowRun!
+  """
+  A durable step (as waitForEvent with workflowRunId and stepName) whose result is POSTed to callback.url when
+  it ends, for workflows that cannot hold a connection: notified, timed out (timeout: true), or canceled with its
+  run (the body's error has code RUN_NOT_ACTIVE). A lookback event waiting for the run is consumed at once and
+  called back at once. The same (run, step) again returns the same waiter and registers nothing new; a different
+  eventId for it is BAD_USER_INPUT. The POST is durable, signed and retried like a dispatch (see README, "Callback waiters").
+  """
+  waitForEventCallback(eventId: String!, workflowRunId: ID!, stepName: String!, timeout: Duration, callback: CallbackInput!): Waiter!
 }
 
 type Subscription {
@@ -1063,7 +1096,7 @@ input DispatchInput {
   delay: Duration
 }
 
-"Where a run's HTTP dispatch stands."
+"Where an HTTP delivery stands: a run's dispatch, or a waiter's callback."
 type Dispatch {
   state: DispatchState!
   url: String!
@@ -1083,6 +1116,16 @@ enum DispatchState {
   DELIVERED
   FAILED
   CANCELED
+}
+
+"Where to POST a waiter's result when it ends."
+input CallbackInput {
+  "An http(s) URL under one of the prefixes in RENDEZVOUS_OUTBOUND_ALLOWED."
+  url: String!
+  "Extra request headers, a JSON object of strings."
+  headers: JSON
+  "Retries after the first attempt (default 3, at most 20)."
+  retries: Int
 }
 
 "The notifying run's own step."
@@ -1145,6 +1188,8 @@ type Waiter {
   state: WaiterState!
   deadline: Time!
   createdAt: Time!
+  "The callback of a waitForEventCallback waiter (null otherwise). PENDING with no nextAttemptAt while the waiter waits."
+  callback: Dispatch
 }
 
 enum WaiterState {
@@ -1461,6 +1506,8 @@ func (ec *executionContext) childFields_Waiter(ctx context.Context, field graphq
 		return ec.fieldContext_Waiter_deadline(ctx, field)
 	case "createdAt":
 		return ec.fieldContext_Waiter_createdAt(ctx, field)
+	case "callback":
+		return ec.fieldContext_Waiter_callback(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type Waiter", field.Name)
 }
@@ -1778,6 +1825,52 @@ func (ec *executionContext) field_Mutation_trigger_args(ctx context.Context, raw
 		return nil, err
 	}
 	args["dispatch"] = arg3
+	return args, nil
+}
+
+func (ec *executionContext) field_Mutation_waitForEventCallback_args(ctx context.Context, rawArgs map[string]any) (map[string]any, error) {
+	var err error
+	args := map[string]any{}
+	arg0, err := graphql.ProcessArgField(ctx, rawArgs, "eventId",
+		func(ctx context.Context, v any) (string, error) {
+			return ec.unmarshalNString2string(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["eventId"] = arg0
+	arg1, err := graphql.ProcessArgField(ctx, rawArgs, "workflowRunId",
+		func(ctx context.Context, v any) (string, error) {
+			return ec.unmarshalNID2string(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["workflowRunId"] = arg1
+	arg2, err := graphql.ProcessArgField(ctx, rawArgs, "stepName",
+		func(ctx context.Context, v any) (string, error) {
+			return ec.unmarshalNString2string(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["stepName"] = arg2
+	arg3, err := graphql.ProcessArgField(ctx, rawArgs, "timeout",
+		func(ctx context.Context, v any) (*time.Duration, error) {
+			return ec.unmarshalODuration2ᚖtimeᚐDuration(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["timeout"] = arg3
+	arg4, err := graphql.ProcessArgField(ctx, rawArgs, "callback",
+		func(ctx context.Context, v any) (models.CallbackInput, error) {
+			return ec.unmarshalNCallbackInput2rendezvousᚋmodelsᚐCallbackInput(ctx, v)
+		})
+	if err != nil {
+		return nil, err
+	}
+	args["callback"] = arg4
 	return args, nil
 }
 
@@ -2539,6 +2632,50 @@ func (ec *executionContext) fieldContext_Mutation_ackRun(ctx context.Context, fi
 	}()
 	ctx = graphql.WithFieldContext(ctx, fc)
 	if fc.Args, err = ec.field_Mutation_ackRun_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
+		ec.Error(ctx, err)
+		return fc, err
+	}
+	return fc, nil
+}
+
+func (ec *executionContext) _Mutation_waitForEventCallback(ctx context.Context, field graphql.CollectedField) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Mutation_waitForEventCallback(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			fc := graphql.GetFieldContext(ctx)
+			return ec.Resolvers.Mutation().WaitForEventCallback(ctx, fc.Args["eventId"].(string), fc.Args["workflowRunId"].(string), fc.Args["stepName"].(string), fc.Args["timeout"].(*time.Duration), fc.Args["callback"].(models.CallbackInput))
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.Waiter) graphql.Marshaler {
+			return ec.marshalNWaiter2ᚖrendezvousᚋmodelsᚐWaiter(ctx, selections, v)
+		},
+		true,
+		true,
+	)
+}
+func (ec *executionContext) fieldContext_Mutation_waitForEventCallback(ctx context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Mutation",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_Waiter(ctx, field)
+		},
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			err = ec.Recover(ctx, r)
+			ec.Error(ctx, err)
+		}
+	}()
+	ctx = graphql.WithFieldContext(ctx, fc)
+	if fc.Args, err = ec.field_Mutation_waitForEventCallback_args(ctx, field.ArgumentMap(ec.Variables)); err != nil {
 		ec.Error(ctx, err)
 		return fc, err
 	}
@@ -4116,6 +4253,38 @@ func (ec *executionContext) _Waiter_createdAt(ctx context.Context, field graphql
 }
 func (ec *executionContext) fieldContext_Waiter_createdAt(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
 	return graphql.NewScalarFieldContext("Waiter", field, false, false, "Time")
+}
+
+func (ec *executionContext) _Waiter_callback(ctx context.Context, field graphql.CollectedField, obj *models.Waiter) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Waiter_callback(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.Waiter().Callback(ctx, obj)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *models.Dispatch) graphql.Marshaler {
+			return ec.marshalODispatch2ᚖrendezvousᚋmodelsᚐDispatch(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Waiter_callback(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	fc = &graphql.FieldContext{
+		Object:     "Waiter",
+		Field:      field,
+		IsMethod:   true,
+		IsResolver: true,
+		Child: func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.childFields_Dispatch(ctx, field)
+		},
+	}
+	return fc, nil
 }
 
 func (ec *executionContext) _WaiterStats_waiting(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
@@ -5705,6 +5874,62 @@ func (ec *executionContext) fieldContext___Type_isOneOf(_ context.Context, field
 
 // region    **************************** input.gotpl *****************************
 
+func (ec *executionContext) unmarshalInputCallbackInput(ctx context.Context, obj any) (models.CallbackInput, error) {
+	var it models.CallbackInput
+	if obj == nil {
+		return it, nil
+	}
+
+	asMap := map[string]any{}
+	for k, v := range obj.(map[string]any) {
+		asMap[k] = v
+	}
+
+	fieldsInOrder := [...]string{"url", "headers", "retries"}
+	for _, k := range fieldsInOrder {
+		v, ok := asMap[k]
+		if !ok {
+			continue
+		}
+		switch k {
+		case "url":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("url"))
+			data, err := ec.unmarshalNString2string(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.URL = data
+		case "headers":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("headers"))
+			data, err := ec.unmarshalOJSON2encodingᚋjsonᚐRawMessage(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.Headers = data
+		case "retries":
+			ctx := graphql.WithPathContext(ctx, graphql.NewPathWithField("retries"))
+			data, err := ec.unmarshalOInt2ᚖint(ctx, v)
+			if err != nil {
+				return it, err
+			}
+			it.Retries = data
+		}
+	}
+	return it, nil
+}
+
+// UnmarshalCallbackInput unmarshals raw into the CallbackInput input type, using the
+// unmarshaler bound to ctx's request. Call it from a resolver to decode an input
+// object that was not passed as a field argument.
+//
+// ctx must come from a gqlgen request; outside one there is no unmarshaler to use
+// and the returned error says so.
+func UnmarshalCallbackInput(ctx context.Context, raw any) (models.CallbackInput, error) {
+	var out models.CallbackInput
+	err := graphql.UnmarshalNamedInputFromContext(ctx, "CallbackInput", raw, &out)
+	return out, err
+}
+
 func (ec *executionContext) unmarshalInputDispatchInput(ctx context.Context, obj any) (models.DispatchInput, error) {
 	var it models.DispatchInput
 	if obj == nil {
@@ -6001,6 +6226,13 @@ func (ec *executionContext) _Mutation(ctx context.Context, sel ast.SelectionSet)
 		case "ackRun":
 			out.Values[i] = ec.OperationContext.RootResolverMiddleware(innerCtx, func(ctx context.Context) (res graphql.Marshaler) {
 				return ec._Mutation_ackRun(ctx, field)
+			})
+			if out.Values[i] == graphql.Null {
+				out.Invalids++
+			}
+		case "waitForEventCallback":
+			out.Values[i] = ec.OperationContext.RootResolverMiddleware(innerCtx, func(ctx context.Context) (res graphql.Marshaler) {
+				return ec._Mutation_waitForEventCallback(ctx, field)
 			})
 			if out.Values[i] == graphql.Null {
 				out.Invalids++
@@ -6633,38 +6865,44 @@ func (ec *executionContext) _Waiter(ctx context.Context, sel ast.SelectionSet, o
 		case "id":
 			out.Values[i] = ec._Waiter_id(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "eventId":
 			out.Values[i] = ec._Waiter_eventId(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "workflowRunId":
 			out.Values[i] = ec._Waiter_workflowRunId(ctx, field, obj)
 			if out.Values[i] == graphql.RequiredNull {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "stepName":
 			out.Values[i] = ec._Waiter_stepName(ctx, field, obj)
 			if out.Values[i] == graphql.RequiredNull {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "state":
 			out.Values[i] = ec._Waiter_state(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "deadline":
 			out.Values[i] = ec._Waiter_deadline(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
 		case "createdAt":
 			out.Values[i] = ec._Waiter_createdAt(ctx, field, obj)
 			if out.Values[i] == graphql.Null {
-				out.Invalids++
+				atomic.AddUint32(&out.Invalids, 1)
 			}
+		case "callback":
+			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
+				true, false,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._Waiter_callback(ctx, field, obj)
+				})
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))
 		}
@@ -7244,6 +7482,11 @@ func (ec *executionContext) marshalNBoolean2bool(ctx context.Context, sel ast.Se
 		graphql.AddInvalidNullFromMarshaler(ctx, "Boolean!")
 	}
 	return res
+}
+
+func (ec *executionContext) unmarshalNCallbackInput2rendezvousᚋmodelsᚐCallbackInput(ctx context.Context, v any) (models.CallbackInput, error) {
+	res, err := ec.unmarshalInputCallbackInput(ctx, v)
+	return res, graphql.ErrorOnPath(ctx, err)
 }
 
 func (ec *executionContext) unmarshalNDispatchState2rendezvousᚋmodelsᚐDispatchState(ctx context.Context, v any) (models.DispatchState, error) {

@@ -38,6 +38,11 @@ func (r *mutationResolver) AckRun(ctx context.Context, workflowRunID string, att
 	return r.Engine.AckRun(ctx, workflowRunID, attempt)
 }
 
+// WaitForEventCallback is the resolver for the waitForEventCallback field.
+func (r *mutationResolver) WaitForEventCallback(ctx context.Context, eventID string, workflowRunID string, stepName string, timeout *time.Duration, callback models.CallbackInput) (*models.Waiter, error) {
+	return r.Engine.WaitCallback(ctx, engine.WaitParams{EventID: eventID, RunID: &workflowRunID, StepName: &stepName, Timeout: timeout}, &callback)
+}
+
 // WorkflowRun is the resolver for the workflowRun field.
 func (r *queryResolver) WorkflowRun(ctx context.Context, workflowRunID string) (*models.WorkflowRun, error) {
 	return r.Engine.Run(ctx, workflowRunID)
@@ -77,6 +82,11 @@ func (r *triggerResultResolver) RunToken(ctx context.Context, obj *models.Trigge
 	return r.runToken(obj.WorkflowRunID), nil
 }
 
+// Callback is the resolver for the callback field.
+func (r *waiterResolver) Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error) {
+	return r.Engine.WaiterCallback(ctx, obj.ID)
+}
+
 // Steps is the resolver for the steps field.
 func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error) {
 	return r.Engine.RunSteps(ctx, obj.WorkflowRunID)
@@ -109,6 +119,9 @@ func (r *Resolver) Subscription() SubscriptionResolver { return &subscriptionRes
 // TriggerResult returns TriggerResultResolver implementation.
 func (r *Resolver) TriggerResult() TriggerResultResolver { return &triggerResultResolver{r} }
 
+// Waiter returns WaiterResolver implementation.
+func (r *Resolver) Waiter() WaiterResolver { return &waiterResolver{r} }
+
 // WorkflowRun returns WorkflowRunResolver implementation.
 func (r *Resolver) WorkflowRun() WorkflowRunResolver { return &workflowRunResolver{r} }
 
@@ -117,5 +130,6 @@ type (
 	queryResolver         struct{ *Resolver }
 	subscriptionResolver  struct{ *Resolver }
 	triggerResultResolver struct{ *Resolver }
+	waiterResolver        struct{ *Resolver }
 	workflowRunResolver   struct{ *Resolver }
 )

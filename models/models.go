@@ -164,6 +164,14 @@ type DispatchInput struct {
 	Delay   *time.Duration
 }
 
+// CallbackInput asks waitForEventCallback to POST the waiter's result to a
+// URL when it ends.
+type CallbackInput struct {
+	URL     string
+	Headers json.RawMessage // a JSON object of strings; nil: none
+	Retries *int
+}
+
 // Dispatch is where a run's HTTP delivery stands.
 type Dispatch struct {
 	State         DispatchState

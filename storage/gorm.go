@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"gorm.io/gorm"
@@ -23,6 +24,31 @@ type gormStore struct {
 	sqlDB       *sql.DB
 	maxAttempts int
 	log         *slog.Logger
+	// outboxDue is OnOutboxDue's hook.
+	outboxDue atomic.Pointer[func()]
+}
+
+// txNotes is what one attempt of a transaction noted for after its commit.
+type txNotes struct {
+	outboxDue bool // an outbox row was made due
+}
+
+func (s *gormStore) OnOutboxDue(f func()) { s.outboxDue.Store(&f) }
+
+// WaiterEnd on the store (outside a transaction) runs in one of its own
+// unless the caller vouched that no waiter has a callback: a callback is
+// made due in the same transaction as its waiter's end, whoever calls.
+func (s *gormStore) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error) {
+	if p.NoCallbacks {
+		return s.gormExecutor.WaiterEnd(ctx, p)
+	}
+	var ended []string
+	err := s.InTx(ctx, func(tx Executor) error {
+		var err error
+		ended, err = tx.WaiterEnd(ctx, p)
+		return err
+	})
+	return ended, err
 }
 
 var _ Store = (*gormStore)(nil)
@@ -44,6 +70,8 @@ type gormExecutor struct {
 	// galera: the server is a Galera node (wsrep_on). A COMMIT is then
 	// never sent along with an INSERT (see LookbackEventInsertCommit).
 	galera bool
+	// notes: inside a transaction, what to do after its commit; nil on the pool.
+	notes *txNotes
 }
 
 // classify classifies a driver error (see the package function) and tells
@@ -137,7 +165,8 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 			panic(p)
 		}
 	}()
-	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx, galera: s.galera}); err != nil {
+	notes := &txNotes{}
+	if err := fn(&gormExecutor{db: tx, dialect: s.dialect, obs: s.obs, returning: s.returning, pool: s.pool, maxIdle: s.maxIdle, txCtx: stmtCtx, galera: s.galera, notes: notes}); err != nil {
 		tx.Rollback()
 		var cf commitFailed
 		if errors.As(err, &cf) {
@@ -150,6 +179,9 @@ func (s *gormStore) runTx(ctx context.Context, fn func(tx Executor) error) (err 
 	}
 	if err := tx.Commit().Error; err != nil {
 		return s.commitErr(err)
+	}
+	if f := s.outboxDue.Load(); notes.outboxDue && f != nil && *f != nil {
+		(*f)()
 	}
 	return nil
 }

@@ -44,6 +44,7 @@ type migration struct {
 //	outbox          (state, next_attempt_at)           the delivery loop claiming due rows; counting by state
 //	outbox          (run_id)                           run.dispatch, ending a run (cancel its delivery)
 //	outbox          UNIQUE(id)                         recording an attempt's result by delivery id
+//	outbox          (waiter_seq)                       a waiter's callback: made due when the waiter ends; waiter.callback
 //	runs            (start_pending, label, seq)        runsToStart: the oldest runs of a label not yet acked
 //	runs            (claimed_by)                       giving back a worker's runs when its subscription ends
 //
@@ -316,6 +317,18 @@ var migrations = []migration{
 			`ALTER TABLE runs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0`,
 			`CREATE INDEX runs_start_pending ON runs (start_pending, label, seq)`,
 			`CREATE INDEX runs_claimed_by ON runs (claimed_by)`,
+		},
+	},
+	{
+		version: 7,
+		name:    "outbox: callbacks of waiters (waitForEventCallback)",
+		mysql: []string{
+			`ALTER TABLE outbox ADD COLUMN waiter_seq BIGINT NULL`,
+			`CREATE INDEX outbox_waiter ON outbox (waiter_seq)`,
+		},
+		sqlite: []string{
+			`ALTER TABLE outbox ADD COLUMN waiter_seq INTEGER NULL`,
+			`CREATE INDEX outbox_waiter ON outbox (waiter_seq)`,
 		},
 	},
 }

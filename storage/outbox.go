@@ -7,6 +7,7 @@ package storage
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -17,13 +18,27 @@ import (
 	"rendezvous/models"
 )
 
-// OutboxKindDispatch is a run's dispatch (trigger with dispatch).
-const OutboxKindDispatch = "dispatch"
+// Kinds of outbox rows.
+const (
+	// OutboxKindDispatch is a run's dispatch (trigger with dispatch).
+	OutboxKindDispatch = "dispatch"
+	// OutboxKindCallback is a waiter's callback (waitForEventCallback): its
+	// row is written HELD with the waiter and made PENDING, due at once, by
+	// the statement that ends the waiter (WaiterEnd), in its transaction.
+	OutboxKindCallback = "callback"
+)
+
+// OutboxHeld is the state of a callback row whose waiter is still
+// WAITING: never claimed, never counted as pending; WaiterEnd moves it to
+// PENDING. It is a storage state, not one of models.DispatchState's.
+const OutboxHeld models.DispatchState = "HELD"
 
 // OutboxRecord is one delivery as stored.
 type OutboxRecord struct {
-	ID          string // the delivery id, the same on every attempt
-	RunID       *string
+	ID    string // the delivery id, the same on every attempt
+	RunID *string
+	// WaiterID is a callback's waiter ("" for a dispatch).
+	WaiterID    string
 	Kind        string
 	URL         string
 	Headers     []byte // a JSON object of strings, or nil
@@ -46,6 +61,7 @@ type outboxRow struct {
 	Seq           int64   `gorm:"column:seq;primaryKey;autoIncrement"`
 	ID            string  `gorm:"column:id"`
 	RunID         *string `gorm:"column:run_id"`
+	WaiterSeq     *int64  `gorm:"column:waiter_seq"`
 	Kind          string  `gorm:"column:kind"`
 	URL           string  `gorm:"column:url"`
 	Headers       []byte  `gorm:"column:headers"`
@@ -64,7 +80,11 @@ type outboxRow struct {
 func (outboxRow) TableName() string { return "outbox" }
 
 func (r *outboxRow) record() *OutboxRecord {
-	return &OutboxRecord{
+	waiter := ""
+	if r.WaiterSeq != nil {
+		waiter = waiterID(*r.WaiterSeq)
+	}
+	return &OutboxRecord{WaiterID: waiter,
 		ID: r.ID, RunID: r.RunID, Kind: r.Kind, URL: r.URL, Headers: r.Headers, Body: r.Body,
 		State: models.DispatchState(r.State), Attempts: r.Attempts, MaxAttempts: r.MaxAttempts,
 		NextAttemptAt: r.NextAttemptAt.Time, Claim: deref(r.Claim), LastStatus: r.LastStatus,
@@ -81,15 +101,52 @@ func (e *gormExecutor) OutboxInsert(ctx context.Context, r *OutboxRecord) error 
 		State: string(r.State), MaxAttempts: r.MaxAttempts, NextAttemptAt: newDBTime(r.NextAttemptAt),
 		CreatedAt: newDBTime(r.CreatedAt),
 	}
+	if r.WaiterID != "" {
+		seq, ok := parseSeq(r.WaiterID, waiterIDPrefix)
+		if !ok {
+			return fmt.Errorf("outbox row for waiter %q: not a waiter id", r.WaiterID)
+		}
+		row.WaiterSeq = &seq
+	}
 	return e.classify(e.q(ctx).Create(&row).Error)
 }
 
 func (e *gormExecutor) OutboxGetByRun(ctx context.Context, runID string) (*OutboxRecord, error) {
 	var row outboxRow
-	if err := e.q(ctx).Where("run_id = ?", runID).Order("seq").Take(&row).Error; err != nil {
+	// The run's dispatch: its waiters' callbacks carry the run id too.
+	if err := e.q(ctx).Where("run_id = ? AND kind = ?", runID, OutboxKindDispatch).Order("seq").Take(&row).Error; err != nil {
 		return nil, e.notFound(err)
 	}
 	return row.record(), nil
+}
+
+func (e *gormExecutor) OutboxGetByWaiter(ctx context.Context, waiterID string) (*OutboxRecord, error) {
+	seq, ok := parseSeq(waiterID, waiterIDPrefix)
+	if !ok {
+		return nil, ErrNotFound
+	}
+	var row outboxRow
+	if err := e.q(ctx).Where("waiter_seq = ?", seq).Order("seq").Take(&row).Error; err != nil {
+		return nil, e.notFound(err)
+	}
+	return row.record(), nil
+}
+
+// outboxDue makes the HELD callbacks of the waiters (row keys) that a
+// WaiterEnd just ended PENDING and due at now, and notes it for the hook
+// that runs after the commit (the delivery loop's wake-up).
+func (e *gormExecutor) outboxDue(ctx context.Context, waiterSeqs []int64, now time.Time) error {
+	for chunk := range chunks(waiterSeqs) {
+		res := e.q(ctx).Model(&outboxRow{}).Where("waiter_seq IN ? AND state = ?", chunk, string(OutboxHeld)).
+			Updates(map[string]any{"state": string(models.DispatchPending), "next_attempt_at": newDBTime(now)})
+		if res.Error != nil {
+			return e.classify(res.Error)
+		}
+		if res.RowsAffected > 0 && e.notes != nil {
+			e.notes.outboxDue = true
+		}
+	}
+	return nil
 }
 
 func (e *gormExecutor) OutboxGet(ctx context.Context, id string) (*OutboxRecord, error) {
@@ -206,7 +263,9 @@ func (e *gormExecutor) OutboxCancelByRun(ctx context.Context, runID string, now 
 	// A delivery in flight (claimed) is left to its claimer: the run may
 	// have ended because of it (the receiver finished the run before it
 	// answered), and its result is the truth.
-	res := e.q(ctx).Model(&outboxRow{}).Where("run_id = ? AND state = ? AND claim IS NULL", runID, string(models.DispatchPending)).
+	// Only the run's dispatch: its waiters' callbacks are still owed (a
+	// canceled waiter's callback says so).
+	res := e.q(ctx).Model(&outboxRow{}).Where("run_id = ? AND kind = ? AND state = ? AND claim IS NULL", runID, OutboxKindDispatch, string(models.DispatchPending)).
 		Updates(map[string]any{"state": string(models.DispatchCanceled), "ended_at": newDBTime(now), "claim": nil})
 	return res.RowsAffected, e.classify(res.Error)
 }

@@ -25,7 +25,7 @@ type PurgeParams struct {
 // PurgeResult counts what one call deleted.
 type PurgeResult struct {
 	Runs, Waiters, Steps, LookbackEvents, Notifications int64
-	// Deliveries: outbox rows (a run's dispatch), purged with their run.
+	// Deliveries: outbox rows (a run's dispatch, its waiters' callbacks), purged with their run.
 	Deliveries int64
 	// More: the call stopped at its limit; call again for the rest.
 	More bool
@@ -52,7 +52,9 @@ const purgeRunsPerBatch = 50
 
 // purgeRunCandidatesSQL picks the runs that ended longest ago, in the order
 // of runs_ended, leaving out any run that still has something live: a
-// waiter WAITING or a lookback event neither consumed nor expired. (Ending
+// waiter WAITING, a lookback event neither consumed nor expired, or a
+// delivery still owed (a waiter's callback goes on after its run ended,
+// the dispatch in flight when it ended is still recorded). (Ending
 // a run ends its waiters and drops its pending lookback events, in the same
 // transaction, so neither should exist; if one does, the run stays.) A run
 // in RUN_STARTED has no ended_at.
@@ -60,15 +62,16 @@ const purgeRunsPerBatch = 50
 // Anti-joins, not NOT EXISTS: MariaDB turned NOT EXISTS on lookback_events
 // into a materialized table of every pending lookback event, built on each
 // call. A LEFT JOIN keeps runs the outer table, read in runs_ended order,
-// each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed)
-// and dropped at the first live row. The unary pluses keep SQLite (which has
-// no statistics) from probing lookback_events by (consumed, expires_at), a
-// scan of every pending event per run, instead of by run_id; MySQL ignores
-// them.
+// each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed,
+// outbox_run) and dropped at the first live row. The unary pluses keep
+// SQLite (which has no statistics) from probing lookback_events by
+// (consumed, expires_at) or outbox by (state, next_attempt_at), a scan of
+// every pending row per run, instead of by run_id; MySQL ignores them.
 const purgeRunCandidatesSQL = `SELECT r.seq, r.id FROM runs r
 LEFT JOIN waiters w ON w.run_id = r.id AND w.state = ?
 LEFT JOIN lookback_events l ON l.run_id = r.id AND +l.consumed = ? AND +l.expires_at > ?
-WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL
+LEFT JOIN outbox o ON o.run_id = r.id AND +o.state IN (?, ?)
+WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL AND o.seq IS NULL
 ORDER BY r.ended_at, r.state, r.seq LIMIT ?`
 
 // RunPurge deletes runs that ended at or before p.EndedBefore with
@@ -89,7 +92,7 @@ func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResul
 	}
 	var runs []candidate
 	if err := e.q(ctx).Raw(purgeRunCandidatesSQL, string(models.WaiterWaiting), false, newDBTime(p.Now),
-		newDBTime(p.EndedBefore), string(models.RunStarted), min(purgeRunsPerBatch, max(p.Limit, 1))).Scan(&runs).Error; err != nil {
+		string(models.DispatchPending), string(OutboxHeld), newDBTime(p.EndedBefore), string(models.RunStarted), min(purgeRunsPerBatch, max(p.Limit, 1))).Scan(&runs).Error; err != nil {
 		return res, e.classify(err)
 	}
 	if len(runs) == 0 {
@@ -171,7 +174,8 @@ func (e *gormExecutor) runEndedAtRepair(ctx context.Context, limit int) error {
 
 // runChildren are the tables, other than waiters, whose rows belong to a
 // run by run_id and go with it. An ended run's outbox rows have ended too
-// (ending a run cancels its pending delivery in the same transaction).
+// before it is purged (ending a run cancels its pending dispatch in the
+// same transaction; the candidates leave out runs with a delivery owed).
 var runChildren = []struct {
 	table string
 	count func(*PurgeResult) *int64

@@ -60,6 +60,10 @@ type Store interface {
 	DBNow(ctx context.Context) (time.Time, error)
 	Dialect() string
 	Close() error
+	// OnOutboxDue sets f, called after each commit of InTx that made an
+	// outbox row due by ending its waiter (a callback; see WaiterEnd), to
+	// wake the delivery loop. f must not block.
+	OnOutboxDue(f func())
 }
 
 // Executor is every query, run either on the pool or inside a transaction.
@@ -104,6 +108,10 @@ type Executor interface {
 	WaiterListWaitingByRun(ctx context.Context, runID string) ([]*models.Waiter, error)
 	// WaiterEnd moves the given waiters from WAITING to p.State (compare and
 	// set) and returns the IDs it moved; the others had already ended.
+	// It is the one statement that ends a waiter that was WAITING, so it
+	// also makes the callbacks of the waiters it moved due (their HELD
+	// outbox rows PENDING at p.EndedAt), in the same transaction (called
+	// on the Store, it opens one of its own unless p.NoCallbacks).
 	// With more than one id it must run inside InTx.
 	WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]string, error)
 	// WaiterDeleteWaiting deletes those of the waiters that are still
@@ -192,6 +200,8 @@ type OutboxExecutor interface {
 	OutboxInsert(ctx context.Context, r *OutboxRecord) error
 	// OutboxGetByRun returns the run's delivery; ErrNotFound if none.
 	OutboxGetByRun(ctx context.Context, runID string) (*OutboxRecord, error)
+	// OutboxGetByWaiter returns the waiter's callback; ErrNotFound if none.
+	OutboxGetByWaiter(ctx context.Context, waiterID string) (*OutboxRecord, error)
 	OutboxGet(ctx context.Context, id string) (*OutboxRecord, error)
 	// OutboxClaim claims due PENDING rows, oldest due first, and returns
 	// them with their attempts counted; run it inside InTx. Rows another
@@ -287,6 +297,11 @@ type WaiterEndParams struct {
 	MessageID *string
 	EventID   string
 	EventData []byte
+	// NoCallbacks: the caller knows that none of the waiters has a
+	// callback (none is a durable step, which every callback waiter is),
+	// so WaiterEnd need not look for callbacks to make due. Unset, it
+	// looks: the safe default for any caller.
+	NoCallbacks bool
 }
 
 // OutboxClaimParams: claim up to Limit rows due at Now, under the token

@@ -718,6 +718,97 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 
 	// A waiter that consumed a lookback event is inserted already ended and
 	// carries its own copy of the data (there is no notifications row).
+	t.Run("WaiterEndMakesCallbacksDue", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		var hooks atomic.Int64
+		b.store.OnOutboxDue(func() { hooks.Add(1) })
+		insertRun(t, b, "wfr_cb")
+		step := func(name string) (*models.Waiter, string) {
+			w := &models.Waiter{EventID: "ev", WorkflowRunID: ptr("wfr_cb"), StepName: ptr(name), State: models.WaiterWaiting,
+				Deadline: b.now.Add(time.Hour), CreatedAt: b.now}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			id := "dlv_" + name
+			require.NoError(t, b.store.OutboxInsert(b.ctx, &storage.OutboxRecord{ID: id, RunID: ptr("wfr_cb"), WaiterID: w.ID,
+				Kind: storage.OutboxKindCallback, URL: "http://x/cb", Body: []byte{}, State: storage.OutboxHeld, MaxAttempts: 4,
+				NextAttemptAt: w.Deadline, CreatedAt: b.now}))
+			return w, id
+		}
+		state := func(id string) models.DispatchState {
+			r, err := b.store.OutboxGet(b.ctx, id)
+			require.NoError(t, err)
+			return r.State
+		}
+		w1, d1 := step("one")
+		w2, d2 := step("two")
+		w3, d3 := step("three")
+		got, err := b.store.OutboxGetByWaiter(b.ctx, w1.ID)
+		require.NoError(t, err)
+		require.Equal(t, d1, got.ID)
+		require.Equal(t, w1.ID, got.WaiterID)
+		_, err = b.store.OutboxGetByRun(b.ctx, "wfr_cb")
+		require.ErrorIs(t, err, storage.ErrNotFound, "a callback is not the run's dispatch")
+
+		// Held rows are never claimed.
+		claim := func() []*storage.OutboxRecord {
+			var recs []*storage.OutboxRecord
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				recs, err = tx.OutboxClaim(b.ctx, &storage.OutboxClaimParams{Now: b.now.Add(2 * time.Hour), LeaseUntil: b.now.Add(3 * time.Hour), Claim: "c", Limit: 10})
+				return err
+			}))
+			return recs
+		}
+		require.Empty(t, claim())
+
+		// A rolled back end leaves the callback held, and no hook runs.
+		boom := errors.New("boom")
+		require.ErrorIs(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			_, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w1.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+			require.NoError(t, err)
+			return boom
+		}), boom)
+		require.Equal(t, storage.OutboxHeld, state(d1))
+		require.Zero(t, hooks.Load())
+
+		// NoCallbacks: the caller vouched there are none; nothing is looked for.
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			_, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w3.ID}, State: models.WaiterCanceled, EndedAt: b.now, NoCallbacks: true})
+			return err
+		}))
+		require.Equal(t, storage.OutboxHeld, state(d3))
+
+		// Ended: due at the end, in the same transaction, and the hook runs after the commit.
+		msg := "msg_cb"
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			ended, err := tx.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w1.ID, w2.ID}, State: models.WaiterNotified,
+				EndedAt: b.now.Add(time.Minute), MessageID: &msg, EventID: "ev", EventData: []byte(`1`)})
+			require.Len(t, ended, 2)
+			require.Zero(t, hooks.Load(), "not before the commit")
+			return err
+		}))
+		require.Equal(t, int64(1), hooks.Load())
+		require.Equal(t, models.DispatchPending, state(d1))
+		require.Equal(t, models.DispatchPending, state(d2))
+		r, err := b.store.OutboxGet(b.ctx, d2)
+		require.NoError(t, err)
+		require.True(t, r.NextAttemptAt.Equal(b.now.Add(time.Minute).Truncate(time.Microsecond)), "due when the waiter ended: %s", r.NextAttemptAt)
+		require.Len(t, claim(), 2)
+
+		// On the store, outside a transaction: it opens one of its own.
+		w4, d4 := step("four")
+		ended, err := b.store.WaiterEnd(b.ctx, &storage.WaiterEndParams{WaiterIDs: []string{w4.ID}, State: models.WaiterTimedOut, EndedAt: b.now})
+		require.NoError(t, err)
+		require.Equal(t, []string{w4.ID}, ended)
+		require.Equal(t, models.DispatchPending, state(d4))
+		require.Equal(t, int64(2), hooks.Load())
+
+		// Ending the run cancels its dispatch only: the callbacks are owed.
+		n, err := b.store.OutboxCancelByRun(b.ctx, "wfr_cb", b.now)
+		require.NoError(t, err)
+		require.Zero(t, n)
+	})
+
 	t.Run("WaiterInsertEnded", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)

@@ -183,6 +183,11 @@ func (e *gormExecutor) WaiterEnd(ctx context.Context, p *WaiterEndParams) ([]str
 			ended = append(ended, waiterID(seq))
 		}
 	}
+	if len(ended) > 0 && !p.NoCallbacks {
+		if err := e.outboxDue(ctx, waiterSeqs(ended), p.EndedAt); err != nil {
+			return nil, err
+		}
+	}
 	if p.MessageID != nil && len(ended) > 0 {
 		row := notificationRow{MessageID: *p.MessageID, EventID: p.EventID, EventData: p.EventData, CreatedAt: newDBTime(p.EndedAt)}
 		if row.EventID == "" {
