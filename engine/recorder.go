@@ -26,6 +26,9 @@ const (
 	NotifyBroadcast NotifyKind = "broadcast" // no workflowRunId
 	NotifyTargeted  NotifyKind = "targeted"  // workflowRunId
 	NotifyStep      NotifyKind = "step"      // with a step, targeted or not
+	// NotifyCompletionURL: a POST to a waiter's completion URL (outcome
+	// "none" when the waiter had already ended).
+	NotifyCompletionURL NotifyKind = "completion_url"
 )
 
 // NotifyOutcome is what a notify call did.

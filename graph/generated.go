@@ -159,6 +159,7 @@ type ComplexityRoot struct {
 
 	Waiter struct {
 		Callback      func(childComplexity int) int
+		CompletionURL func(childComplexity int) int
 		CreatedAt     func(childComplexity int) int
 		Deadline      func(childComplexity int) int
 		EventID       func(childComplexity int) int
@@ -225,6 +226,7 @@ type TriggerResultResolver interface {
 }
 type WaiterResolver interface {
 	Callback(ctx context.Context, obj *models.Waiter) (*models.Dispatch, error)
+	CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error)
 }
 type WorkflowRunResolver interface {
 	Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error)
@@ -747,6 +749,12 @@ func (e *executableSchema) Complexity(ctx context.Context, typeName, field strin
 		}
 
 		return e.ComplexityRoot.Waiter.Callback(childComplexity), true
+	case "Waiter.completionUrl":
+		if e.ComplexityRoot.Waiter.CompletionURL == nil {
+			break
+		}
+
+		return e.ComplexityRoot.Waiter.CompletionURL(childComplexity), true
 	case "Waiter.createdAt":
 		if e.ComplexityRoot.Waiter.CreatedAt == nil {
 			break
@@ -1190,6 +1198,15 @@ type Waiter {
   createdAt: Time!
   "The callback of a waitForEventCallback waiter (null otherwise). PENDING with no nextAttemptAt while the waiter waits."
   callback: Dispatch
+  """
+  A signed URL that completes this waiter alone: POST any body to it and the waiter is notified with
+  the body as eventData (JSON if it parses, else a JSON string; a urlencoded form as an object of its
+  fields). No Authorization is needed: the URL is the credential, valid until the waiter's deadline.
+  The first call wins; later calls answer 409. Set for durable waiters (workflowRunId and stepName),
+  null for the others. Hand it to whoever should complete the step (an email link, a payment
+  provider's webhook URL). A run token may not read it (FORBIDDEN): it would let it notify.
+  """
+  completionUrl: String
 }
 
 enum WaiterState {
@@ -1508,6 +1525,8 @@ func (ec *executionContext) childFields_Waiter(ctx context.Context, field graphq
 		return ec.fieldContext_Waiter_createdAt(ctx, field)
 	case "callback":
 		return ec.fieldContext_Waiter_callback(ctx, field)
+	case "completionUrl":
+		return ec.fieldContext_Waiter_completionUrl(ctx, field)
 	}
 	return nil, fmt.Errorf("no field named %q was found under type Waiter", field.Name)
 }
@@ -4287,6 +4306,29 @@ func (ec *executionContext) fieldContext_Waiter_callback(_ context.Context, fiel
 	return fc, nil
 }
 
+func (ec *executionContext) _Waiter_completionUrl(ctx context.Context, field graphql.CollectedField, obj *models.Waiter) (ret graphql.Marshaler) {
+	return graphql.ResolveField(
+		ctx,
+		ec.OperationContext,
+		field,
+		func(ctx context.Context, field graphql.CollectedField) (*graphql.FieldContext, error) {
+			return ec.fieldContext_Waiter_completionUrl(ctx, field)
+		},
+		func(ctx context.Context) (any, error) {
+			return ec.Resolvers.Waiter().CompletionURL(ctx, obj)
+		},
+		nil,
+		func(ctx context.Context, selections ast.SelectionSet, v *string) graphql.Marshaler {
+			return ec.marshalOString2ᚖstring(ctx, selections, v)
+		},
+		true,
+		false,
+	)
+}
+func (ec *executionContext) fieldContext_Waiter_completionUrl(_ context.Context, field graphql.CollectedField) (fc *graphql.FieldContext, err error) {
+	return graphql.NewScalarFieldContext("Waiter", field, true, true, "String")
+}
+
 func (ec *executionContext) _WaiterStats_waiting(ctx context.Context, field graphql.CollectedField, obj *models.WaiterStats) (ret graphql.Marshaler) {
 	return graphql.ResolveField(
 		ctx,
@@ -6902,6 +6944,12 @@ func (ec *executionContext) _Waiter(ctx context.Context, sel ast.SelectionSet, o
 				true, false,
 				func(ctx context.Context) graphql.Marshaler {
 					return ec._Waiter_callback(ctx, field, obj)
+				})
+		case "completionUrl":
+			out.ResolveConcurrently(ec.OperationContext, &deferred, i,
+				true, false,
+				func(ctx context.Context) graphql.Marshaler {
+					return ec._Waiter_completionUrl(ctx, field, obj)
 				})
 		default:
 			panic("unknown field " + strconv.Quote(field.Name))

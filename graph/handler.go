@@ -85,6 +85,14 @@ type HandlerConfig struct {
 	// request_id (the handler is wrapped with requestid.LogHandler).
 	Logger *slog.Logger
 
+	// Hooks signs the completion URLs of durable waiters
+	// (Waiter.completionUrl, served by package hooks); nil: none.
+	Hooks *auth.HookSigner
+	// PublicURL is the base of completion URLs (RENDEZVOUS_PUBLIC_URL,
+	// checked by ParsePublicURL); empty: the request's scheme and host,
+	// forwarded ones believed from TrustedProxies only.
+	PublicURL string
+
 	// Siblings are other HTTP surfaces served beside /query (the Upstash
 	// REST API), behind the same checks (see Gate).
 	Siblings []Sibling
@@ -156,7 +164,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 
 	rec := cfg.Recorder
 	vars := newVariableDecoder()
-	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec}}))
+	srv := handler.New(NewExecutableSchema(Config{Resolvers: &Resolver{Engine: eng, Auth: cfg.Auth, Now: cfg.Now, Log: log, Rec: rec, Hooks: cfg.Hooks}}))
 	srv.AddTransport(&wsTransport{
 		keepAlive:   cfg.KeepAlive,
 		initTimeout: cfg.InitTimeout,
@@ -244,7 +252,7 @@ func NewHandler(eng *engine.Engine, cfg HandlerConfig) http.Handler {
 		}
 		writeStatus(w, http.StatusOK, body)
 	})
-	return withRequestID(rec, withClientIP(cfg.TrustedProxies, newOrigins(cfg.AllowedOrigins).middleware(mux)))
+	return withRequestID(rec, withClientIP(cfg.TrustedProxies, withPublicBase(cfg.PublicURL, cfg.TrustedProxies, newOrigins(cfg.AllowedOrigins).middleware(mux))))
 }
 
 func writeStatus(w http.ResponseWriter, status int, body any) {

@@ -21,6 +21,8 @@ type Resolver struct {
 	Now    func() time.Time
 	Log    *slog.Logger
 	Rec    Recorder
+	// Hooks signs Waiter.completionUrl; nil: it is null.
+	Hooks *auth.HookSigner
 }
 
 // runToken signs a token for the run, or returns nil when the server has no

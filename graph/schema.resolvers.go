@@ -87,6 +87,11 @@ func (r *waiterResolver) Callback(ctx context.Context, obj *models.Waiter) (*mod
 	return r.Engine.WaiterCallback(ctx, obj.ID)
 }
 
+// CompletionURL is the resolver for the completionUrl field.
+func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error) {
+	return r.completionURL(ctx, obj)
+}
+
 // Steps is the resolver for the steps field.
 func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error) {
 	return r.Engine.RunSteps(ctx, obj.WorkflowRunID)
@@ -133,3 +138,52 @@ type (
 	waiterResolver        struct{ *Resolver }
 	workflowRunResolver   struct{ *Resolver }
 )
+
+// !!! WARNING !!!
+// The code below was going to be deleted when updating resolvers. It has been copied here so you have
+// one last chance to move it out of harms way if you want. There are two reasons this happens:
+//  - When renaming or deleting a resolver the old code will be put in here. You can safely delete
+//    it when you're done.
+//  - You have helper methods in this file. Move them out to keep these resolver files clean.
+/*
+	}
+
+		// CompletionURL is the resolver for the completionUrl field.
+		func (r *waiterResolver) CompletionURL(ctx context.Context, obj *models.Waiter) (*string, error){
+			panic(fmt.Errorf("not implemented: CompletionURL - completionUrl"))
+		}
+
+		// Steps is the resolver for the steps field.
+		func (r *workflowRunResolver) Steps(ctx context.Context, obj *models.WorkflowRun) ([]*models.Step, error){
+			panic(fmt.Errorf("not implemented: Steps - steps"))
+		}
+
+		// Waiters is the resolver for the waiters field.
+		func (r *workflowRunResolver) Waiters(ctx context.Context, obj *models.WorkflowRun) ([]*models.Waiter, error){
+			panic(fmt.Errorf("not implemented: Waiters - waiters"))
+		}
+
+		// LookbackEvents is the resolver for the lookbackEvents field.
+		func (r *workflowRunResolver) LookbackEvents(ctx context.Context, obj *models.WorkflowRun) ([]*models.LookbackEvent, error){
+			panic(fmt.Errorf("not implemented: LookbackEvents - lookbackEvents"))
+		}
+
+		// Dispatch is the resolver for the dispatch field.
+		func (r *workflowRunResolver) Dispatch(ctx context.Context, obj *models.WorkflowRun) (*models.Dispatch, error){
+			panic(fmt.Errorf("not implemented: Dispatch - dispatch"))
+		}
+
+
+// Mutation returns MutationResolver implementation.
+	func (r *Resolver) Mutation() MutationResolver { return &mutationResolver{r} }
+// Query returns QueryResolver implementation.
+	func (r *Resolver) Query() QueryResolver { return &queryResolver{r} }
+// Subscription returns SubscriptionResolver implementation.
+	func (r *Resolver) Subscription() SubscriptionResolver { return &subscriptionResolver{r} }
+// TriggerResult returns TriggerResultResolver implementation.
+	func (r *Resolver) TriggerResult() TriggerResultResolver { return &triggerResultResolver{r} }
+// Waiter returns WaiterResolver implementation.
+	func (r *Resolver) Waiter() WaiterResolver { return &waiterResolver{r} }
+// WorkflowRun returns WorkflowRunResolver implementation.
+	func (r *Resolver) WorkflowRun() WorkflowRunResolver { return &workflowRunResolver{r} }
+*/

@@ -50,7 +50,7 @@ var (
 // Label values. Anything else a caller passes is folded into "other".
 var (
 	triggerCreated = []string{"true", "false"}
-	notifyKinds    = []string{string(engine.NotifyBroadcast), string(engine.NotifyTargeted), string(engine.NotifyStep)}
+	notifyKinds    = []string{string(engine.NotifyBroadcast), string(engine.NotifyTargeted), string(engine.NotifyStep), string(engine.NotifyCompletionURL)}
 	notifyResults  = []string{string(engine.NotifyResolved), string(engine.NotifyLookback), string(engine.NotifyNone), string(engine.NotifyDeduplicated), string(engine.NotifyError)}
 	waiterOutcomes = []string{string(engine.WaiterNotified), string(engine.WaiterTimedOut), string(engine.WaiterCanceled), string(engine.WaiterRemoved)}
 	lookbackSteps  = []string{string(engine.LookbackStored), string(engine.LookbackConsumed), string(engine.LookbackExpired), string(engine.LookbackDropped)}
@@ -63,6 +63,8 @@ var (
 		"SERVICE_UNAVAILABLE", "OUTCOME_UNKNOWN", "INTERNAL_SERVER_ERROR",
 		"UNAUTHENTICATED", "FORBIDDEN", "RATE_LIMITED", "COMPLEXITY_LIMIT_EXCEEDED",
 		"TOO_MANY_SUBSCRIPTIONS", "BAD_REQUEST",
+		// Completion URLs: a waiter that had already ended (409), a method other than POST (405).
+		"CONFLICT", "METHOD_NOT_ALLOWED",
 		"GRAPHQL_PARSE_FAILED", "GRAPHQL_VALIDATION_FAILED",
 	}
 )

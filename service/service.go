@@ -26,6 +26,7 @@ import (
 	"rendezvous/engine"
 	"rendezvous/graph"
 	"rendezvous/graph/scalar"
+	"rendezvous/hooks"
 	"rendezvous/hub"
 	"rendezvous/internal/requestid"
 	"rendezvous/metrics"
@@ -69,6 +70,14 @@ type Config struct {
 	MetricsTokenRequired *bool
 	// Outbound: HTTP dispatch (outbound.go).
 	Outbound OutboundConfig
+	// PublicURL is the base of completion URLs (RENDEZVOUS_PUBLIC_URL);
+	// empty: each request's scheme and host (see graph.HandlerConfig).
+	PublicURL string
+	// HookSecrets sign completion URLs (RENDEZVOUS_HOOK_SECRET; the first
+	// signs, all verify). Empty: the run token secrets
+	// (RENDEZVOUS_SECRET) when set, else a key made once and kept in the
+	// database (see hookSigner).
+	HookSecrets []string
 	// Metrics, when set, is the service's metrics (tests may share or read
 	// it); nil: New makes them.
 	Metrics *metrics.Metrics
@@ -226,6 +235,22 @@ func ConfigFromEnv(getenv func(string) string) (Config, error) {
 
 	errs = append(errs, outboundFromEnv(getenv, &cfg)...)
 
+	// Completion URLs.
+	if v := getenv("RENDEZVOUS_PUBLIC_URL"); v != "" {
+		u, err := graph.ParsePublicURL(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_PUBLIC_URL %q: %w", v, err))
+		}
+		cfg.PublicURL = u
+	}
+	cfg.HookSecrets = list(getenv("RENDEZVOUS_HOOK_SECRET"))
+	for i, s := range cfg.HookSecrets {
+		if len(s) < auth.MinHookSecretLen {
+			// Never quote a secret.
+			errs = append(errs, fmt.Errorf("RENDEZVOUS_HOOK_SECRET: secret %d is shorter than %d characters", i+1, auth.MinHookSecretLen))
+		}
+	}
+
 	// Metrics.
 	if v := getenv("RENDEZVOUS_METRICS_ADDR"); v != "" {
 		if _, _, err := parseListen("RENDEZVOUS_METRICS_ADDR", v); err != nil {
@@ -287,6 +312,9 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		m = metrics.New()
 	}
 	cfg.Engine.Recorder = m
+	// The run token secrets the operator set, before a random one may be
+	// put in their place: completion URLs fall back to them.
+	runSecrets := cfg.Auth.Secrets
 	if len(cfg.Auth.Secrets) == 0 {
 		// Run tokens still work, on this process until it restarts.
 		var b [32]byte
@@ -352,12 +380,21 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 		store.Close()
 		return nil, err
 	}
+	hookSigner, err := hookSigner(ctx, cfg, runSecrets, store, eng.Now(), log)
+	if err != nil {
+		if rb != nil {
+			rb.Stop()
+		}
+		store.Close()
+		return nil, err
+	}
 	deliverer := buildDeliverer(eng)
 	m.ObserveOutboxPending(eng.OutboxPending)
 	streams, endStreams := context.WithCancel(context.Background())
 	hc := cfg.HTTP
 	hc.Auth, hc.Playground, hc.PlaygroundAssets, hc.Streams, hc.Logger, hc.Now = authn, cfg.Playground, cfg.PlaygroundAssets, streams, log, eng.Now
 	hc.Recorder = m
+	hc.Hooks, hc.PublicURL = hookSigner, cfg.PublicURL
 	hc.ReadyDetails = func() map[string]string {
 		if rb == nil {
 			return map[string]string{"redis": "not configured (replicas hear of each other through the catch-up poll)"}
@@ -378,6 +415,8 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	// The Upstash REST API, beside /query behind the same checks.
 	hc.Siblings = append(hc.Siblings, upstash.Sibling(eng))
+	// Completion URLs, beside /query behind the same origin checks and rate limits.
+	hc.Siblings = append(hc.Siblings, hooks.Sibling(eng, hookSigner))
 	handler := graph.NewHandler(eng, hc)
 	api, metricsListen := cfg.listenAddrs(authn.Open())
 	return &Service{cfg: cfg, Store: store, Engine: eng, Handler: handler, Metrics: m, MetricsHandler: metricsHandler,

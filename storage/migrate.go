@@ -47,6 +47,7 @@ type migration struct {
 //	outbox          (waiter_seq)                       a waiter's callback: made due when the waiter ends; waiter.callback
 //	runs            (start_pending, label, seq)        runsToStart: the oldest runs of a label not yet acked
 //	runs            (claimed_by)                       giving back a worker's runs when its subscription ends
+//	service_keys    PRIMARY(name)                      the completion URL key, read once at start
 //
 // runs.lock_version is written, never read: on Galera, which replicates
 // writes and not row locks, the run lock bumps it (see bumpRunSQL), so
@@ -329,6 +330,25 @@ var migrations = []migration{
 		sqlite: []string{
 			`ALTER TABLE outbox ADD COLUMN waiter_seq INTEGER NULL`,
 			`CREATE INDEX outbox_waiter ON outbox (waiter_seq)`,
+		},
+	},
+	{
+		version: 8,
+		name:    "service keys (the completion URL key shared by replicas)",
+		mysql: []string{
+			`CREATE TABLE IF NOT EXISTS service_keys (
+				name VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				secret VARCHAR(256) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+				created_at DATETIME(6) NOT NULL,
+				PRIMARY KEY (name)
+			) ENGINE=InnoDB`,
+		},
+		sqlite: []string{
+			`CREATE TABLE IF NOT EXISTS service_keys (
+				name TEXT NOT NULL PRIMARY KEY,
+				secret TEXT NOT NULL,
+				created_at TEXT NOT NULL
+			)`,
 		},
 	},
 }

@@ -191,6 +191,11 @@ type Executor interface {
 	// in the same statement.
 	StepListByRun(ctx context.Context, runID string) ([]*StepRecord, error)
 
+	// ServiceKeyGetOrCreate returns the secret stored under name, storing
+	// candidate first when there is none: every replica gets the same one,
+	// whoever stored it.
+	ServiceKeyGetOrCreate(ctx context.Context, name, candidate string, now time.Time) (string, error)
+
 	OutboxExecutor
 	RunClaimExecutor
 }
