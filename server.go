@@ -29,6 +29,11 @@ func run() error {
 		return err
 	}
 	cfg.Logger = log
+	gc, err := service.GCConfigFromEnv(os.Getenv)
+	if err != nil {
+		return err
+	}
+	service.ApplyGC(gc, log)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 

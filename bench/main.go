@@ -15,6 +15,7 @@
 //	go run ./bench -quick     # smoke run with small sizes, 1–2 minutes
 //	go run ./bench -sqlite    # MariaDB, then the same on SQLite
 //	go run ./bench -only idle -cpuprofile cpu.pprof -profile delivery
+//	go run ./bench -galera    # on the Galera cluster of scripts/galera (galera.go)
 //
 // BENCH_DEBUG=1 lists every delivery slower than 20 ms, with when it was
 // sent, on stderr (periodic stalls show up as clusters).
@@ -149,6 +150,13 @@ func main() {
 		}
 		return
 	}
+	if *galeraReplica {
+		if err := runReplica(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench replica:", err)
+			os.Exit(1)
+		}
+		return
+	}
 
 	o.Only = map[string]bool{}
 	for p := range strings.SplitSeq(*only, ",") {
@@ -181,7 +189,11 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, o); err != nil {
+	runMode := run
+	if *galeraMode {
+		runMode = runGalera
+	}
+	if err := runMode(ctx, o); err != nil {
 		log.Print(err)
 		os.Exit(1)
 	}

@@ -85,6 +85,7 @@ type Redis struct {
 
 	state     atomic.Pointer[Status]
 	published atomic.Uint64
+	batches   atomic.Uint64 // PUBLISH commands that carried them
 	received  atomic.Uint64
 	dropped   atomic.Uint64
 
@@ -123,10 +124,11 @@ type Status struct {
 	Err   string
 }
 
-// Stats counts waiter ids: sent to the other replicas, received from them
-// (and handed to the hub), and dropped because Redis was down or slow.
+// Stats counts waiter ids: sent to the other replicas (in Batches
+// PUBLISH commands), received from them (and handed to the hub), and
+// dropped because Redis was down or slow.
 type Stats struct {
-	Published, Received, Dropped uint64
+	Published, Batches, Received, Dropped uint64
 }
 
 // NewRedis prepares a bus on redis://[:password@]host:port[/db]. It does not
@@ -170,7 +172,7 @@ func (r *Redis) Status() Status { return *r.state.Load() }
 
 // Stats returns the counts of waiter ids so far.
 func (r *Redis) Stats() Stats {
-	return Stats{Published: r.published.Load(), Received: r.received.Load(), Dropped: r.dropped.Load()}
+	return Stats{Published: r.published.Load(), Batches: r.batches.Load(), Received: r.received.Load(), Dropped: r.dropped.Load()}
 }
 
 // Health is the line /readyz shows for Redis.
@@ -211,32 +213,59 @@ func (r *Redis) Publish(_ context.Context, waiterIDs []string) error {
 
 func (r *Redis) origin() string { return r.opts.Origin }
 
+// maxBatch bounds one PUBLISH of drain (bytes of the message), so that a
+// backlog goes out in few round trips without making one huge message.
+const maxBatch = 64 << 10
+
+// drain publishes what notifies queued. Whatever queued while a PUBLISH was
+// on its way goes out in the next one, joined ("origin id1 id2 …" of
+// several notifies is one message of the same form): under load, one round
+// trip to Redis per batch rather than per notify, so a wake-up does not
+// wait behind every earlier one's round trip.
 func (r *Redis) drain(ctx context.Context) {
 	failing := false
+	var b strings.Builder
 	for {
+		var msg string
 		select {
 		case <-ctx.Done():
 			return
-		case msg := <-r.outbox:
-			n := uint64(strings.Count(msg, " "))
-			pctx, cancel := context.WithTimeout(ctx, publishTimeout)
-			err := r.client.Publish(pctx, r.channel, msg).Err()
-			cancel()
-			switch {
-			case err == nil:
-				r.published.Add(n)
-				failing = false
-			case ctx.Err() != nil:
-				return
+		case msg = <-r.outbox:
+		}
+		b.Reset()
+		b.WriteString(msg)
+	more:
+		for b.Len() < maxBatch {
+			select {
+			case next := <-r.outbox:
+				// Each queued message is "origin ids…": keep the ids.
+				_, ids, _ := strings.Cut(next, " ")
+				b.WriteByte(' ')
+				b.WriteString(ids)
 			default:
-				r.dropped.Add(n)
-				// Once per run of failures: the subscription notices a
-				// dead Redis and says so in the state.
-				if !failing {
-					r.log.Warn("publish waiter ends to Redis failed; other replicas will catch up by polling", "err", err)
-				}
-				failing = true
+				break more
 			}
+		}
+		batch := b.String()
+		n := uint64(strings.Count(batch, " "))
+		pctx, cancel := context.WithTimeout(ctx, publishTimeout)
+		err := r.client.Publish(pctx, r.channel, batch).Err()
+		cancel()
+		switch {
+		case err == nil:
+			r.published.Add(n)
+			r.batches.Add(1)
+			failing = false
+		case ctx.Err() != nil:
+			return
+		default:
+			r.dropped.Add(n)
+			// Once per run of failures: the subscription notices a
+			// dead Redis and says so in the state.
+			if !failing {
+				r.log.Warn("publish waiter ends to Redis failed; other replicas will catch up by polling", "err", err)
+			}
+			failing = true
 		}
 	}
 }

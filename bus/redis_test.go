@@ -2,13 +2,17 @@ package bus_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -121,4 +125,62 @@ func TestRedisChannel(t *testing.T) {
 
 	_, err = bus.NewRedis("http://nope", hub.New(), bus.Options{})
 	require.ErrorContains(t, err, "REDIS_URL")
+}
+
+// realRedis is the Redis of RENDEZVOUS_TEST_REDIS (default
+// 127.0.0.1:6379): skipped when it does not answer, failed instead under
+// RENDEZVOUS_REQUIRE_MYSQL=1 (CI, which runs Redis beside MariaDB).
+func realRedis(t *testing.T) string {
+	u := os.Getenv("RENDEZVOUS_TEST_REDIS")
+	if u == "" {
+		u = "redis://127.0.0.1:6379/0"
+	}
+	opts, err := redis.ParseURL(u)
+	require.NoError(t, err)
+	c := redis.NewClient(opts)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := c.Ping(ctx).Err(); err != nil {
+		if os.Getenv("RENDEZVOUS_REQUIRE_MYSQL") == "1" {
+			t.Fatalf("Redis not reachable at %s: %v", u, err)
+		}
+		t.Skipf("Redis not reachable at %s (%v): skipped", u, err)
+	}
+	return u
+}
+
+// Waiter ends queued while a PUBLISH is on its way go out together in the
+// next one: a burst of single-waiter ends reaches the other replica whole,
+// in fewer PUBLISH commands than ends, and every waiter is woken.
+func TestRedisBatchesABurst(t *testing.T) {
+	u := realRedis(t)
+	channel := fmt.Sprintf("rendezvous-test-batch-%d", time.Now().UnixNano())
+	hb := hub.New()
+	a, err := bus.NewRedis(u, hub.New(), bus.Options{Channel: channel, Origin: "a", Logger: quietLogger()})
+	require.NoError(t, err)
+	b, err := bus.NewRedis(u, hb, bus.Options{Channel: channel, Origin: "b", Logger: quietLogger()})
+	require.NoError(t, err)
+	a.Start(context.Background())
+	defer a.Stop()
+	b.Start(context.Background())
+	defer b.Stop()
+	require.Equal(t, bus.StateUp, a.Status().State)
+	require.Equal(t, bus.StateUp, b.Status().State)
+
+	const n = 2000
+	var woken atomic.Int64
+	for i := range n {
+		l := hb.Listen(fmt.Sprintf("wtr_%d", i), func(hub.Wake) { woken.Add(1) })
+		defer hb.Unlisten(l)
+	}
+	for i := range n {
+		require.NoError(t, a.Publish(context.Background(), []string{fmt.Sprintf("wtr_%d", i)}))
+	}
+	eventually(t, 10*time.Second, func() bool { return woken.Load() == n }, "every waiter woken on the other replica")
+	st := a.Stats()
+	require.Equal(t, uint64(n), st.Published)
+	require.Equal(t, uint64(n), b.Stats().Received)
+	require.Less(t, st.Batches, uint64(n), "a burst goes out in fewer PUBLISH commands than waiter ends")
+	t.Logf("%d waiter ends in %d PUBLISH commands", n, st.Batches)
 }

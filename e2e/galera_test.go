@@ -805,7 +805,12 @@ func TestGaleraNodeKilled(t *testing.T) {
 	before := len(all)
 	mu.Unlock()
 	waitSent(before + 200)
-	require.NoError(t, testgalera.Run(ctxT(t), "restart", strconv.Itoa(victim+1)))
+	// The rejoin (IST) takes 11-17 s on a quiet machine and more on a busy
+	// one: as long as scripts/galera itself waits for Synced (2 minutes),
+	// not ctxT's 30 s (a run on a loaded machine had it killed mid-rejoin).
+	rctx, rcancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer rcancel()
+	require.NoError(t, testgalera.Run(rctx, "restart", strconv.Itoa(victim+1)))
 	restartedAt := time.Now()
 	eventually(t, 60*time.Second, func() bool { return galeraReadyStatus(g.srvs[victim].base) == http.StatusOK },
 		"replica %d ready again once its node rejoined", victim)

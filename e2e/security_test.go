@@ -1139,6 +1139,25 @@ func TestSecurityRunTokenExpiryEndsWebsocket(t *testing.T) {
 // The same for an SSE stream: a run token must not keep a subscription open
 // after it expired (the issue names websockets; an SSE stream is the same
 // long-lived session over another transport).
+// A websocket authenticated by a run token in its upgrade request is closed
+// when the token expires even before it sends connection_init: the expiry
+// outlives the upgrade's handler, which returns once the connection is
+// upgraded (the init timeout here is longer than the token's life).
+func TestSecurityRunTokenExpiryEndsUninitialisedWebsocket(t *testing.T) {
+	e := secEnv(t, testdb.SQLite(t), func(c *service.Config) {
+		c.Auth.RunTokenTTL = 2 * time.Second
+		c.HTTP.InitTimeout = time.Minute
+	})
+	for _, proto := range secProtocols {
+		run := e.aTrigger(uid("ttl-noinit"))
+		c := mustDial(t, e.endpoint, proto, secHeader("Authorization", "Bearer "+run.Token))
+		code, reason, _ := c.closed(time.Until(run.Expires)+10*time.Second, proto)
+		assert.False(t, time.Now().Before(run.Expires.Add(-200*time.Millisecond)), "%s: closed before the token expired", proto)
+		assert.Equal(t, websocket.StatusCode(4401), code, proto)
+		assert.Equal(t, "token expired", reason, proto)
+	}
+}
+
 func TestSecurityRunTokenExpiryEndsSSE(t *testing.T) {
 	e := secEnv(t, testdb.SQLite(t), func(c *service.Config) { c.Auth.RunTokenTTL = 2 * time.Second })
 	run := e.aTrigger(uid("ttl-sse"))

@@ -23,6 +23,11 @@ func (e *Engine) runLoops(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { e.retentionLoop(ctx) })
+	// The lease too: a sweep, catch-up or gauge tick may each take up to
+	// loopTimeout on a busy database, and a renewal that waited behind
+	// them could let the lease (renewed every quarter TTL) lapse while
+	// this replica is alive, and another replica reap its waiters.
+	wg.Go(func() { e.leaseLoop(ctx) })
 
 	sweep := time.NewTicker(e.cfg.SweepInterval)
 	defer sweep.Stop()
@@ -30,8 +35,6 @@ func (e *Engine) runLoops(ctx context.Context) {
 	defer catchUp.Stop()
 	gauges := time.NewTicker(e.cfg.GaugeInterval)
 	defer gauges.Stop()
-	lease := time.NewTimer(0)
-	defer lease.Stop()
 	bounded(ctx, e.sweep)
 	bounded(ctx, e.sampleBacklog)
 	for {
@@ -44,6 +47,19 @@ func (e *Engine) runLoops(ctx context.Context) {
 			bounded(ctx, e.sampleBacklog)
 		case <-catchUp.C:
 			bounded(ctx, e.catchUp)
+		}
+	}
+}
+
+// leaseLoop renews this replica's lease every quarter TTL (every second
+// after a failure) and reaps the waiters of replicas whose lease ran out.
+func (e *Engine) leaseLoop(ctx context.Context) {
+	lease := time.NewTimer(0)
+	defer lease.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
 		case <-lease.C:
 			next := e.cfg.LeaseTTL / 4
 			if !e.renewAndReap(ctx) {

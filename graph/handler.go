@@ -281,20 +281,67 @@ func endStreamsWith(streams context.Context, rec Recorder, next http.Handler) ht
 			transport = TransportWebsocket
 		}
 		rec.ConnectionOpened(transport)
-		defer rec.ConnectionClosed(transport)
 		rc := http.NewResponseController(w)
 		rc.SetReadDeadline(time.Time{})
 		rc.SetWriteDeadline(time.Time{})
-		if streams == nil {
-			next.ServeHTTP(w, r)
-			return
+		parent := r.Context()
+		expires, hasDeadline := parent.Deadline()
+		if transport == TransportWebsocket {
+			// The websocket transport takes the stream over and serves it
+			// after the handler returned, when net/http (and authenticate)
+			// cancel the request's context: the stream's ends here and with
+			// streams, and keeps the one deadline an upgrade request has, a
+			// run token's expiry from its Authorization header (connection
+			// init sets it again on the connection's context).
+			parent = context.WithoutCancel(parent)
 		}
-		ctx, cancel := context.WithCancelCause(r.Context())
-		defer cancel(nil)
-		stop := context.AfterFunc(streams, func() { cancel(errShuttingDown) })
-		defer stop()
-		next.ServeHTTP(w, r.WithContext(ctx))
+		ctx, cancel := context.WithCancelCause(parent)
+		if transport == TransportWebsocket && hasDeadline {
+			var cancelDeadline context.CancelFunc
+			ctx, cancelDeadline = context.WithDeadlineCause(ctx, expires, errTokenExpired)
+			cancelStream := cancel
+			cancel = func(cause error) { cancelStream(cause); cancelDeadline() } // the cause first: it is what the child reports
+		}
+		stop := func() bool { return false }
+		if streams != nil {
+			stop = context.AfterFunc(streams, func() { cancel(errShuttingDown) })
+		}
+		t := &streamTakeover{end: func() {
+			stop()
+			cancel(nil)
+			rec.ConnectionClosed(transport)
+		}}
+		defer func() { // deferred: a panicking handler's stream ends too
+			if !t.taken {
+				t.end()
+			}
+		}()
+		next.ServeHTTP(w, r.WithContext(context.WithValue(ctx, streamTakeoverKey{}, t)))
 	})
+}
+
+// streamTakeover lets the transport serving a stream take over its end:
+// the websocket transport serves a connection on a goroutine of its own
+// once it is upgraded, and the handler returns (see wsTransport.Do).
+type streamTakeover struct {
+	end   func()
+	taken bool
+}
+
+type streamTakeoverKey struct{}
+
+// takeOverStream makes the caller responsible for ending the stream of the
+// request with ctx: it must call the returned function once, when the
+// stream has ended. nil: the request did not come through endStreamsWith,
+// and the handler serves it to the end. Only the handler's goroutine may
+// call it.
+func takeOverStream(ctx context.Context) func() {
+	t, _ := ctx.Value(streamTakeoverKey{}).(*streamTakeover)
+	if t == nil || t.taken {
+		return nil
+	}
+	t.taken = true
+	return t.end
 }
 
 // limitBody caps every request body on /query; the websocket transport has

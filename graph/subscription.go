@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -85,7 +86,9 @@ func (r *Resolver) waitForEvent(ctx context.Context, p engine.WaitParams) (<-cha
 		r.Log.InfoContext(ctx, "subscription ended", "event_id", p.EventID, "reason", "error", "code", codeOf(err), "duration_ms", millis(time.Since(start)))
 		return nil, err
 	}
-	r.Log.InfoContext(ctx, "subscription started", "event_id", p.EventID, "waiter", w.WaiterID())
+	if r.Log.Enabled(ctx, slog.LevelInfo) {
+		r.Log.InfoContext(ctx, "subscription started", "event_id", p.EventID, "waiter", w.WaiterID())
+	}
 	return r.streamWait(ctx, w, start), nil
 }
 
@@ -116,6 +119,9 @@ func (r *Resolver) streamWait(ctx context.Context, w *engine.Wait, start time.Ti
 		}()
 		defer func() {
 			r.Rec.SubscriptionEnded()
+			if !r.Log.Enabled(ctx, slog.LevelInfo) {
+				return
+			}
 			attrs := []any{"waiter", w.WaiterID(), "reason", reason}
 			if code != "" {
 				attrs = append(attrs, "code", code)

@@ -62,8 +62,8 @@ var errConnectionEnded = errors.New("websocket connection ended")
 func (*wsTransport) Supports(r *http.Request) bool { return isUpgrade(r) }
 
 func (t *wsTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.GraphExecutor) {
-	c := &wsConn{t: t, exec: exec, headers: r.Header, logCtx: r.Context(), ops: map[string]*wsOp{}}
-	ws, err := acceptAside(w, r, &coderws.AcceptOptions{
+	c := &wsConn{t: t, exec: exec, logCtx: r.Context(), ops: map[string]*wsOp{}}
+	ws, err := coderws.Accept(withLeanHijack(w), r, &coderws.AcceptOptions{ // see wsbuf.go
 		Subprotocols:       wsSubprotocols,
 		InsecureSkipVerify: true, // the origins middleware checked the Origin
 		// graphql-ws clients answer our ping frames by themselves.
@@ -75,42 +75,29 @@ func (t *wsTransport) Do(w http.ResponseWriter, r *http.Request, exec graphql.Gr
 	c.ws = ws
 	c.proto = protocolOf(ws.Subprotocol())
 	ws.SetReadLimit(t.readLimit)
-	c.serve(r.Context())
-}
-
-// acceptAside upgrades the request on a goroutine of its own while the
-// handler's waits. Writing the 101 response and hijacking is the deepest
-// call of a connection's life: behind our middlewares it takes the
-// handler's goroutine past 8 KB of stack, which doubles it, and the reader
-// would keep the 16 KB for as long as the connection lives (a goroutine's
-// stack shrinks only once it uses less than a quarter). The side
-// goroutine's stack goes when it returns.
-func acceptAside(w http.ResponseWriter, r *http.Request, opts *coderws.AcceptOptions) (*coderws.Conn, error) {
-	type accepted struct {
-		ws  *coderws.Conn
-		err error
+	ctx := r.Context()
+	end := takeOverStream(ctx)
+	if end == nil {
+		c.serve(ctx) // not behind endStreamsWith (tests of the transport alone)
+		return
 	}
-	done := make(chan accepted, 1)
+	// The handler returns and the connection is read by a goroutine of its
+	// own. The handler's goroutine would keep, for the connection's life,
+	// the request, the response and every frame of the middlewares (and
+	// the stack that upgrading grew past 8 KB); a new goroutine parked in
+	// a read keeps a stack of a few KB and the connection's own state.
 	go func() {
-		defer func() {
-			if p := recover(); p != nil {
-				done <- accepted{err: fmt.Errorf("websocket accept: panic: %v", p)}
-			}
-		}()
-		ws, err := coderws.Accept(w, r, opts)
-		done <- accepted{ws, err}
+		defer end()
+		c.serve(ctx)
 	}()
-	a := <-done
-	return a.ws, a.err
 }
 
 // wsConn is one websocket connection.
 type wsConn struct {
-	t       *wsTransport
-	ws      *coderws.Conn
-	proto   *wsProtocol
-	exec    graphql.GraphExecutor
-	headers http.Header
+	t     *wsTransport
+	ws    *coderws.Conn
+	proto *wsProtocol
+	exec  graphql.GraphExecutor
 	// logCtx is the upgrade request's context, for the log lines of
 	// goroutines other than the reader.
 	logCtx context.Context

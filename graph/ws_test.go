@@ -9,8 +9,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -466,4 +468,117 @@ func TestWSFrame(t *testing.T) {
 		require.Greater(t, len(reason), 120)
 		require.True(t, utf8.ValidString(reason))
 	}
+}
+
+// The reflection-free path writes what encoding/json would, byte for byte,
+// and leaves to it whatever it would change or refuse.
+func TestWSFrameDataPayload(t *testing.T) {
+	yes := true
+	for _, tc := range []struct {
+		resp *graphql.Response
+		fast bool
+	}{
+		{&graphql.Response{Data: json.RawMessage(`{"waitForEvent":{"eventData":{"b":1,"a":"<&>\u2028","n":12345678901234567890}}}`)}, true},
+		{&graphql.Response{Data: json.RawMessage(`null`)}, true},
+		{&graphql.Response{Data: json.RawMessage("{\"a\":\"\u2028\u2029é<\"}")}, true},
+		{&graphql.Response{Data: json.RawMessage(`{"a": 1}`)}, false},    // compacted by encoding/json
+		{&graphql.Response{Data: json.RawMessage(`{"a":"x y"}`)}, false}, // a space in a string: the slow path, same bytes
+		{&graphql.Response{Data: json.RawMessage(`{"a":1`)}, false},      // invalid: encoding/json refuses it
+		{&graphql.Response{Data: json.RawMessage(`{}`), Errors: gqlerror.List{{Message: "m"}}}, false},
+		{&graphql.Response{Data: json.RawMessage(`{}`), Extensions: map[string]any{}}, false},
+		{&graphql.Response{Data: json.RawMessage(`{}`), HasNext: &yes}, false},
+		{&graphql.Response{}, false},
+	} {
+		fast := newFrame("next", "1")
+		ok := fast.dataPayload(tc.resp)
+		require.Equal(t, tc.fast, ok, "%s", tc.resp.Data)
+		slow := newFrame("next", "1")
+		err := slow.payload(tc.resp)
+		if ok {
+			require.NoError(t, err)
+			require.Equal(t, string(slow.bytes()), string(fast.bytes()))
+		} else {
+			require.Equal(t, `{"type":"next","id":"1"}`, string(fast.bytes()), "nothing appended")
+		}
+		fast.free()
+		slow.free()
+	}
+}
+
+type connCounter struct {
+	nopRecorder
+	opened, closed atomic.Int32
+}
+
+func (c *connCounter) ConnectionOpened(string) { c.opened.Add(1) }
+func (c *connCounter) ConnectionClosed(string) { c.closed.Add(1) }
+
+// goroutinesWith counts the goroutines whose stack has a frame of fn.
+func goroutinesWith(fn string) int {
+	var b strings.Builder
+	pprof.Lookup("goroutine").WriteTo(&b, 2)
+	n := 0
+	for _, g := range strings.Split(b.String(), "\n\n") {
+		if strings.Contains(g, fn) {
+			n++
+		}
+	}
+	return n
+}
+
+// Behind endStreamsWith, an upgraded connection is served by a goroutine
+// of its own and the upgrade's handler returns (keeping nothing of the
+// request); the stream is still counted until the connection ends, and a
+// graceful shutdown still closes it with 1001.
+func TestWSUpgradedConnectionOutlivesItsHandler(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tr := &wsTransport{
+		keepAlive: time.Minute, initTimeout: time.Minute, readLimit: 1 << 20, maxOps: 10,
+		init:    func(ctx context.Context, _ transport.InitPayload) (context.Context, error) { return ctx, nil },
+		present: errorPresenter(log), recover: recoverFunc(log), log: log,
+	}
+	exec := &fakeExec{streams: make(chan *fakeStream, 100)}
+	streams, shutdown := context.WithCancel(context.Background())
+	defer shutdown()
+	rec := &connCounter{}
+	srv := httptest.NewServer(endStreamsWith(streams, rec, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { tr.Do(w, r, exec) })))
+	defer srv.Close()
+
+	const n = 20
+	var conns []*gqlclient.Conn
+	for i := range n {
+		c, err := gqlclient.Dial(wsCtx(t), srv.URL, []string{gqlclient.TransportWS, gqlclient.LegacyWS}[i%2], nil)
+		require.NoError(t, err)
+		defer c.CloseNow()
+		_, err = c.Subscribe(wsCtx(t), fmt.Sprintf("armed:%d", i), nil)
+		require.NoError(t, err)
+		<-exec.streams
+		conns = append(conns, c)
+	}
+	require.Equal(t, int32(n), rec.opened.Load())
+	var readers, handlers int
+	ok := poll(10*time.Second, func() bool {
+		readers, handlers = goroutinesWith("graph.(*wsConn).serve"), goroutinesWith("endStreamsWith")
+		return readers == n && handlers == 0
+	})
+	require.True(t, ok, "%d connections: %d readers, %d goroutines still in the handler", n, readers, handlers)
+	require.Zero(t, rec.closed.Load(), "the streams are open")
+
+	// One client leaves: its stream ends.
+	conns[0].Close()
+	require.True(t, poll(10*time.Second, func() bool { return rec.closed.Load() == 1 }))
+
+	// Graceful shutdown: the rest are closed with 1001, and nothing stays.
+	shutdown()
+	for _, c := range conns[1:] {
+		select {
+		case <-c.Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("a connection outlived the shutdown")
+		}
+		require.Equal(t, coderws.StatusGoingAway, c.CloseStatus())
+	}
+	require.True(t, poll(10*time.Second, func() bool {
+		return rec.closed.Load() == n && goroutinesWith("graph.(*wsConn).serve") == 0
+	}), "%d of %d streams ended", rec.closed.Load(), n)
 }

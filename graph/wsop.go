@@ -109,7 +109,8 @@ func (c *wsConn) dispatch(op *wsOp, start time.Time, payload json.RawMessage) {
 		})
 		return
 	}
-	params.Headers = c.headers
+	// No Headers: a websocket's are its upgrade request's, which nothing
+	// reads, and keeping them would keep them for the connection's life.
 	params.ReadTime = graphql.TraceTiming{Start: start, End: graphql.Now()}
 
 	rc, errs := c.exec.CreateOperationContext(ctx, params)
@@ -199,6 +200,10 @@ func (c *wsConn) answer(op *wsOp, resp *graphql.Response) {
 // send sends one response as next (graphql-ws: data).
 func (c *wsConn) send(op *wsOp, resp *graphql.Response) {
 	f := newFrame(c.proto.next, op.id)
+	if f.dataPayload(resp) {
+		c.sendOp(op, f, false)
+		return
+	}
 	if err := f.payload(resp); err != nil {
 		f.free()
 		panic(fmt.Errorf("marshal a response: %w", err)) // a resolver returned invalid JSON; stream's recover answers

@@ -1,10 +1,12 @@
 package graph
 
 import (
+	"bytes"
 	"encoding/json"
 	"sync"
 	"unicode/utf8"
 
+	"github.com/99designs/gqlgen/graphql"
 	"github.com/vektah/gqlparser/v2/gqlerror"
 )
 
@@ -125,6 +127,22 @@ func (f *wsFrame) payload(v any) error {
 	}
 	f.b = f.b[:len(f.b)-1] // Encode's newline
 	return nil
+}
+
+// dataPayload appends a response that is data alone, as payload would,
+// without reflection: {"data":…} with the data as gqlgen wrote it, when it
+// is valid JSON without a whitespace byte (what encoding/json would
+// compact; such data goes through payload). false: nothing was appended.
+func (f *wsFrame) dataPayload(resp *graphql.Response) bool {
+	d := resp.Data
+	if len(resp.Errors) > 0 || resp.Extensions != nil || resp.Label != "" || resp.Path != nil || resp.HasNext != nil ||
+		len(d) == 0 || bytes.IndexAny(d, " \t\r\n") >= 0 || !json.Valid(d) {
+		return false
+	}
+	f.b = append(f.b, `,"payload":{"data":`...)
+	f.b = append(f.b, d...)
+	f.b = append(f.b, '}')
+	return true
 }
 
 // rawPayload appends JSON that is already encoded.

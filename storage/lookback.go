@@ -41,13 +41,14 @@ func (e *gormExecutor) LookbackEventInsertCommit(ctx context.Context, ev *models
 		// SQLite (whose COMMIT costs no round trip), the pool, or an
 		// event too large to go with COMMIT: InTx commits as usual.
 		// Galera too: there, "INSERT … RETURNING seq; COMMIT" in one
-		// query was seen answering success for a transaction that failed
-		// certification at COMMIT (its lookback event was never stored: 5
-		// to 8 acknowledged notifies in 1,000 races of e2e's
-		// TestGaleraNotifyWaitRace; with go-sql-driver alone, two such
-		// queries racing on one row from two nodes, 6 in 200), while a
-		// COMMIT of its own reports the failure (1213) and InTx runs the
-		// transaction again.
+		// query answers success for a transaction that failed
+		// certification (its lookback event was never stored: 5 to 8
+		// acknowledged notifies in 1,000 races of e2e's
+		// TestGaleraNotifyWaitRace), while a COMMIT of its own reports
+		// the failure (1213) and InTx runs the transaction again. It is
+		// the server's doing, not the driver's: the packets recorded
+		// under go-sql-driver say OK for that COMMIT
+		// (internal/testgalera's TestGaleraMultiStatementCommit, opt-in).
 		return e.LookbackEventInsert(ctx, ev)
 	}
 	seq, err := pool.insertCommit(ctx, lookbackInsertSQL, args, e.returning)

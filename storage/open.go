@@ -205,7 +205,31 @@ func mysqlDSN(ctx context.Context, databaseURL string) (string, bool, error) {
 	if _, set := cfg.Params["wsrep_sync_wait"]; galera && !set {
 		cfg.Params["wsrep_sync_wait"] = "15"
 	}
+	if err := refuseMultiPrimary(ctx, probe, cfg.Addr); err != nil {
+		return "", false, err
+	}
 	return cfg.FormatDSN(), galera, nil
+}
+
+// refuseMultiPrimary fails when the server is a member of a MySQL Group
+// Replication group running in multi-primary mode. Like Galera, it does not
+// replicate row locks (a SELECT … FOR UPDATE on one member does not block
+// another), but Rendezvous makes its run lock a write, and retries a
+// certification failure, only on Galera: on a multi-primary group it would
+// lose notifications in the notify-vs-wait race. Single-primary mode,
+// pointed at the primary, is one MySQL. A server without the plugin (and
+// MariaDB) does not know the variable: nothing to refuse.
+func refuseMultiPrimary(ctx context.Context, probe *sql.DB, addr string) error {
+	var single int
+	if probe.QueryRowContext(ctx, `SELECT @@group_replication_single_primary_mode`).Scan(&single) != nil || single != 0 {
+		return nil
+	}
+	var state string
+	err := probe.QueryRowContext(ctx, `SELECT MEMBER_STATE FROM performance_schema.replication_group_members WHERE MEMBER_ID = @@server_uuid`).Scan(&state)
+	if err != nil || state == "OFFLINE" {
+		return nil // not in a group (no row), or left it
+	}
+	return fmt.Errorf("DATABASE_URL: %s is a member (%s) of a MySQL Group Replication group in multi-primary mode, which Rendezvous does not support: it does not replicate row locks, and notifications could be lost; run the group in single-primary mode and point every replica at the primary", addr, state)
 }
 
 func sqliteDSN(path string) string {
