@@ -66,6 +66,8 @@ type Engine struct {
 	// whose removal failed; the sweep loop retries them.
 	unreleasedMu sync.Mutex
 	unreleased   map[string]struct{}
+	// groups commits concurrent targeted notifies together (notifygroup.go).
+	groups notifyGroups
 	// reads batches the reads of woken waits (see reads.go).
 	readsMu sync.Mutex
 	reads   waiterReads

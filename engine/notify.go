@@ -33,6 +33,8 @@ type NotifyParams struct {
 // exactly once whichever comes first.
 // With Step: the first call does the above and records its result; a repeat
 // returns that result, marked deduplicated, and notifies nobody.
+// A targeted notify without a step may be committed together with others
+// arriving at the same time (notifygroup.go), with the same outcome.
 func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.NotifyResult, err error) {
 	start := time.Now()
 	defer func() { e.rec.NotifyDone(notifyKind(p), notifyOutcome(res, err), time.Since(start)) }()
@@ -63,6 +65,17 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 	}
 
 	messageID := newID("msg_")
+	if step == nil && target != "" {
+		grouped, wakes, alone, err := e.notifyGrouped(ctx, target, p.EventID, data, messageID)
+		if !alone {
+			if err != nil {
+				return nil, storageErr("notify "+p.EventID, err)
+			}
+			e.recordNotify(grouped)
+			e.wake(ctx, wakes)
+			return grouped, nil
+		}
+	}
 	var (
 		result *models.NotifyResult
 		wakes  map[string]hub.Wake
@@ -168,6 +181,13 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 	if err != nil {
 		return nil, storageErr("notify "+p.EventID, err)
 	}
+	e.recordNotify(result)
+	e.wake(ctx, wakes)
+	return result, nil
+}
+
+// recordNotify counts what a notify did.
+func (e *Engine) recordNotify(result *models.NotifyResult) {
 	if !result.Deduplicated {
 		t := tally{notified: len(result.NotifyResponse)}
 		if result.Lookback != nil {
@@ -175,8 +195,6 @@ func (e *Engine) Notify(ctx context.Context, p NotifyParams) (res *models.Notify
 		}
 		e.record(t)
 	}
-	e.wake(ctx, wakes)
-	return result, nil
 }
 
 func notifyKind(p NotifyParams) NotifyKind {

@@ -176,3 +176,60 @@ func TestRunLockListWaitingLocksOnlyTheRunMySQL(t *testing.T) {
 	require.NoError(t, r.err)
 	require.Len(t, r.waiters, 1)
 }
+
+// The same for a group of notifies: the statement locks its runs one by one
+// and reads each run's waiters once that run's lock is granted, so a waiter
+// committed on the second run while the statement waited for it is listed.
+func TestRunLockListWaitingManySeesWaiterCommittedWhileWaitingMySQL(t *testing.T) {
+	t.Parallel()
+	databaseURL := testdb.MySQL(t)
+	store := openStore(t, databaseURL)
+	ctx := t.Context()
+	now := time.Now().UTC()
+	name := mysqlDBName(t, databaseURL) // unique on the server, to find our lock wait
+	runA, runB := "wfr_a_"+name, "wfr_b_"+name
+	for _, id := range []string{runA, runB} {
+		require.NoError(t, store.RunInsert(ctx, &models.WorkflowRun{WorkflowRunID: id, State: models.RunStarted, CreatedAt: now, UpdatedAt: now}))
+	}
+
+	var registered *models.Waiter
+	release, registration := holdInTx(t, store, func(tx storage.Executor) error {
+		if _, err := tx.RunGet(ctx, runB, true); err != nil {
+			return err
+		}
+		registered = &models.Waiter{EventID: "ev", WorkflowRunID: &runB, State: models.WaiterWaiting, Deadline: now.Add(time.Hour), CreatedAt: now}
+		return tx.WaiterInsert(ctx, registered)
+	})
+
+	type result struct {
+		listed []storage.RunLockListed
+		err    error
+	}
+	notified := make(chan result, 1)
+	go func() {
+		var r result
+		r.err = store.InTx(ctx, func(tx storage.Executor) error {
+			var err error
+			r.listed, err = tx.RunLockListWaitingMany(ctx, []storage.RunLockListWaitingParams{
+				{RunID: runB, EventID: "ev", Now: now}, {RunID: runA, EventID: "ev", Now: now},
+			})
+			return err
+		})
+		notified <- r
+	}()
+	awaitLockWait(t, rawDB(t, databaseURL), runB)
+	select {
+	case r := <-notified:
+		t.Fatalf("the group did not wait for run B's lock: %+v", r)
+	default:
+	}
+
+	release()
+	require.NoError(t, registration())
+	r := <-notified
+	require.NoError(t, r.err)
+	require.Len(t, r.listed, 2)
+	require.Len(t, r.listed[0].Waiting, 1, "the waiter committed on run B while the group waited for its lock")
+	require.Equal(t, registered.ID, r.listed[0].Waiting[0].ID)
+	require.Empty(t, r.listed[1].Waiting)
+}

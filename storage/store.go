@@ -83,6 +83,13 @@ type Executor interface {
 	// on the run). On MySQL the waiters' rows are locked too. Waiters owned
 	// by other replicas cost a second, non-locking read of their leases.
 	RunLockListWaiting(ctx context.Context, p *RunLockListWaitingParams) (models.RunState, []*models.Waiter, error)
+	// RunLockListWaitingMany is RunLockListWaiting for several runs in one
+	// statement, for a group of targeted notifies committed together: the
+	// runs are locked in index order, each before its waiters are read.
+	// Each run may appear once; Self and Now must be the same in all. Result
+	// i is ps[i]'s, with State "" when the run does not exist; the waiters
+	// left out for a lapsed lease go to ps[i].Lapsed.
+	RunLockListWaitingMany(ctx context.Context, ps []RunLockListWaitingParams) ([]RunLockListed, error)
 	// RunInsert inserts a run; ErrDuplicate if the id exists.
 	RunInsert(ctx context.Context, run *models.WorkflowRun) error
 	// RunEnd moves a started run to its final state (compare and set).
@@ -159,6 +166,11 @@ type Executor interface {
 	// a deadlock) and as a failed statement when it was not. Elsewhere it
 	// is LookbackEventInsert, and InTx commits as usual.
 	LookbackEventInsertCommit(ctx context.Context, e *models.LookbackEvent) error
+	// LookbackEventInsertManyCommit is LookbackEventInsertCommit for
+	// several events (distinct message ids), in one INSERT where the server
+	// can say which id each row got (INSERT … RETURNING), with the same
+	// contract: fn returns right after it.
+	LookbackEventInsertManyCommit(ctx context.Context, evs []*models.LookbackEvent) error
 	// LookbackEventConsume marks the oldest unconsumed, unexpired lookback
 	// event of (run, event id) consumed by the waiter and returns it, or
 	// returns nil if there is none. Call it holding the run's lock.

@@ -507,6 +507,131 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		}
 	})
 
+	// A group of targeted notifies locks its runs and lists their waiters in
+	// one statement: each run's answer is RunLockListWaiting's for it.
+	t.Run("RunLockListWaitingMany", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		future := b.now.Add(time.Hour)
+		for _, id := range []string{"wfr_A", "wfr_B", "wfr_C"} {
+			insertRun(t, b, id)
+		}
+		insertRun(t, b, "wfr_done", func(r *models.WorkflowRun) { r.State = models.RunCanceled })
+		require.NoError(t, b.store.ReplicaRenew(b.ctx, "rep_live", future))
+		require.NoError(t, b.store.ReplicaRenew(b.ctx, "rep_dead", b.now))
+		owned := func(runID, owner string) *models.Waiter {
+			t.Helper()
+			w := &models.Waiter{EventID: "ev", WorkflowRunID: ptr(runID), State: models.WaiterWaiting, Deadline: future, CreatedAt: b.now, Owner: owner}
+			require.NoError(t, b.store.WaiterInsert(b.ctx, w))
+			return w
+		}
+		a1 := insertWaiter(t, b, "ev", ptr("wfr_A"), future)
+		insertWaiter(t, b, "other", ptr("wfr_A"), future) // A's notify is for ev
+		aLive := owned("wfr_A", "rep_live")
+		aDead := owned("wfr_A", "rep_dead")
+		insertWaiter(t, b, "ev", ptr("wfr_A"), b.now)  // deadline is now
+		insertWaiter(t, b, "ev", ptr("wfr_B"), future) // B's notify is for other
+		b2 := insertWaiter(t, b, "other", ptr("wfr_B"), future)
+		cDead := owned("wfr_C", "rep_dead")
+		cSelf := owned("wfr_C", "rep_self")
+
+		ps := []storage.RunLockListWaitingParams{
+			{RunID: "wfr_done", EventID: "ev"},
+			{RunID: "wfr_C", EventID: "ev"},
+			{RunID: "wfr_missing", EventID: "ev"},
+			{RunID: "wfr_A", EventID: "ev"},
+			{RunID: "wfr_B", EventID: "other"},
+		}
+		lapsed := make([][]string, len(ps))
+		for i := range ps {
+			ps[i].Self, ps[i].Now, ps[i].Lapsed = "rep_self", b.now, &lapsed[i]
+		}
+		var got []storage.RunLockListed
+		require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			var err error
+			got, err = tx.RunLockListWaitingMany(b.ctx, ps)
+			return err
+		}))
+		require.Len(t, got, len(ps))
+		require.Equal(t, models.RunCanceled, got[0].State)
+		require.Empty(t, got[0].Waiting)
+		require.Equal(t, models.RunStarted, got[1].State)
+		require.Equal(t, []string{cSelf.ID}, ids(got[1].Waiting))
+		require.Equal(t, []string{cDead.ID}, lapsed[1])
+		require.Equal(t, models.RunState(""), got[2].State, "no such run")
+		require.Equal(t, models.RunStarted, got[3].State)
+		require.Equal(t, []string{a1.ID, aLive.ID}, ids(got[3].Waiting))
+		require.Equal(t, []string{aDead.ID}, lapsed[3])
+		require.Equal(t, []string{b2.ID}, ids(got[4].Waiting))
+		require.Empty(t, lapsed[4])
+		require.Empty(t, lapsed[0])
+		// Each as RunLockListWaiting lists it alone.
+		for i, p := range ps {
+			if got[i].State == "" {
+				continue
+			}
+			var alone []*models.Waiter
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				_, alone, err = tx.RunLockListWaiting(b.ctx, &storage.RunLockListWaitingParams{RunID: p.RunID, EventID: p.EventID, Self: "rep_self", Now: b.now})
+				return err
+			}))
+			if len(alone) == 0 {
+				require.Empty(t, got[i].Waiting, p.RunID)
+				continue
+			}
+			require.Equal(t, alone, got[i].Waiting, p.RunID)
+		}
+
+		// A run twice is refused: the caller keeps one notify per run.
+		err := b.store.InTx(b.ctx, func(tx storage.Executor) error {
+			_, err := tx.RunLockListWaitingMany(b.ctx, []storage.RunLockListWaitingParams{ps[1], ps[1]})
+			return err
+		})
+		require.ErrorContains(t, err, "twice")
+	})
+
+	// The lookback events of a group go in one INSERT (with COMMIT where it
+	// can): each gets its own id, the one its row has.
+	t.Run("LookbackEventInsertManyCommit", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		for _, id := range []string{"wfr_A", "wfr_B"} {
+			insertRun(t, b, id)
+		}
+		for _, n := range []int{1, 3} {
+			var evs []*models.LookbackEvent
+			for i := range n {
+				run := []string{"wfr_A", "wfr_B"}[i%2]
+				evs = append(evs, &models.LookbackEvent{
+					WorkflowRunID: run, EventID: fmt.Sprintf("ev%d-%d", n, i), EventData: json.RawMessage(fmt.Sprintf(`{"i":%d}`, i)),
+					MessageID: fmt.Sprintf("msg_%d_%d", n, i), CreatedAt: b.now, ExpiresAt: b.now.Add(time.Hour),
+				})
+			}
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				if _, err := tx.RunGet(b.ctx, "wfr_A", true); err != nil {
+					return err
+				}
+				return tx.LookbackEventInsertManyCommit(b.ctx, evs)
+			}))
+			for _, ev := range evs {
+				require.NotEmpty(t, ev.ID)
+				stored, err := b.store.LookbackEventListByRun(b.ctx, ev.WorkflowRunID, b.now)
+				require.NoError(t, err)
+				found := false
+				for _, s := range stored {
+					if s.ID == ev.ID {
+						found = true
+						require.Equal(t, ev.MessageID, s.MessageID)
+						require.Equal(t, ev.EventID, s.EventID)
+						require.JSONEq(t, string(ev.EventData), string(s.EventData))
+					}
+				}
+				require.True(t, found, "%s stored as %s", ev.MessageID, ev.ID)
+			}
+		}
+	})
+
 	t.Run("WaiterEndCompareAndSet", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)

@@ -251,23 +251,39 @@ func (t *lazyTx) canInsertCommit(insert string, args []any) bool {
 // auto-increment key is seq), reads the id it made and commits, in one round
 // trip ("INSERT … RETURNING seq; COMMIT" or "INSERT …; SELECT
 // LAST_INSERT_ID(); COMMIT", preceded by START TRANSACTION when it is also
-// the first statement). The server runs them in order and
-// stops at the first error, so:
+// the first statement); see insertCommitQuery.
+func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, returning bool) (int64, error) {
+	var id int64
+	err := t.insertCommitQuery(ctx, insert+insertCommitSuffix(returning), args, func(rows *sql.Rows) error {
+		if rows.Next() {
+			return rows.Scan(&id)
+		}
+		return nil
+	})
+	if err == nil && id <= 0 {
+		err = t.failCommit(fmt.Errorf("no id from %q", insert))
+	}
+	return id, err
+}
+
+// insertCommitQuery sends query, which writes and ends with COMMIT, and
+// hands its first result set to read. The server runs the statements in
+// order and stops at the first error, so:
 //   - a MySQL error answer before COMMIT's, or driver.ErrBadConn (nothing
 //     was written), means COMMIT did not run: it is returned as a statement
 //     error, and the caller rolls back;
 //   - any other failure (the connection broke while the query was on its
-//     way or its answer was being read), and any error in COMMIT's answer,
-//     is a COMMIT whose outcome is unknown or failed: commitFailed.
+//     way or its answer was being read), and any error in COMMIT's answer
+//     or from read, is a COMMIT whose outcome is unknown or failed:
+//     commitFailed.
 //
 // Like COMMIT it runs to its end once sent, whatever ctx does.
-func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, returning bool) (int64, error) {
+func (t *lazyTx) insertCommitQuery(ctx context.Context, query string, args []any, read func(*sql.Rows) error) error {
 	if err := ctx.Err(); err != nil {
-		return 0, err
+		return err
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
 	defer cancel()
-	query := insert + insertCommitSuffix(returning)
 	var (
 		rows *sql.Rows
 		err  error
@@ -286,35 +302,25 @@ func (t *lazyTx) insertCommit(ctx context.Context, insert string, args []any, re
 	var me *mysqldriver.MySQLError
 	if err != nil {
 		if errors.As(err, &me) || errors.Is(err, driver.ErrBadConn) {
-			return 0, err
+			return err
 		}
-		return 0, t.failCommit(err) // COMMIT may have run: nothing more may
+		return t.failCommit(err) // COMMIT may have run: nothing more may
 	}
-	var (
-		id      int64
-		scanErr error
-	)
-	if rows.Next() {
-		scanErr = rows.Scan(&id)
-	}
+	readErr := read(rows)
 	if err := rows.Err(); err != nil {
 		rows.Close()
 		if errors.As(err, &me) {
-			return 0, err
+			return err
 		}
-		return 0, t.failCommit(err)
+		return t.failCommit(err)
 	}
 	t.committed = true
 	for rows.NextResultSet() { // COMMIT's answer
 	}
-	err = errors.Join(scanErr, rows.Err(), rows.Close())
-	if err == nil && id <= 0 {
-		err = fmt.Errorf("no id from %q", insert)
+	if err := errors.Join(readErr, rows.Err(), rows.Close()); err != nil {
+		return t.failCommit(err)
 	}
-	if err != nil {
-		return 0, t.failCommit(err)
-	}
-	return id, nil
+	return nil
 }
 
 // failCommit records that insertCommit's COMMIT failed or may have failed.

@@ -4,6 +4,7 @@ package storage
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"time"
@@ -61,23 +62,53 @@ func (e *gormExecutor) WaiterGet(ctx context.Context, id string) (*models.Waiter
 	return w, nil
 }
 
+// waiterColumns are a waiterRow's columns, in the order scanWaiter reads them.
+const waiterColumns = `seq, event_id, run_id, step_name, state, deadline, created_at, ended_at, message_id, event_data, replica_id`
+
+func scanWaiter(rows *sql.Rows, w *waiterRow) error {
+	return rows.Scan(&w.Seq, &w.EventID, &w.RunID, &w.StepName, &w.State, &w.Deadline,
+		&w.CreatedAt, &w.EndedAt, &w.MessageID, &w.EventData, &w.ReplicaID)
+}
+
 func (e *gormExecutor) WaiterListWaiting(ctx context.Context, p *WaiterListWaitingParams) ([]*models.Waiter, error) {
-	q := e.q(ctx)
-	if p.RunID != nil {
-		q = q.Where("run_id = ? AND event_id = ?", *p.RunID, p.EventID)
-	} else {
-		q = q.Where("event_id = ?", p.EventID)
-	}
+	// Written out and scanned by hand: a broadcast lists every waiter of
+	// its event id, and GORM's scanning cost 10 µs a row (100 ms of a
+	// 10,000-waiter fan-out, before anybody is woken).
+	query := `SELECT ` + waiterColumns + ` FROM waiters WHERE `
 	now := newDBTime(p.Now)
-	q = q.Where("state = ? AND deadline > ?", string(models.WaiterWaiting), now)
-	var rows []waiterRow
-	if err := e.lock(q.Order("seq"), p.ForUpdate).Find(&rows).Error; err != nil {
+	var args []any
+	if p.RunID != nil {
+		query += `run_id = ? AND event_id = ?`
+		args = append(args, *p.RunID, p.EventID)
+	} else {
+		query += `event_id = ?`
+		args = append(args, p.EventID)
+	}
+	query += ` AND state = ? AND deadline > ? ORDER BY seq`
+	args = append(args, string(models.WaiterWaiting), now)
+	if p.ForUpdate && e.dialect == DialectMySQL {
+		query += ` FOR UPDATE`
+	}
+	rs, err := e.db.Statement.ConnPool.QueryContext(e.stmtCtx(ctx), query, args...)
+	if err != nil {
 		return nil, e.classify(err)
 	}
+	defer rs.Close()
+	var rows []waiterRow
+	for rs.Next() {
+		rows = append(rows, waiterRow{})
+		if err := scanWaiter(rs, &rows[len(rows)-1]); err != nil {
+			return nil, e.classify(err)
+		}
+	}
+	if err := rs.Err(); err != nil {
+		return nil, e.classify(err)
+	}
+	rs.Close()
 	// Owners' leases in a second read, and only for other replicas'
 	// waiters: as a subquery MariaDB prepared it on every call, a fifth of
 	// a notify's database time even with no other replica.
-	rows, err := e.liveOwners(ctx, rows, p.Self, now, p.Lapsed)
+	rows, err = e.liveOwners(ctx, rows, p.Self, now, p.Lapsed)
 	if err != nil {
 		return nil, err
 	}

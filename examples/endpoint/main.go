@@ -142,7 +142,8 @@ func verify(header string, body []byte, secret string, now time.Time, tolerance 
 }
 
 // finish ends the run. A server token is needed for finishRun (the run
-// token in the body allows only waitForEvent and workflowRun on the run).
+// token in the body allows only waitForEvent, waitForEventCallback and
+// workflowRun on the run).
 func (h *handler) finish(ctx context.Context, run string, result any) error {
 	q, _ := json.Marshal(map[string]any{
 		"query":     `mutation($id: ID!, $result: JSON) { finishRun(workflowRunId: $id, state: RUN_SUCCESS, result: $result) { state } }`,
