@@ -59,6 +59,8 @@ type command struct {
 	Duration time.Duration `json:"duration,omitempty"`
 	// deliver: notifies per second, one per subscription of Set.
 	Rate float64 `json:"rate,omitempty"`
+	// psubscribe: the peer's publish API, where deliver and fanout publish.
+	API string `json:"api,omitempty"`
 }
 
 // reply answers a command.
@@ -70,6 +72,10 @@ type reply struct {
 	Missing    int           `json:"missing"`
 	Elapsed    time.Duration `json:"elapsed"`
 	Lat        latency       `json:"lat"`
+	// Retried: subscriptions refused with SERVICE_UNAVAILABLE and sent again.
+	Retried int `json:"retried,omitempty"`
+	// Resp: deliver: the notifies' own response times.
+	Resp latency `json:"resp"`
 	// fanout: from sending the notify to the first and the last
 	// subscriber's message, and the notify's own response time.
 	First      time.Duration `json:"first"`
@@ -86,16 +92,32 @@ func runID(prefix string, client, k int) string {
 
 // ---- the client process
 
+// maxPosts bounds the client process's HTTP requests in flight to one server.
+const maxPosts = 2000
+
 type clientProc struct {
-	hc   *http.Client // POSTs
-	wsc  *http.Client // websocket upgrades
-	sets map[string]*subSet
+	dialer *rotatingDialer
+	hc     *http.Client // POSTs
+	wsc    *http.Client // websocket upgrades
+	sets   map[string]*subSet
+}
+
+func newClientProc() *clientProc {
+	d := newRotatingDialer()
+	p := &clientProc{dialer: d, hc: newHTTPClient(d, 256), wsc: newHTTPClient(d, 0), sets: map[string]*subSet{}}
+	// At most maxPosts requests in flight: beside 15,000 websockets, an
+	// open-loop sender facing a slow server would otherwise open a
+	// connection per waiting notify until this process, and the server's,
+	// run out of file descriptors (20,000 here). A notify that waits for a
+	// connection waits in the latency measured: its clock starts when it
+	// is due.
+	p.hc.Transport.(*http.Transport).MaxConnsPerHost = maxPosts
+	p.wsc.Timeout = 0
+	return p
 }
 
 func runClient() error {
-	d := newRotatingDialer()
-	p := &clientProc{hc: newHTTPClient(d, 256), wsc: newHTTPClient(d, 0), sets: map[string]*subSet{}}
-	p.wsc.Timeout = 0
+	p := newClientProc()
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 16<<20)
 	out := json.NewEncoder(os.Stdout)
@@ -127,6 +149,8 @@ func (p *clientProc) handle(cmd command) (r reply) {
 	switch cmd.Op {
 	case "subscribe":
 		r, err = p.subscribe(ctx, cmd)
+	case "psubscribe":
+		r, err = p.peerSubscribe(ctx, cmd)
 	case "close":
 		p.closeSet(cmd.Set)
 	case "cpu":
@@ -159,11 +183,16 @@ func (p *clientProc) handle(cmd command) (r reply) {
 type subSet struct {
 	endpoint string
 	n        int
-	conns    []*wsConn
+	conns    []atomic.Pointer[wsConn]
+	peer     *peerSet       // the peer's clients, when the set is on the peer
 	sent     []atomic.Int64 // unix nanoseconds the notify for subscription i was sent
 	recv     []atomic.Int64 // unix nanoseconds its message arrived
 	received atomic.Int64
 	errors   atomic.Int64
+	// retried counts subscriptions the server refused with
+	// SERVICE_UNAVAILABLE ("try again") that were sent again.
+	retried  atomic.Int64
+	resend   func(i, attempt int) // sends subscription i again (Rendezvous sets)
 	firstErr atomic.Pointer[string]
 	event    func(i int) string
 }
@@ -173,14 +202,34 @@ func (s *subSet) fail(msg string) {
 	s.firstErr.CompareAndSwap(nil, &msg)
 }
 
+// maxResend is how often a subscription refused with "try again" is sent again.
+const maxResend = 5
+
+// subID names subscription i's attempt (0: the first) on its websocket.
+func subID(i, attempt int) string {
+	if attempt == 0 {
+		return strconv.Itoa(i)
+	}
+	return strconv.Itoa(i) + "." + strconv.Itoa(attempt)
+}
+
 func (s *subSet) on(id, typ string, at time.Time, payload json.RawMessage) {
-	i, err := strconv.Atoi(id)
+	num, att, _ := strings.Cut(id, ".")
+	i, err := strconv.Atoi(num)
 	if err != nil || i < 0 || i >= s.n {
 		return
 	}
+	attempt, _ := strconv.Atoi(att)
 	switch typ {
 	case "next":
 		if bytes.Contains(payload, []byte(`"errors"`)) {
+			// The server's retryable refusal (a database too busy to
+			// register the waiter): subscribe again, as a client would.
+			if bytes.Contains(payload, []byte(`"SERVICE_UNAVAILABLE"`)) && s.resend != nil && attempt < maxResend && s.recv[i].Load() == 0 {
+				s.retried.Add(1)
+				go s.resend(i, attempt+1)
+				return
+			}
 			s.fail(fmt.Sprintf("subscription %d: %.300s", i, payload))
 			return
 		}
@@ -188,12 +237,17 @@ func (s *subSet) on(id, typ string, at time.Time, payload json.RawMessage) {
 			s.received.Add(1)
 		}
 	case "error":
+		if bytes.Contains(payload, []byte(`"SERVICE_UNAVAILABLE"`)) && s.resend != nil && attempt < maxResend && s.recv[i].Load() == 0 {
+			s.retried.Add(1)
+			go s.resend(i, attempt+1)
+			return
+		}
 		s.fail(fmt.Sprintf("subscription %d: %.300s", i, payload))
 	}
 }
 
 func (s *subSet) status() reply {
-	r := reply{OK: int(s.received.Load()), Errors: int(s.errors.Load())}
+	r := reply{OK: int(s.received.Load()), Errors: int(s.errors.Load()), Retried: int(s.retried.Load())}
 	if e := s.firstErr.Load(); e != nil {
 		r.FirstError = *e
 	}
@@ -208,13 +262,29 @@ func (p *clientProc) subscribe(ctx context.Context, cmd command) (reply, error) 
 	s := &subSet{
 		endpoint: cmd.Endpoint,
 		n:        cmd.N,
-		conns:    make([]*wsConn, (cmd.N+per-1)/per),
+		conns:    make([]atomic.Pointer[wsConn], (cmd.N+per-1)/per),
 		sent:     make([]atomic.Int64, cmd.N),
 		recv:     make([]atomic.Int64, cmd.N),
 		event:    func(i int) string { return cmd.Prefix + strconv.Itoa(i) },
 	}
 	if cmd.SameEvent {
 		s.event = func(int) string { return cmd.Prefix }
+	}
+	subMsg := func(i, attempt int) []byte {
+		return mustJSON(map[string]any{"id": subID(i, attempt), "type": "subscribe", "payload": gqlRequest{Query: qWait, Variables: map[string]any{"e": s.event(i)}}})
+	}
+	s.resend = func(i, attempt int) {
+		time.Sleep(time.Duration(attempt) * 100 * time.Millisecond)
+		c := s.conns[i/per].Load()
+		if c == nil {
+			s.fail(fmt.Sprintf("subscription %d: no websocket to subscribe again on", i))
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := c.send(ctx, subMsg(i, attempt)); err != nil {
+			s.fail(fmt.Sprintf("subscription %d, sent again: %v", i, err))
+		}
 	}
 	p.sets[cmd.Set] = s
 	start := time.Now()
@@ -235,10 +305,9 @@ func (p *clientProc) subscribe(ctx context.Context, cmd command) (reply, error) 
 			}
 			time.Sleep(time.Duration(attempt) * 200 * time.Millisecond)
 		}
-		s.conns[j] = c
+		s.conns[j].Store(c)
 		for i := j * per; i < min(s.n, (j+1)*per); i++ {
-			msg := mustJSON(map[string]any{"id": strconv.Itoa(i), "type": "subscribe", "payload": gqlRequest{Query: qWait, Variables: map[string]any{"e": s.event(i)}}})
-			if err := c.send(ctx, msg); err != nil {
+			if err := c.send(ctx, subMsg(i, 0)); err != nil {
 				return fmt.Errorf("subscribe %d: %w", i, err)
 			}
 		}
@@ -255,8 +324,12 @@ func (p *clientProc) closeSet(name string) {
 		return
 	}
 	delete(p.sets, name)
+	if s.peer != nil {
+		s.peer.close()
+		return
+	}
 	parallel(len(s.conns), 256, func(j int) error {
-		if c := s.conns[j]; c != nil {
+		if c := s.conns[j].Load(); c != nil {
 			c.close()
 		}
 		return nil
@@ -386,6 +459,38 @@ func (p *clientProc) warm(ctx context.Context, endpoint string) {
 	})
 }
 
+// notifyBody is the broadcast notify (or, on the peer, the publish) that
+// wakes the subscriptions on event.
+func (s *subSet) notifyBody(event string) []byte {
+	if s.peer != nil {
+		return mustJSON(map[string]any{"channel": event, "data": eventData})
+	}
+	return mustJSON(gqlRequest{Query: qNotifyBroadcast, Variables: map[string]any{"e": event, "d": eventData}})
+}
+
+// notify sends a body made by notifyBody; on Rendezvous it checks that
+// the notify resolved want waiters (the peer's publish says no such thing).
+func (p *clientProc) notify(ctx context.Context, s *subSet, body []byte, want int) error {
+	if s.peer != nil {
+		return peerPublish(ctx, p.hc, s.peer.api, body)
+	}
+	data, err := post(ctx, p.hc, s.endpoint, body)
+	if err == nil {
+		err = checkResolved(data, want)
+	}
+	return err
+}
+
+// warmSet opens the HTTP client's connections to where the set's notifies go.
+func (p *clientProc) warmSet(ctx context.Context, s *subSet) {
+	if s.peer == nil {
+		p.warm(ctx, s.endpoint)
+		return
+	}
+	body := s.notifyBody("bench-warm-up")
+	parallel(64, 32, func(int) error { return peerPublish(ctx, p.hc, s.peer.api, body) })
+}
+
 // deliver notifies the subscriptions of Set one by one at Rate per second
 // (open loop: a slow response does not slow the sender) with broadcast
 // notifies on their event ids, and measures from sending each notify to
@@ -395,15 +500,16 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 	if s == nil {
 		return reply{}, fmt.Errorf("no set %q", cmd.Set)
 	}
-	p.warm(ctx, s.endpoint)
+	p.warmSet(ctx, s)
 	bodies := make([][]byte, s.n)
 	for i := range bodies {
-		bodies[i] = mustJSON(gqlRequest{Query: qNotifyBroadcast, Variables: map[string]any{"e": s.event(i), "d": eventData}})
+		bodies[i] = s.notifyBody(s.event(i))
 	}
 	var (
 		wg       sync.WaitGroup
 		errs     atomic.Int64
 		firstErr atomic.Pointer[string]
+		answered = make([]time.Duration, s.n) // the notify's own response time
 	)
 	interval := time.Duration(float64(time.Second) / cmd.Rate)
 	t0 := time.Now().Add(20 * time.Millisecond)
@@ -412,11 +518,10 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.sent[i].Store(time.Now().UnixNano())
-			data, err := post(ctx, p.hc, s.endpoint, bodies[i])
-			if err == nil {
-				err = checkResolved(data, 1)
-			}
+			sent := time.Now()
+			s.sent[i].Store(sent.UnixNano())
+			err := p.notify(ctx, s, bodies[i], 1)
+			answered[i] = time.Since(sent)
 			if err != nil {
 				errs.Add(1)
 				msg := err.Error()
@@ -440,7 +545,7 @@ func (p *clientProc) deliver(ctx context.Context, cmd command) (reply, error) {
 			}
 		}
 	}
-	r := reply{OK: len(lat), Missing: s.n - len(lat), Errors: int(errs.Load() + s.errors.Load()), Elapsed: time.Since(t0), Lat: summarize(lat)}
+	r := reply{OK: len(lat), Missing: s.n - len(lat), Errors: int(errs.Load() + s.errors.Load()), Elapsed: time.Since(t0), Lat: summarize(lat), Resp: summarize(answered)}
 	if e := firstErr.Load(); e != nil {
 		r.FirstError = *e
 	} else if e := s.firstErr.Load(); e != nil {
@@ -456,15 +561,12 @@ func (p *clientProc) fanout(ctx context.Context, cmd command) (reply, error) {
 	if s == nil {
 		return reply{}, fmt.Errorf("no set %q", cmd.Set)
 	}
-	p.warm(ctx, s.endpoint)
-	body := mustJSON(gqlRequest{Query: qNotifyBroadcast, Variables: map[string]any{"e": s.event(0), "d": eventData}})
+	p.warmSet(ctx, s)
+	body := s.notifyBody(s.event(0))
 	var r reply
 	t0 := time.Now()
-	data, err := post(ctx, p.hc, s.endpoint, body)
+	err := p.notify(ctx, s, body, s.n)
 	r.NotifyTook = time.Since(t0)
-	if err == nil {
-		err = checkResolved(data, s.n)
-	}
 	if err != nil {
 		r.Errors++
 		r.FirstError = err.Error()

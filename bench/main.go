@@ -7,10 +7,12 @@
 // drives it over real HTTP and websocket connections from a child process
 // (this binary re-executed with -client, so that the server process holds
 // only the server's file descriptors, and its CPU time and memory are the
-// server's alone), and stops by itself.
+// server's alone), and stops by itself. The same-run peer, a
+// github.com/centrifugal/centrifuge server, runs in a process of its own
+// (-peer-server) with its centrifuge-go clients in another client process.
 //
-//	go run ./bench            # full run, about 4 minutes on 2 cores
-//	go run ./bench -quick     # smoke run with small sizes, about a minute
+//	go run ./bench            # full run, about 12 minutes on 2 shared cores
+//	go run ./bench -quick     # smoke run with small sizes, 1–2 minutes
 //	go run ./bench -sqlite    # MariaDB, then the same on SQLite
 //	go run ./bench -only idle -cpuprofile cpu.pprof -profile delivery
 //	go run ./bench -galera    # on the Galera cluster of scripts/galera (galera.go)
@@ -43,6 +45,7 @@ type sizes struct {
 	DeliveryRate      float64
 	DeliveryFor       time.Duration
 	Idle              int // subscriptions, one websocket each
+	DeliveryMux       int // subscriptions multiplexed MuxPerConn per websocket, idle beside Idle through the delivery window
 	Mux               int // subscriptions multiplexed MuxPerConn per websocket
 	MuxPerConn        int
 	FanOut            int
@@ -59,6 +62,7 @@ var fullSizes = sizes{
 	DeliveryRate:      500,
 	DeliveryFor:       20 * time.Second,
 	Idle:              15000,
+	DeliveryMux:       10000,
 	Mux:               50000,
 	MuxPerConn:        100,
 	FanOut:            10000,
@@ -75,6 +79,7 @@ var quickSizes = sizes{
 	DeliveryRate:      500,
 	DeliveryFor:       3 * time.Second,
 	Idle:              1500,
+	DeliveryMux:       1000,
 	Mux:               5000,
 	MuxPerConn:        100,
 	FanOut:            1000,
@@ -102,23 +107,25 @@ func main() {
 	log.SetFlags(log.Ltime | log.Lmicroseconds)
 	log.SetPrefix("bench: ")
 	var (
-		o      options
-		client bool
+		o            options
+		client, peer bool
 	)
 	flag.BoolVar(&client, "client", false, "internal: run as the client process, commanded on stdin")
+	flag.BoolVar(&peer, "peer-server", false, "internal: run as the peer's server process ("+peerVersion+") until stdin closes")
 	flag.StringVar(&o.DatabaseURL, "database-url", defaultMySQL,
 		"MySQL server to create the throwaway database on (mysql://user:pass@host:port/); with a database name in the path that database is used as is (it must be empty) and not dropped")
 	flag.BoolVar(&o.SQLite, "sqlite", false, "also run everything on SQLite (a temporary file)")
 	flag.BoolVar(&o.MySQL, "mysql", true, "run on MySQL/MariaDB (-mysql=false -sqlite: SQLite only)")
-	flag.BoolVar(&o.Quick, "quick", false, "small sizes: a smoke run of about a minute")
+	flag.BoolVar(&o.Quick, "quick", false, "small sizes: a smoke run of 1–2 minutes")
 	flag.StringVar(&o.CPUProfile, "cpuprofile", "", "write a CPU profile of the server process to this file")
 	flag.StringVar(&o.ProfilePart, "profile", "all", "what -cpuprofile covers: all, a phase (baseline, latency, throughput, growth, idle, mux, fanout), delivery (the deliveries of idle) or fanout-notify (the broadcast of fanout)")
 	flag.StringVar(&o.MemProfile, "memprofile", "", "write heap and goroutine profiles of the server process before and while the idle subscriptions are connected (FILE-idle-heap.pprof, FILE-mux-goroutines.txt, …)")
 	flag.StringVar(&o.PprofAddr, "pprof", "", "serve net/http/pprof of the server process on this address (127.0.0.1:6060)")
 	flag.BoolVar(&o.Verbose, "v", false, "log each figure as it is measured, and the service's warnings")
-	only := flag.String("only", "", "run only these phases (comma-separated: baseline, latency, throughput, growth, purge, idle, mux, fanout); figures of the others are left out")
+	only := flag.String("only", "", "run only these phases (comma-separated: baseline, latency, throughput, growth, purge, idle, peer, mux, fanout); figures of the others are left out")
 	s := fullSizes
 	flag.IntVar(&s.Idle, "idle", 0, "idle subscriptions, one websocket each (default 15000, -quick 1500)")
+	flag.IntVar(&s.DeliveryMux, "delivery-mux", 0, "idle subscriptions multiplexed 100 per websocket beside the idle ones through the delivery window (default 10000, -quick 1000)")
 	flag.IntVar(&s.Mux, "mux", 0, "idle subscriptions multiplexed 100 per websocket (default 50000, -quick 5000)")
 	flag.IntVar(&s.FanOut, "fanout", 0, "waiters of the broadcast fan-out (default 10000, -quick 1000)")
 
@@ -132,6 +139,13 @@ func main() {
 	if client {
 		if err := runClient(); err != nil {
 			fmt.Fprintln(os.Stderr, "bench client:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if peer {
+		if err := runPeerServer(); err != nil {
+			fmt.Fprintln(os.Stderr, "bench peer:", err)
 			os.Exit(1)
 		}
 		return
@@ -160,6 +174,7 @@ func main() {
 		}
 	}
 	override(&o.Sizes.Idle, s.Idle)
+	override(&o.Sizes.DeliveryMux, s.DeliveryMux)
 	override(&o.Sizes.Mux, s.Mux)
 	override(&o.Sizes.FanOut, s.FanOut)
 	override(&o.Sizes.SeedWaiters, s.SeedWaiters)
@@ -220,12 +235,13 @@ func run(ctx context.Context, o options) error {
 	var (
 		rows   []row
 		suites []*suite
+		peer   = &peerRun{}
 	)
 	for _, t := range targets {
 		if ctx.Err() != nil {
 			break
 		}
-		s := &suite{opts: o, sz: o.Sizes, kind: t, client: cl, mem: mem, prof: prof}
+		s := &suite{opts: o, sz: o.Sizes, kind: t, client: cl, mem: mem, prof: prof, peer: peer}
 		rows = append(rows, s.run(ctx)...)
 		suites = append(suites, s)
 	}

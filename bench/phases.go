@@ -181,14 +181,23 @@ func (s *suite) closeSubs(ctx context.Context, phase, set, like string) error {
 }
 
 // phaseIdle: memory per idle subscription with one websocket each, then
-// the delivery latency while those subscriptions stay connected.
+// the delivery latency while those subscriptions and DeliveryMux
+// multiplexed ones stay connected and idle, with the GC figures of the
+// server process over the delivery window.
 func (s *suite) phaseIdle(ctx context.Context) error {
 	defer s.client.do(context.WithoutCancel(ctx), command{Op: "close", Set: "idle"})
 	var err error
 	if s.res.idle, err = s.subscribeIdle(ctx, "idle", "idle-", s.sz.Idle, 1); err != nil {
 		return err
 	}
-	n := int(s.sz.DeliveryRate * s.sz.DeliveryFor.Seconds())
+	defer s.client.do(context.WithoutCancel(ctx), command{Op: "close", Set: "idlemux"})
+	if _, err := s.client.do(ctx, command{Op: "subscribe", Set: "idlemux", Endpoint: s.endpoint, N: s.sz.DeliveryMux, PerConn: s.sz.MuxPerConn, Prefix: "idlemux-"}); err != nil {
+		return err
+	}
+	if err := s.waitWaiting(ctx, "idlemux-%", s.sz.DeliveryMux, "idlemux", time.Minute); err != nil {
+		return err
+	}
+	n := s.deliveries()
 	defer s.client.do(context.WithoutCancel(ctx), command{Op: "close", Set: "dlv"})
 	if _, err := s.client.do(ctx, command{Op: "subscribe", Set: "dlv", Endpoint: s.endpoint, N: n, PerConn: 100, Prefix: "dlv-"}); err != nil {
 		return err
@@ -197,15 +206,20 @@ func (s *suite) phaseIdle(ctx context.Context) error {
 		return err
 	}
 	s.prof.begin("delivery")
-	m := s.mark(ctx)
+	m, g0 := s.mark(ctx), readGC()
 	s.res.delivery, err = s.client.do(ctx, command{Op: "deliver", Set: "dlv", Rate: s.sz.DeliveryRate})
+	s.res.deliveryGC = gcBetween(g0, readGC())
 	s.since(ctx, "delivery", m)
 	s.prof.end("delivery")
 	if err != nil {
 		return err
 	}
-	s.detail("[%s]   delivery: p50 %s p99 %s, %d missing, %d errors", s.label, fmtDur(s.res.delivery.Lat.P50), fmtDur(s.res.delivery.Lat.P99), s.res.delivery.Missing, s.res.delivery.Errors)
+	s.detail("[%s]   delivery: p50 %s p99 %s, %d missing, %d errors; GC: %s", s.label, fmtDur(s.res.delivery.Lat.P50), fmtDur(s.res.delivery.Lat.P99), s.res.delivery.Missing, s.res.delivery.Errors, s.res.deliveryGC)
+	s.noteIdleTrouble(ctx, "idle", s.client, "idle", "idlemux")
 	if err := s.closeSubs(ctx, "idle", "dlv", "dlv-%"); err != nil {
+		return err
+	}
+	if err := s.closeSubs(ctx, "idle", "idlemux", "idlemux-%"); err != nil {
 		return err
 	}
 	if err := s.closeSubs(ctx, "idle", "idle", "idle-%"); err != nil {
@@ -228,6 +242,24 @@ func (s *suite) phaseIdle(ctx context.Context) error {
 	}
 	s.detail("[%s]   delivery baseline: p50 %s p99 %s", s.label, fmtDur(s.res.deliveryBase.Lat.P50), fmtDur(s.res.deliveryBase.Lat.P99))
 	return s.closeSubs(ctx, "idle", "bdlv", "")
+}
+
+// deliveries is how many notifies the delivery window sends.
+func (s *suite) deliveries() int { return int(s.sz.DeliveryRate * s.sz.DeliveryFor.Seconds()) }
+
+// noteIdleTrouble notes against phase any message or error the idle sets
+// saw: an idle subscription must hear nothing.
+func (s *suite) noteIdleTrouble(ctx context.Context, phase string, cl *clientHandle, sets ...string) {
+	for _, set := range sets {
+		r, err := cl.do(ctx, command{Op: "status", Set: set})
+		if err != nil {
+			s.notes[phase] = append(s.notes[phase], fmt.Sprintf("status of %s: %v", set, err))
+			continue
+		}
+		if r.OK > 0 || r.Errors > 0 {
+			s.notes[phase] = append(s.notes[phase], fmt.Sprintf("the idle set %s saw %d messages and %d errors (first: %.160s)", set, r.OK, r.Errors, r.FirstError))
+		}
+	}
 }
 
 // phaseMux: memory per idle subscription, many on each websocket.

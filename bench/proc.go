@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -108,16 +109,40 @@ func (s *suite) since(ctx context.Context, name string, m cpuMark) cpuUse {
 	return u
 }
 
-// findProcess returns the pid of a running process with one of the names.
-func findProcess(names ...string) int {
-	dirs, _ := filepath.Glob("/proc/[0-9]*")
-	for _, d := range dirs {
-		comm, err := os.ReadFile(filepath.Join(d, "comm"))
+// listenerPID returns the pid of the process with one of the names that
+// listens on the TCP port (the database server the bench talks to, when
+// several run: a Galera cluster beside the default server, say); 0 when
+// none is found.
+func listenerPID(port int, names ...string) int {
+	inodes := map[string]bool{}
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(f)
 		if err != nil {
 			continue
 		}
-		for _, n := range names {
-			if strings.TrimSpace(string(comm)) == n {
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fs := strings.Fields(line)
+			if len(fs) < 10 || fs[3] != "0A" { // 0A: LISTEN
+				continue
+			}
+			_, hexPort, _ := strings.Cut(fs[1], ":")
+			if p, err := strconv.ParseInt(hexPort, 16, 32); err == nil && int(p) == port {
+				inodes["socket:["+fs[9]+"]"] = true
+			}
+		}
+	}
+	if len(inodes) == 0 {
+		return 0
+	}
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		comm, err := os.ReadFile(filepath.Join(d, "comm"))
+		if err != nil || !slices.Contains(names, strings.TrimSpace(string(comm))) {
+			continue
+		}
+		fds, _ := filepath.Glob(filepath.Join(d, "fd", "*"))
+		for _, fd := range fds {
+			if link, err := os.Readlink(fd); err == nil && inodes[link] {
 				pid, _ := strconv.Atoi(filepath.Base(d))
 				return pid
 			}
@@ -161,6 +186,6 @@ func sizeLine(o options) string {
 	if o.Quick {
 		mode = "-quick"
 	}
-	return fmt.Sprintf("%s: throughput %s, latency %d notifies, delivery %s at %.0f/s, idle %d, multiplexed %d, fan-out %d %v per websocket, seeded %d waiters + %d lookback events; 1 KB = 1000 bytes",
-		mode, z.ThroughputFor, z.LatencyN, z.DeliveryFor, z.DeliveryRate, z.Idle, z.Mux, z.FanOut, z.FanOutPerConn, z.SeedWaiters, z.SeedLookback)
+	return fmt.Sprintf("%s: throughput %s, latency %d notifies, delivery %s at %.0f/s beside %d idle (one websocket each) + %d multiplexed idle, multiplexed memory %d, fan-out %d %v per websocket, seeded %d waiters + %d lookback events; 1 KB = 1000 bytes",
+		mode, z.ThroughputFor, z.LatencyN, z.DeliveryFor, z.DeliveryRate, z.Idle, z.DeliveryMux, z.Mux, z.FanOut, z.FanOutPerConn, z.SeedWaiters, z.SeedLookback)
 }

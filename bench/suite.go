@@ -18,6 +18,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
+	"strconv"
 	"strings"
 	"time"
 
@@ -47,6 +48,7 @@ type suite struct {
 	client *clientHandle
 	mem    *memServer
 	prof   *profiler
+	peer   *peerRun // measured once per bench run, by the first suite that runs phase peer
 
 	label    string // MariaDB 10.11.19, SQLite
 	dbURL    string
@@ -58,6 +60,7 @@ type suite struct {
 	cleanups []func()
 
 	res   results
+	cur   string // the phase running
 	errs  map[string]error
 	notes map[string][]string // per phase: trouble that did not stop it
 }
@@ -88,6 +91,7 @@ type results struct {
 	latFull         reply
 	idle            memDelta
 	delivery        reply
+	deliveryGC      gcWindow // our server process over the delivery window
 	deliveryBase    reply
 	mux             memDelta
 	fan             []fanResult
@@ -123,6 +127,7 @@ func (s *suite) run(ctx context.Context) []row {
 	s.phase(ctx, "growth", s.phaseGrowth)
 	s.phase(ctx, "purge", s.phasePurge)
 	s.phase(ctx, "idle", s.phaseIdle)
+	s.phase(ctx, "peer", s.phasePeer)
 	s.phase(ctx, "mux", s.phaseMux)
 	s.phase(ctx, "fanout", s.phaseFanOut)
 	return s.rows()
@@ -140,6 +145,7 @@ func (s *suite) phase(ctx context.Context, name string, fn func(context.Context)
 		return
 	}
 	log.Printf("[%s] %s …", s.label, name)
+	s.cur = name
 	s.prof.begin(name)
 	t := time.Now()
 	err := fn(ctx)
@@ -289,7 +295,11 @@ func (s *suite) setupMySQL(ctx context.Context) error {
 	s.baseDB = s.db
 	s.cleanups = append(s.cleanups, func() { s.db.Close() })
 	if host := u.Hostname(); host == "localhost" || net.ParseIP(host) != nil && net.ParseIP(host).IsLoopback() {
-		s.dbPID = findProcess("mariadbd", "mysqld")
+		port, _ := strconv.Atoi(u.Port())
+		if port == 0 {
+			port = 3306
+		}
+		s.dbPID = listenerPID(port, "mariadbd", "mysqld")
 	}
 	return nil
 }
@@ -353,11 +363,19 @@ func (s *suite) waitWaiting(ctx context.Context, like string, want int, set stri
 	if !strings.Contains(like, "%") {
 		q = "SELECT COUNT(*) FROM waiters WHERE state = 'WAITING' AND event_id = ?"
 	}
-	return waitCount(ctx, want, patience, func() (int, error) {
+	err := waitCount(ctx, want, patience, func() (int, error) {
 		var n int
 		err := s.db.QueryRowContext(ctx, q, like).Scan(&n)
 		return n, err
 	}, func() string { return s.setStatus(ctx, set) })
+	if err == nil && set != "" && want > 0 {
+		if r, err := s.client.do(ctx, command{Op: "status", Set: set}); err == nil && r.Retried > 0 {
+			note := fmt.Sprintf("%s of the %s subscriptions of %s were refused with SERVICE_UNAVAILABLE (\"try again\") and subscribed again", fmtInt(r.Retried), fmtInt(want), set)
+			log.Printf("[%s]   %s", s.label, note)
+			s.notes[s.cur] = append(s.notes[s.cur], note)
+		}
+	}
+	return err
 }
 
 func (s *suite) waitMem(ctx context.Context, want int, set string) error {
