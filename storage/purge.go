@@ -65,10 +65,10 @@ const purgeRunsPerBatch = 50
 // each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed)
 // and dropped at the first live row. The owed-delivery check on outbox is a
 // NOT EXISTS: as a third LEFT JOIN, MariaDB planned it "Range checked for each
-// record" and one candidate query took 967 ms on 1M ended rows (23 ms without it). The unary pluses keep
-// SQLite (which has no statistics) from probing lookback_events by
-// (consumed, expires_at) or outbox by (state, next_attempt_at), a scan of
-// every pending row per run, instead of by run_id; MySQL ignores them.
+// record" and one candidate query took 967 ms on 1M ended rows (23 ms
+// without it). The unary pluses keep SQLite (which has no statistics) from
+// probing lookback_events by (consumed, expires_at), a scan of every pending
+// event per run, instead of by run_id; MySQL ignores them.
 const purgeRunCandidatesSQL = `SELECT r.seq, r.id FROM runs r
 LEFT JOIN waiters w ON w.run_id = r.id AND w.state = ?
 LEFT JOIN lookback_events l ON l.run_id = r.id AND +l.consumed = ? AND +l.expires_at > ?
