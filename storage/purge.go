@@ -62,18 +62,16 @@ const purgeRunsPerBatch = 50
 // Anti-joins, not NOT EXISTS: MariaDB turned NOT EXISTS on lookback_events
 // into a materialized table of every pending lookback event, built on each
 // call. A LEFT JOIN keeps runs the outer table, read in runs_ended order,
-// each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed)
-// and dropped at the first live row. The owed-delivery check on outbox is a
-// NOT EXISTS: as a third LEFT JOIN, MariaDB planned it "Range checked for each
-// record" and one candidate query took 967 ms on 1M ended rows (23 ms
-// without it). The unary pluses keep SQLite (which has no statistics) from
-// probing lookback_events by (consumed, expires_at), a scan of every pending
-// event per run, instead of by run_id; MySQL ignores them.
+// each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed,
+// outbox_run) and dropped at the first live row. The unary pluses keep
+// SQLite (which has no statistics) from probing lookback_events by
+// (consumed, expires_at) or outbox by (state, next_attempt_at), a scan of
+// every pending row per run, instead of by run_id; MySQL ignores them.
 const purgeRunCandidatesSQL = `SELECT r.seq, r.id FROM runs r
 LEFT JOIN waiters w ON w.run_id = r.id AND w.state = ?
 LEFT JOIN lookback_events l ON l.run_id = r.id AND +l.consumed = ? AND +l.expires_at > ?
-WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL
-AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id AND o.state IN (?, ?))
+LEFT JOIN outbox o ON o.run_id = r.id AND +o.state IN (?, ?)
+WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL AND o.seq IS NULL
 ORDER BY r.ended_at, r.state, r.seq LIMIT ?`
 
 // RunPurge deletes runs that ended at or before p.EndedBefore with
@@ -94,7 +92,7 @@ func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResul
 	}
 	var runs []candidate
 	if err := e.q(ctx).Raw(purgeRunCandidatesSQL, string(models.WaiterWaiting), false, newDBTime(p.Now),
-		newDBTime(p.EndedBefore), string(models.RunStarted), string(models.DispatchPending), string(OutboxHeld), min(purgeRunsPerBatch, max(p.Limit, 1))).Scan(&runs).Error; err != nil {
+		string(models.DispatchPending), string(OutboxHeld), newDBTime(p.EndedBefore), string(models.RunStarted), min(purgeRunsPerBatch, max(p.Limit, 1))).Scan(&runs).Error; err != nil {
 		return res, e.classify(err)
 	}
 	if len(runs) == 0 {
