@@ -563,10 +563,20 @@ func TestCallbackRetention(t *testing.T) {
 		run, ev := e.trigger(), uid("cb-ret")
 		w := e.waitCallback(run, "s", ev, nil, map[string]any{"url": rcv.srv.URL + "/cb/r", "retries": 20})
 		e.ok(`mutation($id: ID!) { cancel(workflowRunId: $id) { state } }`, map[string]any{"id": run}, nil)
-		eventually(t, 10*time.Second, func() bool { _, cb := e.callbackOf(run, w.ID); return cb.Attempts >= 1 }, "a first, refused attempt")
+		// Attempts counts an attempt from its claim; the clock moves only
+		// once the attempt's result is recorded (its claim released), or
+		// the retry would be scheduled an hour after the moved clock.
+		recorded := func(n int) func() bool {
+			return func() bool {
+				rec, err := e.svc.Store.OutboxGetByWaiter(ctx, w.ID)
+				require.NoError(t, err)
+				return rec.Attempts >= n && rec.Claim == "" && rec.LastStatus != nil
+			}
+		}
+		eventually(t, 10*time.Second, recorded(1), "a first, refused attempt, recorded")
 
 		e.clock.Advance(49 * time.Hour) // past the retention, and the retry is due: refused again
-		eventually(t, 10*time.Second, func() bool { _, cb := e.callbackOf(run, w.ID); return cb.Attempts >= 2 }, "a second, refused attempt")
+		eventually(t, 10*time.Second, recorded(2), "a second, refused attempt, recorded")
 		_, err := e.svc.Engine.Purge(ctx)
 		require.NoError(t, err)
 		_, cb := e.callbackOf(run, w.ID)
