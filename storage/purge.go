@@ -20,6 +20,19 @@ type PurgeParams struct {
 	// Limit caps the rows one call deletes (a little more with the runs and
 	// notifications that go with them).
 	Limit int
+	// After: RunPurge reads ended runs after this position and moves it
+	// past the runs it is done with (purged, or kept because something of
+	// theirs is still live), so that a caller passing the same params again
+	// goes on where the last call stopped. nil: from the oldest.
+	After *RunCursor
+}
+
+// RunCursor is a position in the order RunPurge reads ended runs, the
+// order of runs_ended: (ended_at, state, seq).
+type RunCursor struct {
+	EndedAt time.Time
+	State   string
+	Seq     int64
 }
 
 // PurgeResult counts what one call deleted.
@@ -27,7 +40,8 @@ type PurgeResult struct {
 	Runs, Waiters, Steps, LookbackEvents, Notifications int64
 	// Deliveries: outbox rows (a run's dispatch, its waiters' callbacks), purged with their run.
 	Deliveries int64
-	// More: the call stopped at its limit; call again for the rest.
+	// More: the call stopped before the end (at its limit, or at the end
+	// of what it read); call again, with the same params, for the rest.
 	More bool
 }
 
@@ -46,33 +60,39 @@ func (r PurgeResult) Rows() int64 {
 	return r.Runs + r.Waiters + r.Steps + r.LookbackEvents + r.Notifications + r.Deliveries
 }
 
-// purgeRunsPerBatch: runs looked at per call; their rows fill the rest of
-// the limit.
+// purgeRunsPerBatch: runs purged per call at most; their rows fill the
+// rest of the limit.
 const purgeRunsPerBatch = 50
 
-// purgeRunCandidatesSQL picks the runs that ended longest ago, in the order
-// of runs_ended, leaving out any run that still has something live: a
-// waiter WAITING, a lookback event neither consumed nor expired, or a
-// delivery still owed (a waiter's callback goes on after its run ended,
-// the dispatch in flight when it ended is still recorded). (Ending
-// a run ends its waiters and drops its pending lookback events, in the same
-// transaction, so neither should exist; if one does, the run stays.) A run
-// in RUN_STARTED has no ended_at.
+// purgeScanRuns: ended runs read per call to find those to purge. A run
+// with something still live is skipped (see runsStillLive), and the
+// cursor moves past it, so runs kept at the head of runs_ended (a callback
+// owed for days) never stall the purge of those behind them.
+const purgeScanRuns = 200
+
+// purgeRunsLiveSQL lists which of the given runs still have something live:
+// a waiter WAITING, a lookback event neither consumed nor expired, or a
+// delivery owed (a waiter's callback goes on after its run ended; the
+// dispatch in flight when it ended is still recorded). Ending a run ends
+// its waiters and drops its pending lookback events in the same
+// transaction, so the first two should not exist; if one does, the run
+// stays.
 //
-// Anti-joins, not NOT EXISTS: MariaDB turned NOT EXISTS on lookback_events
-// into a materialized table of every pending lookback event, built on each
-// call. A LEFT JOIN keeps runs the outer table, read in runs_ended order,
-// each probed by run_id (waiters_run_state_ended, lookback_run_event_consumed,
-// outbox_run) and dropped at the first live row. The unary pluses keep
-// SQLite (which has no statistics) from probing lookback_events by
-// (consumed, expires_at) or outbox by (state, next_attempt_at), a scan of
-// every pending row per run, instead of by run_id; MySQL ignores them.
-const purgeRunCandidatesSQL = `SELECT r.seq, r.id FROM runs r
-LEFT JOIN waiters w ON w.run_id = r.id AND w.state = ?
-LEFT JOIN lookback_events l ON l.run_id = r.id AND +l.consumed = ? AND +l.expires_at > ?
-LEFT JOIN outbox o ON o.run_id = r.id AND +o.state IN (?, ?)
-WHERE r.ended_at <= ? AND r.state <> ? AND w.seq IS NULL AND l.seq IS NULL AND o.seq IS NULL
-ORDER BY r.ended_at, r.state, r.seq LIMIT ?`
+// Each part is a probe by run_id for an IN list (waiters_run_state_ended,
+// lookback_run_event_consumed, outbox_run), not a join from runs. As joins
+// from the scan of runs_ended, MariaDB picked its plans from table
+// statistics, which lag behind a table that grew or shrank: it probed
+// waiters by state (every live subscription's waiter, per run), joined
+// lookback_events as a block nested loop over every pending event (597 ms
+// per call for 50 runs after a bulk load), and planned outbox "Range
+// checked for each record" (967 ms per call on 1M ended runs). For a
+// short IN list it estimates each index by diving into it, and run_id
+// wins. The unary pluses keep SQLite (which has no statistics) from
+// probing lookback_events by (consumed, expires_at) or outbox by (state,
+// next_attempt_at) instead of by run_id; MySQL ignores them.
+const purgeRunsLiveSQL = `SELECT run_id FROM waiters WHERE run_id IN ? AND state = ?
+UNION SELECT run_id FROM lookback_events WHERE run_id IN ? AND +consumed = ? AND +expires_at > ?
+UNION SELECT run_id FROM outbox WHERE run_id IN ? AND +state IN ?`
 
 // RunPurge deletes runs that ended at or before p.EndedBefore with
 // everything of theirs: waiters, steps, lookback events, outbox rows, and the
@@ -86,16 +106,12 @@ func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResul
 	if err := e.runEndedAtRepair(ctx, p.Limit); err != nil {
 		return res, err
 	}
-	type candidate struct {
-		Seq int64  `gorm:"column:seq"`
-		ID  string `gorm:"column:id"`
-	}
-	var runs []candidate
-	if err := e.q(ctx).Raw(purgeRunCandidatesSQL, string(models.WaiterWaiting), false, newDBTime(p.Now),
-		string(models.DispatchPending), string(OutboxHeld), newDBTime(p.EndedBefore), string(models.RunStarted), min(purgeRunsPerBatch, max(p.Limit, 1))).Scan(&runs).Error; err != nil {
-		return res, e.classify(err)
+	runs, next, scannedAll, err := e.runsToPurge(ctx, p)
+	if err != nil {
+		return res, err
 	}
 	if len(runs) == 0 {
+		p.After, res.More = next, !scannedAll
 		return res, nil
 	}
 	ids := make([]string, len(runs))
@@ -139,6 +155,7 @@ func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResul
 		budget -= len(rows)
 	}
 	if !complete {
+		// The same runs come first again next call: the cursor stays.
 		res.More = true
 		return res, nil
 	}
@@ -150,8 +167,57 @@ func (e *gormExecutor) RunPurge(ctx context.Context, p *PurgeParams) (PurgeResul
 		return res, e.classify(del.Error)
 	}
 	res.Runs = del.RowsAffected
-	res.More = len(runs) == min(purgeRunsPerBatch, max(p.Limit, 1))
+	p.After, res.More = next, !scannedAll
 	return res, nil
+}
+
+type purgeCandidate struct {
+	Seq     int64  `gorm:"column:seq"`
+	ID      string `gorm:"column:id"`
+	State   string `gorm:"column:state"`
+	EndedAt dbTime `gorm:"column:ended_at"`
+}
+
+// runsToPurge reads up to purgeScanRuns ended runs after p.After, oldest
+// first, and returns the first of them (purgeRunsPerBatch at most, and
+// the call's limit) with nothing live, the position just after the last
+// run it returned or skipped, and whether it read every ended run left.
+func (e *gormExecutor) runsToPurge(ctx context.Context, p *PurgeParams) (runs []purgeCandidate, next *RunCursor, scannedAll bool, err error) {
+	q := e.q(ctx).Model(&runRow{}).Select("seq, id, state, ended_at").
+		Where("ended_at <= ? AND state <> ?", newDBTime(p.EndedBefore), string(models.RunStarted))
+	if a := p.After; a != nil {
+		at := newDBTime(a.EndedAt)
+		q = q.Where("ended_at >= ? AND (ended_at > ? OR state > ? OR (state = ? AND seq > ?))", at, at, a.State, a.State, a.Seq)
+	}
+	var scanned []purgeCandidate
+	if err := q.Order("ended_at, state, seq").Limit(purgeScanRuns).Scan(&scanned).Error; err != nil {
+		return nil, p.After, false, e.classify(err)
+	}
+	next, scannedAll = p.After, len(scanned) < purgeScanRuns
+	if len(scanned) == 0 {
+		return nil, next, scannedAll, nil
+	}
+	ids := make([]string, len(scanned))
+	for i, r := range scanned {
+		ids[i] = r.ID
+	}
+	var live []string
+	if err := e.q(ctx).Raw(purgeRunsLiveSQL, ids, string(models.WaiterWaiting), ids, false, newDBTime(p.Now),
+		ids, []string{string(models.DispatchPending), string(OutboxHeld)}).Scan(&live).Error; err != nil {
+		return nil, p.After, false, e.classify(err)
+	}
+	want := min(purgeRunsPerBatch, max(p.Limit, 1))
+	for i, r := range scanned {
+		if len(runs) == want {
+			// Stopped before the end of what was read: more is left.
+			return runs, next, false, nil
+		}
+		if !slices.Contains(live, r.ID) {
+			runs = append(runs, r)
+		}
+		next = &RunCursor{EndedAt: scanned[i].EndedAt.Time, State: r.State, Seq: r.Seq}
+	}
+	return runs, next, scannedAll, nil
 }
 
 // runEndedAtRepair gives runs ended without an ended_at their updated_at

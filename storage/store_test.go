@@ -1643,6 +1643,56 @@ func exerciseStore(t *testing.T, newDatabase func(t *testing.T) string) {
 		require.Equal(t, int64((len(all)+perMsg-1)/perMsg), total.Notifications)
 	})
 
+	// Runs kept because something of theirs is still live (here a waiter
+	// still WAITING) sit at the head of runs_ended, more of them than one
+	// call reads: calls with the same params move past them and purge the
+	// runs behind, and a purge that deleted nothing still says there is more.
+	t.Run("PurgeMovesPastKeptRuns", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t)
+		old := b.now.Add(-40 * 24 * time.Hour)
+		const kept = 230 // > purgeScanRuns
+		for i := range kept {
+			id := "wfr_kept" + strconv.Itoa(i)
+			insertRun(t, b, id)
+			insertWaiter(t, b, "k", ptr(id), b.now.Add(time.Hour))
+			require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: id, State: models.RunSuccess, UpdatedAt: old}))
+		}
+		for i := range 3 {
+			id := "wfr_behind" + strconv.Itoa(i)
+			insertRun(t, b, id)
+			require.NoError(t, b.store.RunEnd(b.ctx, &storage.RunEndParams{RunID: id, State: models.RunSuccess, UpdatedAt: old.Add(time.Minute)}))
+		}
+		p := &storage.PurgeParams{EndedBefore: b.now.Add(-time.Hour), Now: b.now, Limit: 10}
+		var total storage.PurgeResult
+		var calls, empty int
+		for ; ; calls++ {
+			require.Less(t, calls, 10, "purge does not finish")
+			var res storage.PurgeResult
+			require.NoError(t, b.store.InTx(b.ctx, func(tx storage.Executor) error {
+				var err error
+				res, err = tx.RunPurge(b.ctx, p)
+				return err
+			}))
+			if res.Rows() == 0 && res.More {
+				empty++
+			}
+			total = total.Add(res)
+			if !res.More {
+				break
+			}
+		}
+		require.Equal(t, int64(3), total.Runs)
+		require.GreaterOrEqual(t, empty, 1, "a call that only read kept runs says there is more")
+		for i := range 3 {
+			_, err := b.store.RunGet(b.ctx, "wfr_behind"+strconv.Itoa(i), false)
+			require.ErrorIs(t, err, storage.ErrNotFound)
+		}
+		var n int
+		require.NoError(t, rawDB(t, b.url).QueryRowContext(b.ctx, `SELECT COUNT(*) FROM runs`).Scan(&n))
+		require.Equal(t, kept, n, "every kept run is still there")
+	})
+
 	// During a rolling upgrade, replicas on the binary before ended_at end
 	// runs without it: the purge still finds them, by updated_at.
 	t.Run("PurgeRunEndedByOlderBinary", func(t *testing.T) {
