@@ -123,7 +123,8 @@ func (s *suite) rows() []row {
 				res += fmt.Sprintf(" = %.1f × peer p99", float64(d.P99)/float64(max(pr.delivery.Lat.P99, 1)))
 				ok = ok && d.P99 <= 2*pr.delivery.Lat.P99
 			}
-			res += fmt.Sprintf(" (p50 %s, max %s)%s%s%s", fmtDur(d.P50), fmtDur(d.Max), trouble(r.delivery), s.noteText("idle"), s.busy("delivery"))
+			res += fmt.Sprintf(" (p50 %s, max %s; the notify's own response p99 %s, max %s)%s%s%s", fmtDur(d.P50), fmtDur(d.Max),
+				fmtDur(r.delivery.Resp.P99), fmtDur(r.delivery.Resp.Max), trouble(r.delivery), s.noteText("idle"), s.busy("delivery"))
 			return res, peerDelivery() + "; for scale, " + memBase, ok, peerOK || !ok
 		})
 	add([]string{"idle"},
