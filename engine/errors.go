@@ -23,9 +23,9 @@ const (
 	// change may or may not have been made. A notify with a step can be
 	// repeated safely; read the run to find out otherwise.
 	CodeOutcomeUnknown Code = "OUTCOME_UNKNOWN"
-	// CodeWaiterLost: a subscription's waiter was removed while its
-	// server was cut off from the database (see errWaiterLost); it
-	// received nothing. Subscribe again.
+	// CodeWaiterLost: a subscription's waiter was removed because its
+	// server's lease ran out (cut off from the database, or too busy to
+	// renew it; see errWaiterLost); it received nothing. Subscribe again.
 	CodeWaiterLost Code = "WAITER_LOST"
 )
 

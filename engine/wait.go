@@ -540,7 +540,7 @@ func (w *Wait) decide(c causes) bool {
 // ends with CodeWaiterLost, and subscribing again consumes any lookback
 // event stored meanwhile, as for any new subscription.
 func errWaiterLost(w *models.Waiter) error {
-	return errorf(CodeWaiterLost, "the waiter %s of this subscription was removed while this server was cut off from the database; it received nothing: subscribe again (a targeted notify sent meanwhile was kept as a lookback event and is delivered then)", w.ID)
+	return errorf(CodeWaiterLost, "the waiter %s of this subscription was removed because this server's lease ran out (it was cut off from the database, or too busy to renew the lease in time); it received nothing: subscribe again (a targeted notify sent meanwhile was kept as a lookback event and is delivered then)", w.ID)
 }
 
 // retry notes a database error and sets the alarm for another try.
