@@ -22,7 +22,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
 
@@ -608,30 +607,12 @@ type clientHandle struct {
 }
 
 func startClient() (*clientHandle, error) {
-	exe, err := os.Executable()
+	// A gctrace is meant for the server process.
+	c, err := startChild("-client", "client process", envWithout("GODEBUG="), os.Stderr)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(exe, "-client")
-	cmd.Stderr = os.Stderr
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "GODEBUG=") { // a gctrace is meant for the server process
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		return nil, err
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start client process: %w", err)
-	}
-	return &clientHandle{cmd: cmd, in: in, out: json.NewDecoder(out)}, nil
+	return &clientHandle{cmd: c.cmd, in: c.in, out: json.NewDecoder(c.out)}, nil
 }
 
 // do runs one command; when ctx ends first the client process is killed

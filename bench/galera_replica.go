@@ -20,7 +20,6 @@ import (
 	"os/exec"
 	"runtime/pprof"
 	"strings"
-	"syscall"
 	"time"
 
 	"rendezvous/service"
@@ -96,25 +95,11 @@ type replica struct {
 // startReplica starts a replica with env (DATABASE_URL, REDIS_URL, …) on
 // top of the bench's own environment and waits until it listens.
 func startReplica(ctx context.Context, name string, env ...string) (*replica, error) {
-	exe, err := os.Executable()
+	c, err := startChild("-galera-replica", name, append(append(os.Environ(), "LOG_LEVEL=error"), env...), prefixWriter{prefix: name + ": ", w: os.Stderr})
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(exe, "-galera-replica")
-	cmd.Env = append(append(os.Environ(), "LOG_LEVEL=error"), env...)
-	cmd.Stderr = prefixWriter{prefix: name + ": ", w: os.Stderr}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		return nil, err
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
+	cmd, in, out := c.cmd, c.in, c.out
 	r := &replica{name: name, cmd: cmd, in: in, exited: make(chan struct{})}
 	addr := make(chan string, 1)
 	go func() {

@@ -34,8 +34,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/centrifugal/centrifuge"
@@ -137,31 +135,13 @@ type peerHandle struct {
 }
 
 func startPeer() (*peerHandle, error) {
-	exe, err := os.Executable()
+	// The peer runs with Go's GC defaults, as shipped: GC settings (and a
+	// gctrace) in the environment are meant for our server.
+	c, err := startChild("-peer-server", "peer process", envWithout("GODEBUG=", "GOGC=", "GOMEMLIMIT="), os.Stderr)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(exe, "-peer-server")
-	cmd.Stderr = os.Stderr
-	for _, kv := range os.Environ() {
-		// The peer runs with Go's GC defaults, as shipped: GC settings
-		// (and a gctrace) in the environment are meant for our server.
-		if !strings.HasPrefix(kv, "GODEBUG=") && !strings.HasPrefix(kv, "GOGC=") && !strings.HasPrefix(kv, "GOMEMLIMIT=") {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		return nil, err
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start peer process: %w", err)
-	}
+	cmd, in, out := c.cmd, c.in, c.out
 	p := &peerHandle{cmd: cmd, in: in, pid: cmd.Process.Pid, hc: &http.Client{Timeout: time.Minute}}
 	line, err := bufio.NewReader(out).ReadBytes('\n')
 	var hello struct {

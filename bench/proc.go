@@ -3,11 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -188,4 +190,50 @@ func sizeLine(o options) string {
 	}
 	return fmt.Sprintf("%s: throughput %s, latency %d notifies, delivery %s at %.0f/s beside %d idle (one websocket each) + %d multiplexed idle, multiplexed memory %d, fan-out %d %v per websocket, seeded %d waiters + %d lookback events; 1 KB = 1000 bytes",
 		mode, z.ThroughputFor, z.LatencyN, z.DeliveryFor, z.DeliveryRate, z.Idle, z.DeliveryMux, z.Mux, z.FanOut, z.FanOutPerConn, z.SeedWaiters, z.SeedLookback)
+}
+
+// child is a process of the bench (its client, the peer's server, a
+// replica): this executable run with flag, commanded on its stdin and
+// answering on its stdout.
+type child struct {
+	cmd *exec.Cmd
+	in  io.WriteCloser
+	out io.ReadCloser
+}
+
+// startChild starts this executable with flag as a child that is killed
+// when the bench dies. env is its environment (nil: the bench's own);
+// stderr takes its stderr.
+func startChild(flag, name string, env []string, stderr io.Writer) (*child, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(exe, flag)
+	cmd.Env, cmd.Stderr = env, stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	return &child{cmd: cmd, in: in, out: out}, nil
+}
+
+// envWithout is the bench's environment less the variables with these
+// prefixes (such as "GODEBUG=", meant for the server process).
+func envWithout(prefixes ...string) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !slices.ContainsFunc(prefixes, func(p string) bool { return strings.HasPrefix(kv, p) }) {
+			env = append(env, kv)
+		}
+	}
+	return env
 }
