@@ -22,6 +22,16 @@ const txTimeout = 30 * time.Second
 type gormStore struct {
 	gormExecutor
 	sqlDB       *sql.DB
+	// lease is the database through a pool of its own, one connection,
+	// for the statements that keep this replica's lease: reading the
+	// database's clock and renewing the lease (DBNow, ReplicaRenew). On
+	// the shared pool they waited for a connection behind every queued
+	// request: seconds while tens of thousands of subscriptions
+	// registered at once, and when a renewal waits past its bound for
+	// the whole lease, other replicas take this live one for dead and
+	// remove its waiters. nil on SQLite (one connection in all, one
+	// replica per file).
+	lease *gormExecutor
 	maxAttempts int
 	log         *slog.Logger
 	// outboxDue is OnOutboxDue's hook.
@@ -108,14 +118,32 @@ func (s *gormStore) DBNow(ctx context.Context) (time.Time, error) {
 		// milliseconds. (Processes sharing a SQLite file share a machine.)
 		return time.Now().UTC(), nil
 	}
+	pool := s.sqlDB
+	if s.lease != nil {
+		pool = s.lease.pool
+	}
 	var now time.Time
-	if err := s.sqlDB.QueryRowContext(ctx, "SELECT UTC_TIMESTAMP(6)").Scan(&now); err != nil {
+	if err := pool.QueryRowContext(ctx, "SELECT UTC_TIMESTAMP(6)").Scan(&now); err != nil {
 		return time.Time{}, s.classify(err)
 	}
 	return now.UTC(), nil
 }
 
-func (s *gormStore) Close() error { return s.sqlDB.Close() }
+// ReplicaRenew renews the lease through the lease's own pool (see lease).
+func (s *gormStore) ReplicaRenew(ctx context.Context, replicaID string, leaseUntil time.Time) error {
+	if s.lease != nil {
+		return s.lease.ReplicaRenew(ctx, replicaID, leaseUntil)
+	}
+	return s.gormExecutor.ReplicaRenew(ctx, replicaID, leaseUntil)
+}
+
+func (s *gormStore) Close() error {
+	err := s.sqlDB.Close()
+	if s.lease != nil {
+		err = errors.Join(err, s.lease.pool.Close())
+	}
+	return err
+}
 
 func (s *gormStore) InTx(ctx context.Context, fn func(tx Executor) error) error {
 	for attempt := 1; ; attempt++ {

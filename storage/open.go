@@ -63,14 +63,15 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		dialector gorm.Dialector
 		dialect   string
 		galera    bool
+		dsn       string
 	)
 	switch scheme {
 	case "mysql":
-		dsn, g, err := mysqlDSN(ctx, databaseURL)
+		var err error
+		dsn, galera, err = mysqlDSN(ctx, databaseURL)
 		if err != nil {
 			return nil, err
 		}
-		galera = g
 		dialect, dialector = DialectMySQL, mysql.New(mysql.Config{DSN: dsn})
 	case "sqlite", "sqlite3":
 		dialect, dialector = DialectSQLite, sqlite.Open(sqliteDSN(rest))
@@ -78,11 +79,7 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 		return nil, fmt.Errorf("DATABASE_URL scheme %q: want mysql or sqlite", scheme)
 	}
 
-	db, err := gorm.Open(dialector, &gorm.Config{
-		SkipDefaultTransaction: true, // the engine draws its own transaction boundaries
-		Logger:                 logger.Discard,
-		NowFunc:                func() time.Time { return time.Now().UTC() },
-	})
+	db, err := gorm.Open(dialector, gormConfig())
 	if err != nil {
 		return nil, fmt.Errorf("open %s database: %w", dialect, classify(err))
 	}
@@ -112,12 +109,40 @@ func Open(ctx context.Context, databaseURL string, opts Options) (Store, error) 
 	if d, ok := dialector.(*mysql.Dialector); ok {
 		returning = mariaDBAtLeast(d.ServerVersion, 10, 5)
 	}
-	return &gormStore{
+	s := &gormStore{
 		gormExecutor: gormExecutor{db: db, dialect: dialect, obs: opts.Observer, returning: returning, pool: sqlDB, maxIdle: opts.MaxOpenConns, galera: galera},
 		sqlDB:        sqlDB,
 		maxAttempts:  opts.MaxTxAttempts,
 		log:          opts.Logger,
-	}, nil
+	}
+	if dialect == DialectMySQL {
+		// The lease's own pool (see gormStore.lease); it connects when
+		// first used.
+		ldb, err := gorm.Open(mysql.New(mysql.Config{DSN: dsn, SkipInitializeWithVersion: true}), gormConfig())
+		if err != nil {
+			sqlDB.Close()
+			return nil, fmt.Errorf("open %s database: %w", dialect, classify(err))
+		}
+		lsql, err := ldb.DB()
+		if err != nil {
+			sqlDB.Close()
+			return nil, fmt.Errorf("open %s database: %w", dialect, err)
+		}
+		lsql.SetMaxOpenConns(1)
+		lsql.SetMaxIdleConns(1)
+		lsql.SetConnMaxLifetime(30 * time.Minute)
+		lsql.SetConnMaxIdleTime(serverWaitTimeout / 2)
+		s.lease = &gormExecutor{db: ldb, dialect: dialect, obs: opts.Observer, returning: returning, pool: lsql, maxIdle: 1, galera: galera}
+	}
+	return s, nil
+}
+
+func gormConfig() *gorm.Config {
+	return &gorm.Config{
+		SkipDefaultTransaction: true, // the engine draws its own transaction boundaries
+		Logger:                 logger.Discard,
+		NowFunc:                func() time.Time { return time.Now().UTC() },
+	}
 }
 
 // mysqlDSN turns a mysql:// URL into a go-sql-driver DSN: times parsed as

@@ -2243,3 +2243,48 @@ func TestRetriesAreBoundedMySQL(t *testing.T) {
 	require.ErrorIs(t, err, storage.ErrUnavailable)
 	require.EqualValues(t, 2, attempts.Load())
 }
+
+// The statements that keep a replica's lease (reading the database's clock,
+// renewing the lease) do not wait behind a full pool: with every connection
+// of the pool held by a transaction, both still answer at once. Before, a
+// flood of registrations held them back for seconds, and a renewal that
+// waits past its bound for the whole lease lets other replicas take a live
+// replica for dead.
+func TestLeaseStatementsSkipAFullPoolMySQL(t *testing.T) {
+	t.Parallel()
+	store, err := storage.Open(t.Context(), testdb.MySQL(t), storage.Options{MaxOpenConns: 2})
+	require.NoError(t, err)
+	t.Cleanup(func() { store.Close() })
+	release := make(chan struct{})
+	var held, wg sync.WaitGroup
+	for range 2 {
+		held.Add(1)
+		wg.Go(func() {
+			assert.NoError(t, store.InTx(t.Context(), func(tx storage.Executor) error {
+				if _, err := tx.RunGet(t.Context(), "wfr_none", false); !errors.Is(err, storage.ErrNotFound) {
+					return err
+				}
+				held.Done() // this transaction holds one of the pool's two connections
+				<-release
+				return nil
+			}))
+		})
+	}
+	held.Wait()
+	defer wg.Wait()
+	defer close(release)
+
+	// The pool is full: a statement on it waits out its deadline.
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	_, err = store.RunGet(ctx, "wfr_none", false)
+	cancel()
+	require.Error(t, err, "the pool should be full")
+	require.NotErrorIs(t, err, storage.ErrNotFound)
+
+	ctx, cancel = context.WithTimeout(t.Context(), 2*time.Second)
+	defer cancel()
+	now, err := store.DBNow(ctx)
+	require.NoError(t, err, "the clock read waited for the full pool")
+	require.WithinDuration(t, time.Now(), now, time.Minute)
+	require.NoError(t, store.ReplicaRenew(ctx, "rep_full_pool", now.Add(time.Minute)), "the renewal waited for the full pool")
+}
