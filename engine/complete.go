@@ -135,6 +135,9 @@ func (e *Engine) Complete(ctx context.Context, p CompleteParams) (res *CompleteR
 		result = &CompleteResult{Waiter: cur}
 		return nil
 	})
+	if errors.Is(err, storage.ErrCommitUnknown) {
+		return e.completeReadBack(ctx, w.ID, messageID, wakes, err)
+	}
 	if err != nil {
 		return nil, storageErr("complete waiter "+w.ID, err)
 	}
@@ -143,4 +146,29 @@ func (e *Engine) Complete(ctx context.Context, p CompleteParams) (res *CompleteR
 	}
 	e.wake(ctx, wakes)
 	return result, nil
+}
+
+// completeReadBack settles a completion whose COMMIT outcome is unknown by
+// reading its waiter back, so that the caller is not left to guess (a retry
+// would get 409 and could not tell whether the win was its own). The
+// message id is this call's alone: a waiter NOTIFIED with it is this call's
+// win (its subscribers are woken, as after any commit), and a waiter ended
+// another way means the commit did not land (a waiter ends once), answered
+// as a replay. A waiter still WAITING proves nothing (the server finishes a
+// COMMIT whose client went away, maybe after this read), nor does a failed
+// read: both stay OUTCOME_UNKNOWN.
+func (e *Engine) completeReadBack(ctx context.Context, waiterID, messageID string, wakes map[string]hub.Wake, commitErr error) (*CompleteResult, error) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), readTimeout)
+	defer cancel()
+	cur, err := e.store.WaiterGet(rctx, waiterID)
+	if err != nil || cur.State == models.WaiterWaiting {
+		return nil, storageErr("complete waiter "+waiterID, commitErr)
+	}
+	cur.EventData = nil
+	if cur.MessageID != nil && *cur.MessageID == messageID {
+		e.record(tally{notified: 1})
+		e.wake(ctx, wakes)
+		return &CompleteResult{Won: true, Waiter: cur}, nil
+	}
+	return &CompleteResult{Waiter: cur}, nil
 }
