@@ -28,7 +28,10 @@ import (
 
 // Delivery is one claimed attempt.
 type Delivery struct {
-	ID      string // Rendezvous-Delivery-Id: the same on every attempt
+	ID string // Rendezvous-Delivery-Id: the same on every attempt
+	// Kind says what it delivers ("dispatch", "callback"), for the
+	// Observer.
+	Kind    string
 	URL     string
 	Headers map[string]string // the caller's extra headers
 	Body    []byte
@@ -74,7 +77,7 @@ type Signer func(body []byte, now time.Time) string
 
 // Observer hears each attempt, for metrics. It must not block.
 type Observer interface {
-	DeliveryAttempt(result string, d time.Duration)
+	DeliveryAttempt(kind, result string, d time.Duration)
 }
 
 // Config tunes the deliverer. Zero fields take the defaults.
@@ -326,7 +329,7 @@ func (d *Deliverer) jitteredPoll() time.Duration {
 func (d *Deliverer) attempt(ctx context.Context, dl Delivery) Result {
 	res := d.send(ctx, dl)
 	if d.cfg.Observer != nil {
-		d.cfg.Observer.DeliveryAttempt(outcome(res), res.Duration)
+		d.cfg.Observer.DeliveryAttempt(dl.Kind, outcome(res), res.Duration)
 	}
 	return res
 }

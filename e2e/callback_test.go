@@ -338,6 +338,13 @@ func TestCallbackRetriedThenFailsTheRun(t *testing.T) {
 		}
 		rcv.mu.Unlock()
 		require.Len(t, ids, 1, "three attempts, one delivery id")
+		// The metrics count them as a callback's attempts, not a dispatch's.
+		eventually(t, 10*time.Second, func() bool {
+			m := e.scrape(nil)
+			return m.value("rendezvous_outbox_attempts_total", "kind", "callback", "result", "failed") == 2 &&
+				m.value("rendezvous_outbox_attempts_total", "kind", "callback", "result", "delivered") == 1
+		}, "two failed attempts and one delivered, counted as a callback's")
+		require.Zero(t, e.scrape(nil).value("rendezvous_outbox_attempts_total", "kind", "dispatch"))
 
 		// Never a 2xx: FAILED after retries+1 attempts, and the run fails saying why.
 		e.stop() // its delivery loop, allowed elsewhere, would refuse the next one's rows

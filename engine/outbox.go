@@ -251,7 +251,7 @@ func (e *Engine) ClaimDeliveries(ctx context.Context, limit int, lease time.Dura
 		if r.Kind == storage.OutboxKindDispatch && r.Attempts > 1 && r.RunID != nil && e.runEnded(ctx, r) {
 			continue
 		}
-		d := delivery.Delivery{ID: r.ID, URL: r.URL, Body: r.Body, Attempt: r.Attempts, MaxAttempts: r.MaxAttempts, Claim: r.Claim}
+		d := delivery.Delivery{ID: r.ID, Kind: r.Kind, URL: r.URL, Body: r.Body, Attempt: r.Attempts, MaxAttempts: r.MaxAttempts, Claim: r.Claim}
 		if r.Kind == storage.OutboxKindCallback {
 			body, ok := e.callbackBody(ctx, r)
 			if !ok {

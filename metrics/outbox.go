@@ -3,6 +3,7 @@ package metrics
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -18,14 +19,17 @@ type outboxMetrics struct {
 	duration prometheus.Histogram
 }
 
-var deliveryResults = []string{"delivered", "failed", "refused", "interrupted"}
+var (
+	deliveryResults = []string{"delivered", "failed", "refused", "interrupted"}
+	deliveryKinds   = []string{"dispatch", "callback"}
+)
 
 func newOutboxMetrics(reg *prometheus.Registry) outboxMetrics {
 	o := outboxMetrics{
 		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "rendezvous_outbox_attempts_total",
-			Help: "HTTP delivery attempts (dispatches) made by this replica, by result: delivered (2xx), failed (anything else, a timeout, a refused connection; retried until its retries are used up), refused (the URL is no longer allowed), interrupted (this replica stopped during it; it does not count).",
-		}, []string{"result"}),
+			Help: "HTTP delivery attempts made by this replica, by kind (dispatch: a run's start; callback: a waiter's result) and result: delivered (2xx), failed (anything else, a timeout, a refused connection; retried until its retries are used up), refused (the URL is no longer allowed), interrupted (this replica stopped during it; it does not count).",
+		}, []string{"kind", "result"}),
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "rendezvous_outbox_attempt_duration_seconds",
 			Help:    "Time of one HTTP delivery attempt, from the request to the end of the (capped) response.",
@@ -33,22 +37,23 @@ func newOutboxMetrics(reg *prometheus.Registry) outboxMetrics {
 		}),
 	}
 	reg.MustRegister(o.attempts, o.duration)
-	for _, r := range deliveryResults {
-		o.attempts.WithLabelValues(r)
+	for _, k := range deliveryKinds {
+		for _, r := range deliveryResults {
+			o.attempts.WithLabelValues(k, r)
+		}
 	}
 	return o
 }
 
 // DeliveryAttempt implements delivery.Observer.
-func (m *Metrics) DeliveryAttempt(result string, d time.Duration) {
-	known := false
-	for _, r := range deliveryResults {
-		known = known || r == result
-	}
-	if !known {
+func (m *Metrics) DeliveryAttempt(kind, result string, d time.Duration) {
+	if !slices.Contains(deliveryResults, result) {
 		result = other
 	}
-	m.outbox.attempts.WithLabelValues(result).Inc()
+	if !slices.Contains(deliveryKinds, kind) {
+		kind = other
+	}
+	m.outbox.attempts.WithLabelValues(kind, result).Inc()
 	m.outbox.duration.Observe(d.Seconds())
 }
 
@@ -63,7 +68,7 @@ func (m *Metrics) ObserveOutboxPending(count func(ctx context.Context) (int64, e
 	)
 	g := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "rendezvous_outbox_pending",
-		Help: "HTTP deliveries (dispatches) PENDING in the whole database: not yet delivered, failed or canceled.",
+		Help: "HTTP deliveries (dispatches and callbacks) PENDING in the whole database: not yet delivered, failed or canceled.",
 	}, func() float64 {
 		mu.Lock()
 		defer mu.Unlock()
