@@ -261,25 +261,11 @@ type Sub struct {
 
 // Subscribe starts a subscription.
 func (c *Conn) Subscribe(ctx context.Context, query string, vars map[string]any) (*Sub, error) {
-	c.mu.Lock()
-	if c.err != nil {
-		c.mu.Unlock()
-		return nil, c.err
-	}
-	c.nextID++
-	id := fmt.Sprint(c.nextID)
-	ch := make(chan Event, 16)
-	c.subs[id] = ch
-	c.mu.Unlock()
-	t := "subscribe"
-	if c.protocol == LegacyWS {
-		t = "start"
-	}
-	payload, _ := json.Marshal(request{Query: query, Variables: vars})
-	if err := wsjson.Write(ctx, c.ws, wsMessage{ID: id, Type: t, Payload: payload}); err != nil {
+	payload, err := json.Marshal(request{Query: query, Variables: vars})
+	if err != nil {
 		return nil, err
 	}
-	return &Sub{ID: id, C: ch, c: c}, nil
+	return c.SubscribeRaw(ctx, payload)
 }
 
 // SubscribeRaw starts an operation whose payload ({"query":…,"variables":…})
