@@ -118,13 +118,13 @@ func (s *gormStore) DBNow(ctx context.Context) (time.Time, error) {
 		// milliseconds. (Processes sharing a SQLite file share a machine.)
 		return time.Now().UTC(), nil
 	}
-	pool := s.sqlDB
+	ex := &s.gormExecutor
 	if s.lease != nil {
-		pool = s.lease.pool
+		ex = s.lease
 	}
 	var now time.Time
-	if err := pool.QueryRowContext(ctx, "SELECT UTC_TIMESTAMP(6)").Scan(&now); err != nil {
-		return time.Time{}, s.classify(err)
+	if err := ex.pool.QueryRowContext(ctx, "SELECT UTC_TIMESTAMP(6)").Scan(&now); err != nil {
+		return time.Time{}, ex.classify(err)
 	}
 	return now.UTC(), nil
 }

@@ -65,7 +65,7 @@ func (r PurgeResult) Rows() int64 {
 const purgeRunsPerBatch = 50
 
 // purgeScanRuns: ended runs read per call to find those to purge. A run
-// with something still live is skipped (see runsStillLive), and the
+// with something still live is skipped (see purgeRunsLiveSQL), and the
 // cursor moves past it, so runs kept at the head of runs_ended (a callback
 // owed for days) never stall the purge of those behind them.
 const purgeScanRuns = 200
