@@ -21,7 +21,7 @@ const txTimeout = 30 * time.Second
 
 type gormStore struct {
 	gormExecutor
-	sqlDB       *sql.DB
+	sqlDB *sql.DB
 	// lease is the database through a pool of its own, one connection,
 	// for the statements that keep this replica's lease: reading the
 	// database's clock and renewing the lease (DBNow, ReplicaRenew). On
@@ -31,7 +31,7 @@ type gormStore struct {
 	// the whole lease, other replicas take this live one for dead and
 	// remove its waiters. nil on SQLite (one connection in all, one
 	// replica per file).
-	lease *gormExecutor
+	lease       *gormExecutor
 	maxAttempts int
 	log         *slog.Logger
 	// outboxDue is OnOutboxDue's hook.
