@@ -402,24 +402,17 @@ func TestCallbackRule5Race(t *testing.T) {
 				run, ev := a.trigger(), uid("cbrace")
 				data := fmt.Sprintf(`{"race":%d}`, i)
 				var (
-					w     callbackWaiterView
-					n     notifyView
-					inner sync.WaitGroup
+					w callbackWaiterView
+					n notifyView
 				)
-				start := make(chan struct{})
-				inner.Add(2)
-				go func() {
-					defer inner.Done()
-					<-start
-					w = a.waitCallback(run, "s", ev, nil, map[string]any{"url": url})
-				}()
-				go func() {
-					defer inner.Done()
-					<-start
-					n = b.notify(ev, rawJSON(data), run)
-				}()
-				close(start)
-				inner.Wait()
+				together(
+					func() {
+						w = a.waitCallback(run, "s", ev, nil, map[string]any{"url": url})
+					},
+					func() {
+						n = b.notify(ev, rawJSON(data), run)
+					},
+				)
 				mu.Lock()
 				defer mu.Unlock()
 				switch {
@@ -681,35 +674,28 @@ func TestGaleraCallbackRace(t *testing.T) {
 			nCode      string
 			nErr, wErr error
 			w          callbackWaiterView
-			inner      sync.WaitGroup
 		)
-		start := make(chan struct{})
-		inner.Add(2)
-		go func() {
-			defer inner.Done()
-			<-start
-			var out struct {
-				Notify notifyView `json:"notify"`
-			}
-			nCode, nErr = galeraPost(g.ep(b), notifyMutation, map[string]any{"ev": ev, "run": run, "data": map[string]any{"k": k}}, &out)
-			nv = out.Notify
-		}()
-		go func() {
-			defer inner.Done()
-			<-start
-			var out struct {
-				W callbackWaiterView `json:"waitForEventCallback"`
-			}
-			vars := map[string]any{"ev": ev, "run": run, "step": "s", "cb": map[string]any{"url": url, "retries": 20}}
-			for attempt := 0; attempt < 5; attempt++ { // a durable step: registering again is safe
-				if _, wErr = galeraPost(g.ep(c), callbackMutation, vars, &out); wErr == nil {
-					break
+		together(
+			func() {
+				var out struct {
+					Notify notifyView `json:"notify"`
 				}
-			}
-			w = out.W
-		}()
-		close(start)
-		inner.Wait()
+				nCode, nErr = galeraPost(g.ep(b), notifyMutation, map[string]any{"ev": ev, "run": run, "data": map[string]any{"k": k}}, &out)
+				nv = out.Notify
+			},
+			func() {
+				var out struct {
+					W callbackWaiterView `json:"waitForEventCallback"`
+				}
+				vars := map[string]any{"ev": ev, "run": run, "step": "s", "cb": map[string]any{"url": url, "retries": 20}}
+				for attempt := 0; attempt < 5; attempt++ { // a durable step: registering again is safe
+					if _, wErr = galeraPost(g.ep(c), callbackMutation, vars, &out); wErr == nil {
+						break
+					}
+				}
+				w = out.W
+			},
+		)
 		if wErr != nil {
 			fail("trial %d: register: %v", k, wErr)
 			return

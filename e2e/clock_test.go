@@ -80,22 +80,15 @@ func TestClockSkewRule5(t *testing.T) {
 					sub    *gqlclient.Sub
 					subErr error
 					n      notifyView
-					inner  sync.WaitGroup
 				)
-				start := make(chan struct{})
-				inner.Add(2)
-				go func() {
-					defer inner.Done()
-					<-start
-					sub, subErr = conn.Subscribe(ctxT(t), waitSubscription, waitVars(ev, waitOpts{run: run}))
-				}()
-				go func() {
-					defer inner.Done()
-					<-start
-					n = p.sender.notify(ev, data, run)
-				}()
-				close(start)
-				inner.Wait()
+				together(
+					func() {
+						sub, subErr = conn.Subscribe(ctxT(t), waitSubscription, waitVars(ev, waitOpts{run: run}))
+					},
+					func() {
+						n = p.sender.notify(ev, data, run)
+					},
+				)
 				require.NoError(t, subErr)
 				o := result(t, sub, 10*time.Second)
 				if !assert.NotNil(t, o.Result, "%s race %d: the subscriber got %+v (notify resolved %d, lookback %v)", p.name, i, o.Errors, len(n.NotifyResponse), n.Lookback != nil) {

@@ -233,36 +233,29 @@ func (g *galeraReplicas) raceTrial(k int, rng *rand.Rand, st *raceStats) {
 		delayWait = time.Duration(rng.Intn(3000)) * time.Microsecond
 	}
 	conn := g.conns[c][rng.Intn(len(g.conns[c]))]
-	start := make(chan struct{})
 	var (
-		nv      notifyView
-		nCode   string
-		nErr    error
-		sub     *gqlclient.Sub
-		subErr  error
-		started sync.WaitGroup
+		nv     notifyView
+		nCode  string
+		nErr   error
+		sub    *gqlclient.Sub
+		subErr error
 	)
-	started.Add(2)
-	go func() {
-		defer started.Done()
-		<-start
-		time.Sleep(delayNotify) // the race's order, not a wait for an event
-		var out struct {
-			Notify notifyView `json:"notify"`
-		}
-		nCode, nErr = galeraPost(g.ep(b), notifyMutation, map[string]any{"ev": ev, "run": run, "data": data}, &out)
-		nv = out.Notify
-	}()
-	go func() {
-		defer started.Done()
-		<-start
-		time.Sleep(delayWait) // the race's order, not a wait for an event
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		sub, subErr = conn.Subscribe(ctx, waitSubscription, waitVars(ev, waitOpts{run: run, step: "w", timeout: "1h"}))
-	}()
-	close(start)
-	started.Wait()
+	together(
+		func() {
+			time.Sleep(delayNotify) // the race's order, not a wait for an event
+			var out struct {
+				Notify notifyView `json:"notify"`
+			}
+			nCode, nErr = galeraPost(g.ep(b), notifyMutation, map[string]any{"ev": ev, "run": run, "data": data}, &out)
+			nv = out.Notify
+		},
+		func() {
+			time.Sleep(delayWait) // the race's order, not a wait for an event
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			sub, subErr = conn.Subscribe(ctx, waitSubscription, waitVars(ev, waitOpts{run: run, step: "w", timeout: "1h"}))
+		},
+	)
 	if subErr != nil {
 		st.wrong(&st.otherWrong, "%s: subscribe: %v", where, subErr)
 		return

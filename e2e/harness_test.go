@@ -298,6 +298,19 @@ func (e *env) awaitWaitingIn(list func(eventID string) []waiterView, eventID str
 	return ws
 }
 
+// together runs fs each in a goroutine of its own, released at once (the
+// two sides of a race), and returns when all have returned.
+func together(fs ...func()) {
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for _, f := range fs {
+		wg.Add(1)
+		go func() { defer wg.Done(); <-start; f() }()
+	}
+	close(start)
+	wg.Wait()
+}
+
 // eventually polls cond until it holds or the deadline passes.
 func eventually(t *testing.T, within time.Duration, cond func() bool, msgAndArgs ...any) {
 	t.Helper()

@@ -439,16 +439,6 @@ func TestCompletionURLRaces(t *testing.T) {
 			sub := e.subscribe(conn, ev, waitOpts{run: run, step: "s", timeout: timeout})
 			return setup{run, ev, *e.stepWaiter(run, "s").CompletionURL, sub}
 		}
-		together := func(a, b func()) {
-			var wg sync.WaitGroup
-			start := make(chan struct{})
-			for _, f := range []func(){a, b} {
-				wg.Add(1)
-				go func() { defer wg.Done(); <-start; f() }()
-			}
-			close(start)
-			wg.Wait()
-		}
 		urlWins := 0
 		for i := range trials {
 			// notify

@@ -439,46 +439,39 @@ func hfRun(eps []string, healthy int, conns []*gqlclient.Conn, rng *rand.Rand, i
 	// And some waits without a short timeout wait longer than a cut-off
 	// lasts, so that a cut-off replica's waiter may be reaped under them.
 	slow := !r.short && (r.subOn == 1 && rng.IntN(2) == 0 || rng.IntN(8) == 0)
-	start := make(chan struct{})
-	var inner sync.WaitGroup
-	inner.Add(2)
 	began := time.Now()
-	go func() {
-		defer inner.Done()
-		<-start
-		sub, err := conns[r.subOn].Subscribe(ctx, waitSubscription, waitVars(r.ev, opts))
-		if err != nil {
-			r.subErr = err.Error()
-			return
-		}
-		// Bounded: a registration on the replica that is cut off waits for
-		// the database up to the transaction bound (30 s), a COMMIT's (10
-		// s) and the read-back of a COMMIT that failed (15 s); a notify
-		// that failed is sent again after its own bound (50 s).
-		octx, cancel := context.WithTimeout(ctx, 150*time.Second)
-		r.out, r.outErr = raceReadOutcome(octx, sub)
-		cancel()
-		r.took = time.Since(began)
-	}()
-	go func() {
-		defer inner.Done()
-		<-start
-		switch {
-		case late:
-			time.Sleep(2500 * time.Millisecond) // the scenario: a notify after the 2 s deadline
-		case slow:
-			time.Sleep(7 * time.Second) // the scenario: a notify after a cut-off (3 leases)
-		}
-		r.notifies = append(r.notifies, notify(r.notOn))
-		// A client whose notify failed sends it again (to a replica that
-		// answers), until one is acknowledged: the racing subscriber may
-		// otherwise wait, rightly, for ever.
-		for i := 0; i < 3 && !r.notifies[len(r.notifies)-1].acked; i++ {
-			r.notifies = append(r.notifies, notify(healthy))
-		}
-	}()
-	close(start)
-	inner.Wait()
+	together(
+		func() {
+			sub, err := conns[r.subOn].Subscribe(ctx, waitSubscription, waitVars(r.ev, opts))
+			if err != nil {
+				r.subErr = err.Error()
+				return
+			}
+			// Bounded: a registration on the replica that is cut off waits for
+			// the database up to the transaction bound (30 s), a COMMIT's (10
+			// s) and the read-back of a COMMIT that failed (15 s); a notify
+			// that failed is sent again after its own bound (50 s).
+			octx, cancel := context.WithTimeout(ctx, 150*time.Second)
+			r.out, r.outErr = raceReadOutcome(octx, sub)
+			cancel()
+			r.took = time.Since(began)
+		},
+		func() {
+			switch {
+			case late:
+				time.Sleep(2500 * time.Millisecond) // the scenario: a notify after the 2 s deadline
+			case slow:
+				time.Sleep(7 * time.Second) // the scenario: a notify after a cut-off (3 leases)
+			}
+			r.notifies = append(r.notifies, notify(r.notOn))
+			// A client whose notify failed sends it again (to a replica that
+			// answers), until one is acknowledged: the racing subscriber may
+			// otherwise wait, rightly, for ever.
+			for i := 0; i < 3 && !r.notifies[len(r.notifies)-1].acked; i++ {
+				r.notifies = append(r.notifies, notify(healthy))
+			}
+		},
+	)
 	return r
 }
 

@@ -102,24 +102,17 @@ func TestReplicasTargetedRace(t *testing.T) {
 			ev := uid("race")
 			run := a.trigger()
 			data := fmt.Sprintf("race-%d", i)
-			start := make(chan struct{})
 			var sub *gqlclient.Sub
 			var subErr error
 			var n notifyView
-			var inner sync.WaitGroup
-			inner.Add(2)
-			go func() {
-				defer inner.Done()
-				<-start
-				sub, subErr = conns[i%2].Subscribe(context.Background(), waitSubscription, waitVars(ev, waitOpts{run: run}))
-			}()
-			go func() {
-				defer inner.Done()
-				<-start
-				n = b.notify(ev, data, run)
-			}()
-			close(start)
-			inner.Wait()
+			together(
+				func() {
+					sub, subErr = conns[i%2].Subscribe(context.Background(), waitSubscription, waitVars(ev, waitOpts{run: run}))
+				},
+				func() {
+					n = b.notify(ev, data, run)
+				},
+			)
 			require.NoError(t, subErr)
 			r := mustResult(t, sub)
 			require.Equal(t, fmt.Sprintf("%q", data), string(r.EventData))

@@ -39,25 +39,18 @@ func TestSQLiteSharedFileRace(t *testing.T) {
 			ev := uid("race")
 			run := a.trigger()
 			data := fmt.Sprintf("race-%d", i)
-			start := make(chan struct{})
 			var sub *gqlclient.Sub
 			var subErr error
 			var r *gqlclient.Response
 			var notifyErr error
-			var inner sync.WaitGroup
-			inner.Add(2)
-			go func() {
-				defer inner.Done()
-				<-start
-				sub, subErr = conns[i%2].Subscribe(context.Background(), waitSubscription, waitVars(ev, waitOpts{run: run}))
-			}()
-			go func() {
-				defer inner.Done()
-				<-start
-				r, notifyErr = gqlclient.Post(context.Background(), b.endpoint, notifyMutation, map[string]any{"ev": ev, "data": data, "run": run})
-			}()
-			close(start)
-			inner.Wait()
+			together(
+				func() {
+					sub, subErr = conns[i%2].Subscribe(context.Background(), waitSubscription, waitVars(ev, waitOpts{run: run}))
+				},
+				func() {
+					r, notifyErr = gqlclient.Post(context.Background(), b.endpoint, notifyMutation, map[string]any{"ev": ev, "data": data, "run": run})
+				},
+			)
 			require.NoError(t, subErr)
 			require.NoError(t, notifyErr)
 			if len(r.Errors) > 0 {
