@@ -658,17 +658,7 @@ func (c *clientHandle) stop() {
 		c.in.Write([]byte(`{"op":"exit"}` + "\n"))
 	}
 	c.in.Close()
-	done := make(chan struct{})
-	go func() {
-		c.cmd.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(30 * time.Second):
-		c.cmd.Process.Kill()
-		<-done
-	}
+	waitOrKill(c.cmd, 30*time.Second)
 }
 
 // ---- latency summaries

@@ -18,21 +18,7 @@ func (g *galeraBench) rows(errs map[string]error) []row {
 				return
 			}
 		}
-		rw := row{db: db, figure: figure, target: target}
-		for _, p := range phases {
-			if err := errs[p]; err != nil {
-				rw.result, rw.baseline, rw.met = fmt.Sprintf("not measured: %s failed: %.200s", p, err), "—", metNo
-				rows = append(rows, rw)
-				return
-			}
-		}
-		var ok, judged bool
-		rw.result, rw.baseline, ok, judged = measure()
-		rw.met = "— (reported)"
-		if judged {
-			rw.met = verdict(ok)
-		}
-		rows = append(rows, rw)
+		rows = append(rows, measuredRow(db, figure, target, errs, phases, measure))
 	}
 	pp := func(l latency) string { return fmt.Sprintf("%s / %s", fmtDur(l.P50), fmtDur(l.P99)) }
 	delTrouble := func(c crossResult) string {

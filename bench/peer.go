@@ -201,17 +201,7 @@ func (p *peerHandle) subs(ctx context.Context) (int, error) {
 
 func (p *peerHandle) stop() {
 	p.in.Close()
-	done := make(chan struct{})
-	go func() {
-		p.cmd.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		p.cmd.Process.Kill()
-		<-done
-	}
+	waitOrKill(p.cmd, 20*time.Second)
 }
 
 // peerPublish posts one publish to the peer's API.

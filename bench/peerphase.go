@@ -132,18 +132,5 @@ func (s *suite) markPeer(ctx context.Context, peer *peerHandle, cl *clientHandle
 }
 
 func (s *suite) sincePeer(ctx context.Context, peer *peerHandle, cl *clientHandle, m cpuMark) cpuUse {
-	now := s.markPeer(ctx, peer, cl)
-	wall := now.at.Sub(m.at)
-	cores := func(d time.Duration) float64 { return d.Seconds() / wall.Seconds() }
-	u := cpuUse{
-		name:   peerWindow,
-		wall:   wall,
-		server: cores(now.self - m.self),
-		client: cores(now.client - m.client),
-		dbms:   cores(now.dbms - m.dbms),
-		all:    cores(now.machine - m.machine),
-	}
-	u.others = max(u.all-u.server-u.client-u.dbms, 0)
-	s.res.cpu = append(s.res.cpu, u)
-	return u
+	return s.window(peerWindow, m, s.markPeer(ctx, peer, cl))
 }

@@ -95,7 +95,11 @@ func (s *suite) mark(ctx context.Context) cpuMark {
 
 // since closes a window opened by mark and records it under name.
 func (s *suite) since(ctx context.Context, name string, m cpuMark) cpuUse {
-	now := s.mark(ctx)
+	return s.window(name, m, s.mark(ctx))
+}
+
+// window records the CPU each part used between two marks, in cores.
+func (s *suite) window(name string, m, now cpuMark) cpuUse {
 	wall := now.at.Sub(m.at)
 	cores := func(d time.Duration) float64 { return d.Seconds() / wall.Seconds() }
 	u := cpuUse{
@@ -224,6 +228,22 @@ func startChild(flag, name string, env []string, stderr io.Writer) (*child, erro
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	return &child{cmd: cmd, in: in, out: out}, nil
+}
+
+// waitOrKill waits for a child told to exit (its stdin closed), and kills
+// it if it has not exited within grace.
+func waitOrKill(cmd *exec.Cmd, grace time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		cmd.Process.Kill()
+		<-done
+	}
 }
 
 // envWithout is the bench's environment less the variables with these

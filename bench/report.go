@@ -40,6 +40,25 @@ func fmtInt(n int) string {
 	return s
 }
 
+// measuredRow is one figure's row: "not measured" and missed when one of
+// its phases failed (errs), else what measure says, judged or reported.
+func measuredRow(db, figure, target string, errs map[string]error, phases []string, measure func() (result, baseline string, ok, judged bool)) row {
+	rw := row{db: db, figure: figure, target: target}
+	for _, p := range phases {
+		if err := errs[p]; err != nil {
+			rw.result, rw.baseline, rw.met = fmt.Sprintf("not measured: %s failed: %.200s", p, err), "—", metNo
+			return rw
+		}
+	}
+	var ok, judged bool
+	rw.result, rw.baseline, ok, judged = measure()
+	rw.met = "— (reported)"
+	if judged {
+		rw.met = verdict(ok)
+	}
+	return rw
+}
+
 // rows turns the suite's results into table rows; a figure whose phase
 // failed says so and counts as missed.
 func (s *suite) rows() []row {
@@ -51,21 +70,7 @@ func (s *suite) rows() []row {
 				return
 			}
 		}
-		rw := row{db: s.label, figure: figure, target: target}
-		for _, p := range append([]string{"setup"}, phases...) {
-			if err := s.errs[p]; err != nil {
-				rw.result, rw.baseline, rw.met = fmt.Sprintf("not measured: %s failed: %.200s", p, err), "—", metNo
-				rows = append(rows, rw)
-				return
-			}
-		}
-		var ok, judged bool
-		rw.result, rw.baseline, ok, judged = measure()
-		rw.met = "— (reported)"
-		if judged {
-			rw.met = verdict(ok)
-		}
-		rows = append(rows, rw)
+		rows = append(rows, measuredRow(s.label, figure, target, s.errs, append([]string{"setup"}, phases...), measure))
 	}
 	conns := fmt.Sprintf("%d connections", z.ThroughputClients)
 	if s.kind == "sqlite" {
